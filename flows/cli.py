@@ -1,0 +1,183 @@
+"""The ``vaemo`` command. Each subcommand runs the matching Prefect flow.
+
+Prefect and MLflow keep their state in the work directory (``./vaemo-work`` by default), so a
+fresh checkout runs without any server: Prefect starts a temporary one unless PREFECT_API_URL is
+set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+DEFAULT_CONFIG = "pipelines.yaml"
+
+
+def _environment(work_dir: Path) -> None:
+    """Set before Prefect is imported: its settings are read once."""
+    os.environ.setdefault("PREFECT_HOME", str((work_dir / "prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@contextmanager
+def prefect_api():
+    """Use PREFECT_API_URL when set; else one temporary local server for this command.
+
+    Prefect would start its temporary server lazily in every process, so each Dask worker would
+    boot its own; exporting one URL before the cluster starts lets all of them share it.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        # Send buffered logs and events while the server is still up; afterwards they would be
+        # retried against a closed port at interpreter exit.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        del os.environ["PREFECT_API_URL"]
+        server.stop()
+
+
+def _settings(args):
+    from vaemo.config import Settings, load_settings
+
+    path = Path(args.config)
+    if path.exists():
+        settings = load_settings(path)
+    elif args.config != DEFAULT_CONFIG:
+        from vaemo.config import ConfigError
+
+        raise ConfigError(f"{path}: configuration file not found")
+    else:
+        settings = Settings()
+    if args.work_dir:
+        settings.work_dir = Path(args.work_dir)
+    if getattr(args, "workers", None):
+        settings.dask.workers = args.workers
+    if getattr(args, "dask_address", None):
+        settings.dask.address = args.dask_address
+    return settings
+
+
+def run_ingest(settings, source: Path, out: Path, dataset: str, labels: Path | None) -> int:
+    """Run the ingest flow; return a process exit code (0 ok, 1 some batches failed, 2 refused)."""
+    _environment(settings.work_dir)
+    from vaemo.ingest.adapters import scan_corpus
+    from vaemo.ingest.media import require_ffmpeg
+
+    require_ffmpeg()
+    records = scan_corpus(source, dataset, labels)  # a clear error before any flow starts
+    print(f"vaemo: {len(records)} videos under {source} ({dataset})")
+
+    from flows.ingest import ingest_flow, task_runner
+
+    with prefect_api():
+        state = ingest_flow.with_options(task_runner=task_runner(settings.dask))(
+            source=str(source),
+            out=str(out),
+            dataset=dataset,
+            labels=str(labels) if labels else None,
+            work_dir=str(settings.work_dir),
+            ingest=settings.stages.ingest,
+            tracking_cfg=settings.tracking,
+            return_state=True,
+        )
+    if state.is_completed():
+        stats = state.result()
+        counts = ", ".join(f"{k} {v}" for k, v in stats["status_counts"].items())
+        print(f"vaemo: ingest done: {stats['clips']} clips in {stats['shards']} shards under {out} ({counts})")
+        return 0
+    print(f"vaemo: ingest did not complete: {state.message}", file=sys.stderr)
+    return 1 if "batches failed" in (state.message or "") else 2
+
+
+def cmd_ingest(args) -> int:
+    settings = _settings(args)
+    return run_ingest(settings, Path(args.source), Path(args.out), args.dataset, Path(args.labels) if args.labels else None)
+
+
+def cmd_demo(args) -> int:
+    """Generate a small talking-face corpus and run the main job on it."""
+    settings = _settings(args)
+    from vaemo import synth
+
+    corpus = settings.corpora.get("demo")
+    folder = corpus.path if corpus else settings.work_dir / "demo-media"
+    if not any(folder.glob("*.mp4")):
+        print(f"vaemo: generating demo media in {folder}")
+        synth.demo_corpus(folder)
+    out = settings.work_dir / "corpora" / "demo"
+    code = run_ingest(settings, folder, out, corpus.dataset if corpus else "generic", None)
+    if code == 0:
+        print(f"vaemo: look at {out / 'manifest.parquet'}, {out / 'stats.json'} and the MLflow store {settings.mlflow_uri()}")
+    return code
+
+
+def cmd_config(args) -> int:
+    settings = _settings(args)
+    settings.check_corpus_paths(source=args.config)
+    print(f"{args.config}: valid ({len(settings.corpora)} corpora, {len(settings.pipelines)} pipelines)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from vaemo.config import DatasetName
+
+    datasets = list(DatasetName.__args__)
+    top = argparse.ArgumentParser(prog="vaemo", description="Audio-visual emotion representation learning pipeline.")
+    top.add_argument("--config", default=DEFAULT_CONFIG, help="pipelines.yaml with stage settings (default: %(default)s if present)")
+    top.add_argument("--work-dir", help="where MLflow, Prefect and outputs live (default: from the config, else ./vaemo-work)")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="cut a video corpus into face + voice WebDataset shards")
+    ingest.add_argument("source", help="corpus folder")
+    ingest.add_argument("--dataset", choices=datasets, default="auto")
+    ingest.add_argument("--out", required=True, help="output folder (shards/, manifest.parquet, stats.json)")
+    ingest.add_argument("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW)")
+    ingest.add_argument("--workers", type=int, help="local Dask worker processes")
+    ingest.add_argument("--dask-address", help="use an existing Dask scheduler instead of a local cluster")
+    ingest.set_defaults(func=cmd_ingest)
+
+    demo = sub.add_parser("demo", help="generate media and run the pipeline on it")
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="validate a pipelines.yaml")
+    config.set_defaults(func=cmd_config)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from vaemo.config import ConfigError
+    from vaemo.ingest.adapters import CorpusError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CorpusError, RuntimeError) as exc:
+        print(f"vaemo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaemo: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The ``ingest`` flow: one task per batch of videos on a Dask cluster, stats to Prefect and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.states import Failed
+from prefect_dask import DaskTaskRunner
+from tqdm import tqdm
+
+from vaemo import tracking
+from vaemo.config import DaskConfig, IngestConfig, TrackingConfig
+from vaemo.ingest import shards
+from vaemo.ingest.adapters import CorpusError
+from vaemo.ingest.run import IngestBusy, IngestRun, SettingsChanged
+
+
+@task(name="ingest-batch", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def ingest_batch(batch: shards.BatchSpec, out_dir: str, cfg: IngestConfig) -> dict:
+    marker = shards.run_batch(batch, Path(out_dir), cfg)
+    statuses: dict[str, int] = {}
+    for video in marker["videos"]:
+        statuses[video["status"]] = statuses.get(video["status"], 0) + 1
+    return {"batch_id": marker["batch_id"], "videos": len(marker["videos"]), "clips": sum(v["n_clips"] for v in marker["videos"]), "statuses": statuses, "seconds": marker["seconds"]}
+
+
+def task_runner(dask: DaskConfig) -> DaskTaskRunner:
+    if dask.address:
+        return DaskTaskRunner(address=dask.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": dask.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+def _markdown(stats: dict, out_dir: str, run_id: str) -> str:
+    rows = "\n".join(f"| {status} | {count} |" for status, count in stats["status_counts"].items())
+    last = stats["last_run"]
+    return (
+        f"# Ingest of `{out_dir}`\n\n"
+        f"{stats['videos']} videos, {stats['clips']} clips in {stats['shards']} shards; "
+        f"this run processed {last['processed_videos']} videos in {last['seconds']} s "
+        f"and skipped {last['skipped_videos']} already ingested.\n\n"
+        f"Shard set digest `{stats['shard_set_digest']}`; MLflow run `{run_id}`.\n\n"
+        f"| status | videos |\n|---|---|\n{rows}\n"
+    )
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(
+    source: str,
+    out: str,
+    dataset: str = "auto",
+    labels: str | None = None,
+    work_dir: str = "vaemo-work",
+    ingest: IngestConfig = IngestConfig(),
+    tracking_cfg: TrackingConfig = TrackingConfig(),
+):
+    """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
+    logger = get_run_logger()
+    work = Path(work_dir)
+    mlflow_uri = tracking_cfg.mlflow_uri or f"sqlite:///{(work / 'mlflow.db').as_posix()}"
+    flow_run = get_run_context().flow_run
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
+    params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": ingest.model_dump()}
+    with tracking.stage_run("ingest", tracking_uri=mlflow_uri, experiment=tracking_cfg.experiment, work_dir=work, params=params, tags=tags) as run:
+        try:
+            with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
+                plan = ingest_run.plan()
+                if plan.removed:
+                    logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
+                logger.info("%d videos found, %d already ingested, %d to process in %d batches", len(plan.records), plan.skipped, plan.pending_videos, len(plan.batches))
+                failed = _run_batches(plan, out, ingest)
+                stats = ingest_run.finalize(plan, failed)
+        except (CorpusError, IngestBusy, SettingsChanged) as exc:
+            tracking.fail_run(str(exc))
+            return Failed(message=str(exc))
+        tracking.log_metrics_flat({k: v for k, v in stats.items() if k != "last_run"})
+        tracking.log_metrics_flat(stats["last_run"], "last_run.")
+        tracking.log_json(stats, "stats.json")
+        tracking.log_json(ingest.model_dump(), "ingest_config.json")
+        tracking.log_files([Path(out) / "manifest.parquet", Path(out) / "clips.parquet"])
+        tracking.log_dataset("shards", Path(out) / "shards", stats["shard_set_digest"], context="output", extra_tags={"clips": str(stats["clips"])})
+        create_table_artifact(key="ingest-stats", table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()], description="Videos per status")
+        create_markdown_artifact(key="ingest-report", markdown=_markdown(stats, out, run.info.run_id), description="Ingest summary")
+        if failed:
+            message = f"{len(failed)} batches failed; their videos are 'pending' in the manifest and a re-run resumes them"
+            return Failed(message=message, data=stats)
+        return stats
+
+
+def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:
+    """Submit every batch, follow completion with a terminal bar and a Prefect progress artifact."""
+    failed: dict[str, str] = {}
+    if not plan.batches:
+        return failed
+    progress = create_progress_artifact(progress=0.0, key="ingest-progress", description="Share of batches done")
+    futures = {ingest_batch.submit(batch, out, cfg): batch for batch in plan.batches}
+    with tqdm(total=plan.pending_videos, unit="video", desc="ingest") as bar:
+        for done, future in enumerate(as_completed(list(futures)), start=1):
+            batch = futures[future]
+            future.wait()
+            state = future.state
+            if state.is_completed():
+                bar.set_postfix(clips=future.result()["clips"], refresh=False)
+            else:
+                failed[batch.batch_id] = f"batch failed: {state.message}"
+            bar.update(len(batch.videos))
+            update_progress_artifact(progress, progress=100.0 * done / len(futures))
+    return failed

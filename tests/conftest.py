@@ -1,0 +1,42 @@
+"""Shared fixtures: generated media (real ffmpeg, espeak-ng, the astronaut face) and quiet services."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing is fetched at test time, and Prefect keeps its state out of the user's home.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """Three speaking faces with different sentences and voices."""
+    from vaemo import synth
+
+    folder = tmp_path_factory.mktemp("corpus")
+    synth.demo_corpus(folder, n_videos=3, seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bad_cases(tmp_path_factory) -> dict[str, Path]:
+    from vaemo import synth
+
+    return synth.bad_inputs(tmp_path_factory.mktemp("bad"))
+
+
+def vaemo_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", *args]
+
+
+def cli_env(work: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return env

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from vaemo.config import ConfigError, IngestConfig, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_pipelines_yaml_is_valid():
+    settings = load_settings(ROOT / "pipelines.yaml")
+    assert "demo" in settings.pipelines
+    assert settings.work_dir.is_absolute() and settings.work_dir.parent == ROOT
+    assert settings.mlflow_uri().startswith("sqlite:///") and settings.mlflow_uri().endswith("mlflow.db")
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = write(tmp_path, "stages:\n  ingest:\n    fsp: 25\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value) and "stages.ingest.fsp: unknown key" in str(err.value)
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    path = write(tmp_path, "stages:\n  ingest:\n    crop_size: big\n")
+    with pytest.raises(ConfigError, match=r"stages\.ingest\.crop_size: .*integer.*'big'"):
+        load_settings(path)
+
+
+def test_missing_corpus_path_is_reported(tmp_path):
+    path = write(tmp_path, "corpora:\n  mine:\n    path: nowhere\n")
+    settings = load_settings(path)
+    assert settings.corpora["mine"].path == tmp_path / "nowhere"  # relative to the file
+    with pytest.raises(ConfigError, match=r"corpora\.mine\.path: path does not exist"):
+        settings.check_corpus_paths(source=str(path))
+
+
+def test_pipeline_must_name_known_corpora(tmp_path):
+    path = write(tmp_path, "pipelines:\n  p:\n    corpora: [ghost]\n")
+    with pytest.raises(ConfigError, match="ghost"):
+        load_settings(path)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_processing_digest_ignores_batching_only():
+    base = IngestConfig()
+    assert base.processing_digest() == IngestConfig(videos_per_batch=2, torch_threads=2).processing_digest()
+    assert base.processing_digest() != IngestConfig(crop_size=128).processing_digest()

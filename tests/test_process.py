@@ -1,0 +1,137 @@
+"""One video at a time: good clips become samples, every bad input gets a status and a reason."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaemo.config import IngestConfig
+from vaemo.ingest import media
+from vaemo.ingest.process import content_hash, process_video, video_id_of
+from vaemo.ingest.records import SourceRecord
+
+CFG = IngestConfig()
+
+
+def run(path: Path, whole_file: bool = False, cfg: IngestConfig = CFG, **record):
+    rec = SourceRecord(path=path.name, dataset="generic", whole_file=whole_file, **record)
+    return process_video(path.parent, rec, video_id_of(content_hash(path.parent, rec)), cfg)
+
+
+EXPECTED = {
+    "zero_byte": "empty_file",
+    "not_a_video": "not_a_video",
+    "no_audio_stream": "no_audio_stream",
+    "silent_audio": "silent_audio",
+    "no_face": "no_face",
+    "several_faces": "ok",  # the dominant face is followed; faces_max records the crowd
+    "rotated": "ok",
+    "variable_fps": "ok",
+    "flv_mp3": "ok",
+    "non_ascii_name": "ok",
+    "spaces_and_quotes": "ok",
+    "long": "ok",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_gets_a_status_and_reason(bad_cases, case):
+    outcome = run(bad_cases[case])
+    assert outcome.status == EXPECTED[case], outcome.reason
+    if outcome.status != "ok":
+        assert outcome.reason and not outcome.clips
+    else:
+        assert outcome.clips
+
+
+def test_truncated_file_keeps_only_what_decodes(bad_cases):
+    """The index still claims the full length; only the first part decodes."""
+    outcome = run(bad_cases["truncated"])
+    assert outcome.status in {"ok", "decode_error", "no_speech", "no_face"}, outcome.reason
+    assert outcome.reason or outcome.clips
+    for clip in outcome.clips:
+        assert clip.meta["end"] <= outcome.duration + 1e-3
+
+
+def test_clip_content_and_metadata(corpus):
+    path = sorted(corpus.glob("*.mp4"))[0]
+    outcome = run(path, whole_file=True, label="happy", speaker="s1", fold=2)
+    assert outcome.status == "ok" and len(outcome.clips) == 1
+    clip = outcome.clips[0]
+    meta = clip.meta
+    side = CFG.crop_size + CFG.crop_margin
+    assert meta["label"] == "happy" and meta["speaker"] == "s1" and meta["fold"] == 2
+    assert meta["source"] == path.name and meta["start"] == 0.0
+    assert meta["face_prob_mean"] > 0.9 and meta["face_coverage"] >= CFG.min_face_coverage
+    assert meta["speech_ratio"] > 0.3
+    assert clip.clip_id.startswith(meta["video_id"])
+    # The stored face clip decodes to square crops of the configured size at 25 fps ...
+    tmp = path.parent / "check.mp4"
+    tmp.write_bytes(clip.video)
+    info = media.probe(tmp, 10, require_video=True)
+    assert (info.width, info.height) == (side, side) and abs(info.fps - 25) < 0.01
+    frames = media.decode_frames(tmp, 0, 60, 25, (side, side), 30)
+    assert abs(len(frames) - meta["frames"]) <= 1
+    tmp.unlink()
+    # ... and the voice is 16 kHz mono FLAC of the same span.
+    flac = path.parent / "check.flac"
+    flac.write_bytes(clip.audio)
+    samples = media.decode_audio(flac, 16000, 10)
+    flac.unlink()
+    assert abs(len(samples) / 16000 - (meta["end"] - meta["start"])) < 0.05
+    assert np.abs(samples).max() > 0.05
+
+
+def test_face_crop_follows_the_face(corpus):
+    """The crop is centred on the face: MTCNN finds one large face in the stored frames."""
+    from facenet_pytorch import MTCNN
+
+    clip = run(sorted(corpus.glob("*.mp4"))[1]).clips[0]
+    tmp = corpus / "follow.mp4"
+    tmp.write_bytes(clip.video)
+    side = CFG.crop_size + CFG.crop_margin
+    frames = media.decode_frames(tmp, 0, 60, 25, (side, side), 30)
+    tmp.unlink()
+    boxes, _ = MTCNN(keep_all=True, device="cpu").detect(frames[:: max(1, len(frames) // 4)])
+    for found in boxes:
+        found = np.asarray(found, dtype=float)
+        assert len(found) == 1
+        centre = (found[0, :2] + found[0, 2:]) / 2
+        assert np.all(np.abs(centre - side / 2) < side * 0.2), centre
+
+
+def test_unlabelled_recording_is_cut_into_speech_windows(bad_cases):
+    outcome = run(bad_cases["long"], cfg=IngestConfig(window_seconds=6))
+    assert outcome.status == "ok" and len(outcome.clips) >= 4
+    spans = [(c.meta["start"], c.meta["end"]) for c in outcome.clips]
+    assert all(CFG.min_clip_seconds - 0.2 <= e - s <= 6 + 1e-3 for s, e in spans)
+    assert all(a[1] <= b[0] + 1e-3 for a, b in zip(spans, spans[1:]))  # in order, no overlap
+    assert len({c.clip_id for c in outcome.clips}) == len(spans)
+
+
+def test_too_long_and_skip_several_faces(bad_cases):
+    assert run(bad_cases["long"], cfg=IngestConfig(max_duration_seconds=20)).status == "too_long"
+    crowded = run(bad_cases["several_faces"], cfg=IngestConfig(multi_face="skip"))
+    assert crowded.status == "several_faces" and "2 faces" in crowded.reason
+    assert run(bad_cases["several_faces"]).clips[0].meta["faces_max"] == 2
+
+
+def test_separate_audio_file_is_used_and_hashed(corpus, tmp_path):
+    """CREMA-D ships a clean WAV beside the Flash video: the clip takes its audio from there."""
+    import shutil
+
+    from vaemo import synth
+
+    video = sorted(corpus.glob("*.mp4"))[0]
+    shutil.copy(video, tmp_path / "v.mp4")
+    synth.speak("a completely different sentence is spoken here", tmp_path / "v.wav")
+    with_wav = SourceRecord(path="v.mp4", dataset="crema-d", audio_path="v.wav", whole_file=True)
+    without = SourceRecord(path="v.mp4", dataset="crema-d", whole_file=True)
+    assert content_hash(tmp_path, with_wav) != content_hash(tmp_path, without)
+    outcome = process_video(tmp_path, with_wav, "x" * 16, CFG)
+    assert outcome.status == "ok" and outcome.clips[0].meta["audio_source"] == "v.wav"
+
+
+def test_timeout_is_a_status_not_a_hang(corpus):
+    outcome = run(sorted(corpus.glob("*.mp4"))[0], cfg=IngestConfig(probe_timeout=0.001))
+    assert outcome.status == "timeout" and "within" in outcome.reason

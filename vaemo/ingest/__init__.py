@@ -1,0 +1,1 @@
+"""Ingest: source videos to face-cropped video + voice clips in WebDataset shards."""

@@ -1,0 +1,193 @@
+"""The speaker's face: MTCNN on a subsample of frames, one track, smoothed square crops.
+
+Detection runs on every n-th frame, downscaled; the chosen track is interpolated to every frame,
+smoothed, widened to a square with margin, and cropped + resized for all frames in one
+``roi_align`` call per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou, roi_align
+
+from vaemo.config import IngestConfig
+
+LINK_IOU = 0.3  # boxes of consecutive detections overlapping this much belong to one face
+# A face that moved fast between two detections: centres within this many face sides, similar size.
+LINK_SHIFT = 0.75
+LINK_SIZE_RATIO = 1.5
+CROP_CHUNK = 32  # frames per roi_align call, to bound memory on long clips
+
+
+@lru_cache(maxsize=4)
+def _detector(min_face_size: int):
+    from facenet_pytorch import MTCNN
+
+    return MTCNN(keep_all=True, device="cpu", post_process=False, min_face_size=min_face_size)
+
+
+def detect(frames: np.ndarray, cfg: IngestConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(boxes (N,4) in frame pixels, probs (N,)) per frame, filtered by probability and size."""
+    height, width = frames.shape[1:3]
+    scale = min(1.0, cfg.detect_max_side / max(height, width))
+    small = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    if scale < 1.0:
+        small = F.interpolate(small, size=(round(height * scale), round(width * scale)), mode="area")
+    small = small.permute(0, 2, 3, 1).contiguous()
+    min_side = cfg.min_face_fraction * min(height, width)
+    # Faces smaller than min_side are dropped anyway; telling MTCNN skips its largest pyramid levels.
+    detector = _detector(max(12, int(min_side * scale)))
+    results = []
+    for begin in range(0, len(small), cfg.detect_batch):
+        boxes_batch, probs_batch = detector.detect(small[begin : begin + cfg.detect_batch])
+        for boxes, probs in zip(boxes_batch, probs_batch):
+            if boxes is None:
+                results.append((np.zeros((0, 4)), np.zeros(0)))
+                continue
+            # numpy 2 hands back object arrays here; cast before any arithmetic.
+            boxes = np.asarray(boxes, dtype=float).reshape(-1, 4) / scale
+            probs = np.asarray(probs, dtype=float).reshape(-1)
+            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            keep = (probs >= cfg.min_face_prob) & (sides >= min_side)
+            results.append((boxes[keep], probs[keep]))
+    return results
+
+
+@dataclass
+class FaceTrack:
+    frames: list[int]  # indices (into the detection list) where the face was found
+    boxes: list[np.ndarray]
+    probs: list[float]
+
+    @property
+    def score(self) -> float:
+        # Large and long-lasting wins: the speaker of a talking-face video fills the frame.
+        return float(sum((b[2] - b[0]) * (b[3] - b[1]) for b in self.boxes))
+
+
+def _affinity(boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """How well each new box continues each track's last box: IoU, or a near shift of a same-size face."""
+    iou = box_iou(torch.tensor(boxes), torch.tensor(last)).numpy()
+    sides_new = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[:, None]
+    sides_old = np.maximum(last[:, 2] - last[:, 0], last[:, 3] - last[:, 1])[None, :]
+    centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
+    shift = np.linalg.norm(centre(boxes)[:, None, :] - centre(last)[None, :, :], axis=2) / np.maximum(sides_old, 1)
+    ratio = np.maximum(sides_new / sides_old, sides_old / sides_new)
+    near = (shift <= LINK_SHIFT) & (ratio <= LINK_SIZE_RATIO)
+    return np.where(near, np.maximum(iou, LINK_IOU), iou)
+
+
+def link_tracks(detections: list[tuple[np.ndarray, np.ndarray]], max_gap: int = 2) -> list[FaceTrack]:
+    """Greedy linking of per-frame detections into face tracks, best continuations first."""
+    tracks: list[FaceTrack] = []
+    for index, (boxes, probs) in enumerate(detections):
+        open_tracks = [t for t in tracks if index - t.frames[-1] <= max_gap + 1]
+        used: set[int] = set()
+        if open_tracks and len(boxes):
+            affinity = _affinity(boxes, np.stack([t.boxes[-1] for t in open_tracks]))
+            for flat in np.argsort(-affinity, axis=None):
+                box_i, track_i = np.unravel_index(flat, affinity.shape)
+                if affinity[box_i, track_i] < LINK_IOU:
+                    break
+                track = open_tracks[track_i]
+                if box_i in used or track.frames[-1] == index:
+                    continue
+                track.frames.append(index)
+                track.boxes.append(boxes[box_i])
+                track.probs.append(float(probs[box_i]))
+                used.add(int(box_i))
+        for box_i in range(len(boxes)):
+            if box_i not in used:
+                tracks.append(FaceTrack([index], [boxes[box_i]], [float(probs[box_i])]))
+    return tracks
+
+
+@dataclass
+class FaceCrop:
+    frames: np.ndarray  # uint8 (T, S, S, 3), the frames of ``span`` only
+    span: tuple[int, int]  # [first, last) input frames where the speaker's face is visible
+    coverage: float  # share of detection frames in the span where the face was found
+    prob_mean: float
+    prob_min: float
+    faces_max: int  # most faces seen in one detection frame
+    tracks: int
+
+
+class NoFace(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < 2:
+        return values
+    pad = window // 2
+    padded = np.pad(values, ((pad, window - 1 - pad), (0, 0)), mode="edge")
+    kernel = np.ones(window) / window
+    return np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(values.shape[1])], axis=1)
+
+
+def crop_boxes(track: FaceTrack, detected_at: np.ndarray, count: int, cfg: IngestConfig) -> np.ndarray:
+    """Square crop boxes (count, 4) for every frame: interpolated, smoothed, widened with margin."""
+    at = detected_at[track.frames]
+    boxes = np.stack(track.boxes)
+    every = np.arange(count)
+    centres = np.stack([np.interp(every, at, (boxes[:, 0] + boxes[:, 2]) / 2), np.interp(every, at, (boxes[:, 1] + boxes[:, 3]) / 2)], 1)
+    sides = np.interp(every, at, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
+    smoothed = _smooth(np.concatenate([centres, sides[:, None]], 1), cfg.smooth_frames)
+    half = smoothed[:, 2] * cfg.face_scale * (1 + cfg.crop_margin / cfg.crop_size) / 2
+    return np.stack([smoothed[:, 0] - half, smoothed[:, 1] - half, smoothed[:, 0] + half, smoothed[:, 1] + half], 1)
+
+
+def crop(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Crop and resize every frame to (size, size); outside the frame is black."""
+    out = []
+    for begin in range(0, len(frames), CROP_CHUNK):
+        chunk = torch.from_numpy(frames[begin : begin + CROP_CHUNK]).permute(0, 3, 1, 2).float()
+        rois = torch.from_numpy(boxes[begin : begin + CROP_CHUNK]).float()
+        rois = torch.cat([torch.arange(len(rois)).float()[:, None], rois], 1)
+        patches = roi_align(chunk, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        out.append(patches.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCrop:
+    """Follow the speaker's face through ``frames`` (T, H, W, 3) and return square crops.
+
+    The clip is trimmed to the span where the chosen face is visible (a shot change or the
+    speaker leaving the frame ends it); a span under ``min_frames`` is refused.
+    """
+    detected_at = np.arange(0, len(frames), cfg.detect_every)
+    detections = detect(frames[detected_at], cfg)
+    faces_max = max((len(b) for b, _ in detections), default=0)
+    tracks = link_tracks(detections)
+    if not tracks:
+        raise NoFace("no_face", "no face found in any sampled frame")
+    if cfg.multi_face == "skip" and faces_max > 1:
+        raise NoFace("several_faces", f"{faces_max} faces in one frame and multi_face is 'skip'")
+    best = max(tracks, key=lambda t: t.score)
+    half = cfg.detect_every // 2
+    first = 0 if best.frames[0] == 0 else int(detected_at[best.frames[0]]) - half
+    last = len(frames) if best.frames[-1] == len(detected_at) - 1 else int(detected_at[best.frames[-1]]) + half + 1
+    if last - first < min_frames:
+        raise NoFace("no_face", f"the speaker's face is visible for {(last - first) / cfg.fps:.2f} s, under {min_frames / cfg.fps:.2f} s")
+    coverage = len(best.frames) / (best.frames[-1] - best.frames[0] + 1)
+    if coverage < cfg.min_face_coverage:
+        raise NoFace("no_face", f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})")
+    boxes = crop_boxes(best, detected_at, len(frames), cfg)[first:last]
+    return FaceCrop(
+        frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin),
+        span=(first, last),
+        coverage=coverage,
+        prob_mean=float(np.mean(best.probs)),
+        prob_min=float(np.min(best.probs)),
+        faces_max=faces_max,
+        tracks=len(tracks),
+    )

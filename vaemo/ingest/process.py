@@ -1,0 +1,178 @@
+"""One source video in, face + voice clips (or a status with a reason) out."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vaemo.config import IngestConfig
+from vaemo.ingest import media, voice
+from vaemo.ingest.face import NoFace, face_crop
+from vaemo.ingest.records import SourceRecord
+
+HASH_CHUNK = 1 << 20
+MIN_FRAMES_SLACK = 0.95
+
+
+def content_hash(root: Path, record: SourceRecord) -> str:
+    """sha256 of the video bytes, followed by the separate audio file's bytes when there is one.
+
+    Hashing both means a replaced audio file gives a new id, so a clip can never pair a new
+    video with old audio (or the reverse).
+    """
+    digest = hashlib.sha256()
+    for rel in (record.path, record.audio_path):
+        if rel is None:
+            continue
+        with open(root / rel, "rb") as handle:
+            while chunk := handle.read(HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def video_id_of(sha256: str) -> str:
+    return sha256[:16]
+
+
+def clip_id_of(video_id: str, start: float, end: float) -> str:
+    return f"{video_id}_{round(start * 1000):08d}_{round(end * 1000):08d}"
+
+
+@dataclass
+class Clip:
+    clip_id: str
+    video: bytes  # mp4
+    audio: bytes  # flac or wav
+    meta: dict
+
+
+@dataclass
+class VideoOutcome:
+    status: str
+    reason: str
+    clips: list[Clip] = field(default_factory=list)
+    duration: float | None = None
+    timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    begin = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] += time.perf_counter() - begin
+
+
+def plan_windows(record: SourceRecord, duration: float, segments: list[tuple[float, float]], cfg: IngestConfig) -> list[tuple[float, float]]:
+    """Labelled files are one clip each; unlabelled recordings are cut into speech windows."""
+    if record.whole_file:
+        return [(0.0, round(min(duration, cfg.max_clip_seconds), 3))]
+    shortest = min(cfg.min_clip_seconds, duration)  # a short recording can still be one clip
+    windows = voice.speech_windows(segments, duration, cfg.speech_merge_gap, cfg.window_seconds, shortest, cfg.min_speech_ratio)
+    return [(s, min(e, duration)) for s, e in windows if min(e, duration) - s >= shortest - 1e-3]
+
+
+def process_video(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig) -> VideoOutcome:
+    """Probe, decode, find speech and the speaker's face, and cut clips. Never raises for bad media."""
+    timings: dict[str, float] = defaultdict(float)
+    try:
+        return _process(root, record, video_id, cfg, timings)
+    except media.MediaError as exc:
+        return VideoOutcome(exc.status, exc.reason, timings=timings)
+
+
+def _process(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]) -> VideoOutcome:
+    path = root / record.path
+    with _timed(timings, "probe"):
+        info = media.probe(path, cfg.probe_timeout)
+        audio_info = media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False) if record.audio_path else info
+    if info.duration > cfg.max_duration_seconds:
+        return VideoOutcome("too_long", f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}", duration=info.duration, timings=timings)
+    if info.duration < cfg.min_source_seconds:
+        return VideoOutcome("too_short", f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}", duration=info.duration, timings=timings)
+    if not audio_info.has_audio:
+        return VideoOutcome("no_audio_stream", "the file has no audio stream", duration=info.duration, timings=timings)
+
+    timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
+    with _timed(timings, "decode"):
+        samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
+    level = voice.peak_dbfs(samples)
+    if level < cfg.silence_dbfs:
+        return VideoOutcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)", duration=info.duration, timings=timings)
+    with _timed(timings, "vad"):
+        segments = voice.speech_segments(samples, cfg.sample_rate, cfg.vad_threshold)
+    windows = plan_windows(record, info.duration, segments, cfg)
+    if not windows:
+        return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s", duration=info.duration, timings=timings)
+
+    size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
+    clips, skipped = [], defaultdict(list)
+    for start, end in windows:
+        with _timed(timings, "decode"):
+            frames = media.decode_frames(path, start, end - start, cfg.fps, size, timeout)
+        frames = frames[: int((end - start) * cfg.fps + 1e-6)]  # whole frames only: clips never overlap
+        if len(frames) == 0:
+            skipped["no_frames"].append("the decoder returned no frames")
+            continue
+        with _timed(timings, "detect"):
+            try:
+                # Frame counts round at the ends, so allow a frame or two under the shortest clip.
+                min_frames = int(min(cfg.min_clip_seconds, end - start) * cfg.fps * MIN_FRAMES_SLACK)
+                face = face_crop(frames, cfg, min_frames)
+            except NoFace as exc:
+                skipped[exc.status].append(exc.reason)
+                continue
+        start, end = start + face.span[0] / cfg.fps, start + face.span[1] / cfg.fps
+        a, b = round(start * cfg.sample_rate), round(end * cfg.sample_rate)
+        with _timed(timings, "encode"):
+            clips.append(_encode_clip(record, video_id, info, start, end, face, samples[a:b], segments, cfg, timeout))
+
+    if not clips:
+        status = next(iter(skipped))
+        return VideoOutcome(status, "; ".join(sorted(set(skipped[status]))), duration=info.duration, timings=timings)
+    dropped = sum(len(v) for v in skipped.values())
+    reason = "" if not dropped else f"{dropped} of {len(windows)} windows dropped: " + ", ".join(f"{k} x{len(v)}" for k, v in skipped.items())
+    return VideoOutcome("ok", reason, clips=clips, duration=info.duration, timings=timings)
+
+
+def _encode_clip(record, video_id, info, start, end, face, samples, segments, cfg, timeout) -> Clip:
+    with tempfile.TemporaryDirectory(prefix="vaemo-clip-") as tmp:
+        out = Path(tmp) / "clip.mp4"
+        media.encode_video(face.frames, cfg.fps, cfg.video_crf, cfg.video_preset, out, timeout)
+        video_bytes = out.read_bytes()
+    audio_bytes = media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
+    clip_id = clip_id_of(video_id, start, end)
+    meta = {
+        "clip_id": clip_id,
+        "video_id": video_id,
+        "dataset": record.dataset,
+        "source": record.path,
+        "audio_source": record.audio_path,
+        "start": round(start, 3),
+        "end": round(end, 3),
+        "fps": cfg.fps,
+        "frames": int(len(face.frames)),
+        "sample_rate": cfg.sample_rate,
+        "crop_size": cfg.crop_size,
+        "crop_margin": cfg.crop_margin,
+        "face_coverage": round(face.coverage, 4),
+        "face_prob_mean": round(face.prob_mean, 4),
+        "face_prob_min": round(face.prob_min, 4),
+        "faces_max": face.faces_max,
+        "face_tracks": face.tracks,
+        "speech_ratio": round(voice.speech_ratio(segments, start, end), 4),
+        "label": record.label,
+        "speaker": record.speaker,
+        "fold": record.fold,
+        "source_fps": round(info.fps, 3),
+        "source_rotation": info.rotation,
+        "source_variable_fps": info.variable_fps,
+        "processing": cfg.processing_digest(),
+    }
+    return Clip(clip_id, video_bytes, audio_bytes, meta)

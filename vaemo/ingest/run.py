@@ -1,0 +1,210 @@
+"""An ingest run over one corpus: lock, recover, plan batches, and merge markers into the manifest.
+
+The orchestrator (a Prefect flow, a notebook, another scheduler) calls, in order:
+``IngestRun.open`` → ``plan`` → ``shards.run_batch`` for every batch, anywhere → ``finalize``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from vaemo.config import IngestConfig
+from vaemo.ingest import shards
+from vaemo.ingest.adapters import scan_corpus
+from vaemo.ingest.process import content_hash, video_id_of
+from vaemo.ingest.records import SourceRecord
+
+LOCK = ".lock"
+SETTINGS = "ingest.json"
+# Statuses worth another try on the next run; every other status is a property of the file.
+RETRIED = {"error", "timeout"}
+MANIFEST_COLUMNS = [
+    "video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold",
+    "dataset", "audio_path", "duration", "sha256", "batch_id",
+]
+
+
+class IngestBusy(RuntimeError):
+    pass
+
+
+class SettingsChanged(RuntimeError):
+    pass
+
+
+@dataclass
+class Plan:
+    batches: list[shards.BatchSpec]
+    records: list[dict]  # every scanned video with its ids
+    skipped: int  # already ingested
+    removed: list[str] = field(default_factory=list)  # leftovers of an interrupted run
+
+    @property
+    def pending_videos(self) -> int:
+        return sum(len(b.videos) for b in self.batches)
+
+
+class IngestRun:
+    """Holds the folder's lock for the duration of a run: a second run refuses, it never interleaves."""
+
+    def __init__(self, source: Path, out_dir: Path, dataset: str, cfg: IngestConfig, labels: Path | None = None):
+        self.source, self.out_dir, self.dataset, self.cfg, self.labels = Path(source), Path(out_dir), dataset, cfg, labels
+        self.token = uuid.uuid4().hex
+        self.started = time.time()
+        self._lock_handle = None
+
+    def __enter__(self) -> IngestRun:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out_dir / LOCK, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise IngestBusy(f"{self.out_dir} is being written by another ingest run ({holder}); wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self._lock_handle = handle
+        self._check_settings()
+        with shards.commit_lock(self.out_dir):
+            shards.write_json_atomic(self.out_dir / shards.RUN_TOKEN, {"token": self.token})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+
+    def _check_settings(self) -> None:
+        path = self.out_dir / SETTINGS
+        current = {"processing": self.cfg.processing_digest(), "settings": self.cfg.model_dump()}
+        if path.exists():
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if previous["processing"] != current["processing"]:
+                changed = sorted(k for k, v in current["settings"].items() if previous["settings"].get(k) != v)
+                raise SettingsChanged(f"{self.out_dir} was ingested with other processing settings (changed: {', '.join(changed)}); use a new --out folder so shards of different settings never mix")
+        shards.write_json_atomic(path, current)
+
+    def plan(self) -> Plan:
+        removed = shards.recover(self.out_dir)
+        known = _known_hashes(shards.load_markers(self.out_dir))
+        done = {v["video_id"] for m in shards.load_markers(self.out_dir) for v in m["videos"] if v["status"] not in RETRIED}
+        records = []
+        for record in scan_corpus(self.source, self.dataset, self.labels):
+            sha = known.get(_stat_key(self.source, record)) or content_hash(self.source, record)
+            records.append({**record.to_dict(), "sha256": sha, "video_id": video_id_of(sha), "stat_key": _stat_key(self.source, record)})
+        pending, seen = [], set()
+        for item in records:
+            if item["video_id"] in done or item["video_id"] in seen:
+                continue  # already ingested, or a second copy of the same content
+            seen.add(item["video_id"])
+            pending.append(item)
+        pending.sort(key=lambda r: r["video_id"])
+        size = self.cfg.videos_per_batch
+        batches = []
+        for begin in range(0, len(pending), size):
+            videos = pending[begin : begin + size]
+            key = json.dumps([self.cfg.processing_digest()] + [v["video_id"] for v in videos])
+            batches.append(shards.BatchSpec(hashlib.sha256(key.encode()).hexdigest()[:16], str(self.source.resolve()), self.token, videos))
+        return Plan(batches, records, len(records) - len(pending), removed)
+
+    def finalize(self, plan: Plan, failed_batches: dict[str, str] | None = None) -> dict:
+        """Write ``clips.parquet``, ``manifest.parquet`` and ``stats.json``, each atomically.
+
+        ``failed_batches`` maps the id of a batch that could not finish to the reason, which its
+        videos then carry (status ``pending``: the next run picks them up).
+        """
+        failed_batches = failed_batches or {}
+        batch_of = {v["video_id"]: b.batch_id for b in plan.batches for v in b.videos}
+        markers = shards.load_markers(self.out_dir)
+        latest: dict[str, dict] = {}
+        for marker in markers:
+            for video in marker["videos"]:
+                latest[video["video_id"]] = {**video, "batch_id": marker["batch_id"]}
+        rows, first_path = [], {}
+        for item in plan.records:
+            vid = item["video_id"]
+            if vid in first_path:
+                rows.append({**item, "status": "duplicate", "reason": f"same content as {first_path[vid]}", "n_clips": 0})
+                continue
+            first_path[vid] = item["path"]
+            done = latest.pop(vid, None)
+            if done:
+                rows.append({**done, **item})
+            else:
+                reason = failed_batches.get(batch_of.get(vid), "not processed in this run")
+                rows.append({**item, "status": "pending", "reason": reason, "n_clips": 0})
+        rows.extend(latest.values())  # ingested earlier, no longer in the corpus folder
+        clips = [{**clip, "batch_id": row["batch_id"]} for row in rows if row.get("status") == "ok" and "clips" in row for clip in row["clips"]]
+        manifest = pd.DataFrame([{c: row.get(c) for c in MANIFEST_COLUMNS} for row in rows], columns=MANIFEST_COLUMNS)
+        _write_parquet_atomic(pd.DataFrame(clips), self.out_dir / "clips.parquet")
+        _write_parquet_atomic(manifest, self.out_dir / "manifest.parquet")
+        stats = _stats(markers, manifest, plan, time.time() - self.started, self.cfg)
+        shards.write_json_atomic(self.out_dir / "stats.json", stats)
+        return stats
+
+
+def _stat_key(root: Path, record: SourceRecord) -> str:
+    """Size and mtime of the files, so an unchanged file is not hashed again on re-runs."""
+    parts = []
+    for rel in (record.path, record.audio_path):
+        if rel is not None:
+            st = (root / rel).stat()
+            parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _known_hashes(markers: list[dict]) -> dict[str, str]:
+    return {v["stat_key"]: v["sha256"] for m in markers for v in m["videos"] if "stat_key" in v}
+
+
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def shard_set_digest(markers: list[dict]) -> str:
+    """Content digest of the whole shard set: the key later stages and MLflow use for this data."""
+    entries = sorted(f"{s['name']}:{s['sha256']}" for m in markers for s in m["shards"])
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: float, cfg: IngestConfig) -> dict:
+    timings = Counter()
+    for marker in markers:
+        timings.update(marker["timings"])
+    run_markers = {b.batch_id for b in plan.batches}
+    run_videos = sum(len(m["videos"]) for m in markers if m["batch_id"] in run_markers)
+    return {
+        "videos": int(len(manifest)),
+        "status_counts": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
+        "clips": int(manifest["n_clips"].fillna(0).sum()),
+        "shards": sum(len(m["shards"]) for m in markers),
+        "shard_bytes": sum(s["bytes"] for m in markers for s in m["shards"]),
+        "batches": len(markers),
+        "shard_set_digest": shard_set_digest(markers),
+        "processing_digest": cfg.processing_digest(),
+        "timings_total": {k: round(v, 3) for k, v in sorted(timings.items())},
+        "last_run": {
+            "planned_videos": plan.pending_videos,
+            "processed_videos": run_videos,
+            "skipped_videos": plan.skipped,
+            "recovered": plan.removed,
+            "seconds": round(seconds, 2),
+            "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None,
+        },
+    }

@@ -1,0 +1,179 @@
+"""Batches of videos become shards that appear whole or not at all.
+
+Layout of an ingest folder::
+
+    shards/<batch>-NNN.tar     WebDataset shards (visible only once complete)
+    batches/<batch>.json       completion marker: per-video rows, per-shard stats, timings
+    .tmp/<batch>/              work in progress; removed at the start of every run
+
+Commit order: shards are renamed into ``shards/``, then the marker is written (atomically). A
+shard without a marker is an interrupted commit and is deleted at the next start, so a killed
+run never leaves a clip twice. Commits take ``.commit.lock`` and check the run token, so a worker
+that outlives its killed run cannot commit beside the run that replaced it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from vaemo.config import IngestConfig
+from vaemo.ingest.process import VideoOutcome, process_video
+from vaemo.ingest.records import SourceRecord
+
+SHARDS, BATCHES, TMP = "shards", "batches", ".tmp"
+RUN_TOKEN = ".run-token"
+COMMIT_LOCK = ".commit.lock"
+
+
+class Superseded(RuntimeError):
+    """A newer run owns this ingest folder; this batch's work is discarded."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def commit_lock(out_dir: Path):
+    with open(out_dir / COMMIT_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Plain strings and numbers only, so the spec is cheap to send to workers and to hash."""
+
+    batch_id: str
+    corpus_root: str
+    run_token: str
+    videos: list[dict]  # SourceRecord fields + "video_id" + "sha256"
+
+
+def load_markers(out_dir: Path) -> list[dict]:
+    folder = out_dir / BATCHES
+    if not folder.is_dir():
+        return []
+    markers = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
+    return sorted(markers, key=lambda m: m["committed_at"])
+
+
+def recover(out_dir: Path) -> list[str]:
+    """Remove work in progress and shards of interrupted commits; return what was removed."""
+    removed = []
+    with commit_lock(out_dir):
+        listed = {s["name"] for m in load_markers(out_dir) for s in m["shards"]}
+        for shard in sorted((out_dir / SHARDS).glob("*.tar")):
+            if shard.name not in listed:
+                shard.unlink()
+                removed.append(f"{SHARDS}/{shard.name}")
+        for leftover in sorted((out_dir / TMP).glob("*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(f"{TMP}/{leftover.name}")
+    return removed
+
+
+def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], dict[str, float]]:
+    """Process every video of the batch and write its clips to temporary shards."""
+    rows, timings = [], {}
+    pattern = str(tmp / f"{batch.batch_id}-%03d.tar")
+    root = Path(batch.corpus_root)
+    with wds.ShardWriter(pattern, maxcount=cfg.samples_per_shard, maxsize=1e15, verbose=0) as writer:
+        for video in batch.videos:
+            record = SourceRecord(**{k: video[k] for k in SourceRecord.__dataclass_fields__})
+            begin = time.perf_counter()
+            try:
+                outcome = process_video(root, record, video["video_id"], cfg)
+            except Exception as exc:  # an unexpected failure is recorded and retried next run
+                outcome = VideoOutcome("error", f"{type(exc).__name__}: {exc}")
+            write_begin = time.perf_counter()
+            for clip in outcome.clips:
+                writer.write({"__key__": clip.clip_id, "mp4": clip.video, cfg.audio_format: clip.audio, "json": clip.meta})
+            outcome.timings["write"] += time.perf_counter() - write_begin
+            for stage, seconds in outcome.timings.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            rows.append(
+                {
+                    **video,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "n_clips": len(outcome.clips),
+                    "duration": outcome.duration,
+                    "clips": [c.meta for c in outcome.clips],
+                    "seconds": round(time.perf_counter() - begin, 3),
+                }
+            )
+    return rows, timings
+
+
+def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
+    """Process and commit one batch; a batch already committed is returned as it is (idempotent)."""
+    torch.set_num_threads(cfg.torch_threads)
+    marker_path = out_dir / BATCHES / f"{batch.batch_id}.json"
+    if marker_path.exists():
+        return json.loads(marker_path.read_text(encoding="utf-8"))
+    tmp = out_dir / TMP / batch.batch_id
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    begin = time.perf_counter()
+    rows, timings = _pack(batch, cfg, tmp)
+    # ShardWriter opens a shard before the first sample, so a batch without clips leaves an empty tar.
+    shards = [p for p in sorted(tmp.glob("*.tar")) if any(r["n_clips"] for r in rows)]
+    shard_stats = [{"name": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in shards]
+    _assign_shards(shard_stats, rows, cfg.samples_per_shard)
+    marker = {
+        "batch_id": batch.batch_id,
+        "processing": cfg.processing_digest(),
+        "videos": rows,
+        "shards": shard_stats,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "seconds": round(time.perf_counter() - begin, 3),
+        "worker_pid": os.getpid(),
+    }
+    with commit_lock(out_dir):
+        token_file = out_dir / RUN_TOKEN
+        token = json.loads(token_file.read_text())["token"] if token_file.exists() else None
+        if token != batch.run_token:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise Superseded(f"batch {batch.batch_id}: a newer ingest run owns {out_dir}")
+        (out_dir / SHARDS).mkdir(exist_ok=True)
+        (out_dir / BATCHES).mkdir(exist_ok=True)
+        for shard in shards:
+            os.replace(shard, out_dir / SHARDS / shard.name)
+        marker["committed_at"] = time.time()
+        write_json_atomic(marker_path, marker)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return marker
+
+
+def _assign_shards(shard_stats: list[dict], rows: list[dict], per_shard: int) -> None:
+    """ShardWriter fills shards in order, so each clip's shard follows from its position."""
+    clips = [clip for row in rows for clip in row["clips"]]
+    for index, clip in enumerate(clips):
+        clip["shard"] = shard_stats[index // per_shard]["name"]
+    for number, stats in enumerate(shard_stats):
+        stats["samples"] = len(clips[number * per_shard : (number + 1) * per_shard])

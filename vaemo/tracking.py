@@ -1,0 +1,85 @@
+"""MLflow in one place: where runs go, one run per stage, datasets logged with content digests."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+
+
+def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
+    """Point MLflow at the store and make sure the experiment keeps its artifacts in the work dir."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        artifacts = (work_dir / "mlartifacts").resolve().as_uri()
+        return client.create_experiment(experiment, artifact_location=artifacts)
+    return found.experiment_id
+
+
+@contextmanager
+def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None, tags: dict | None = None):
+    """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag."""
+    experiment_id = configure(tracking_uri, experiment, work_dir)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={"vaemo.stage": stage, **(tags or {})})
+    try:
+        if params:
+            mlflow.log_params(_flat(params))
+        yield run
+    except BaseException as exc:
+        mlflow.set_tag("vaemo.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def fail_run(message: str) -> None:
+    """Close the active run as FAILED when a stage refuses to work without raising."""
+    mlflow.set_tag("vaemo.error", message[:5000])
+    mlflow.end_run(status="FAILED")
+
+
+def log_dataset(name: str, path: Path, digest: str, context: str, extra_tags: dict | None = None) -> None:
+    """Log a folder as an MLflow dataset whose digest is a hash of its content, not of its name."""
+    with warnings.catch_warnings():  # a file URI matches two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
+    dataset = MetaDataset(source, name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context, tags={"vaemo.digest": digest, **(extra_tags or {})})
+    mlflow.set_tag(f"vaemo.{context}.{name}.digest", digest)
+
+
+def log_json(data: dict, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+        mlflow.log_artifact(str(path), artifact_path=str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_metrics_flat(data: dict, prefix: str = "") -> None:
+    mlflow.log_metrics({k: float(v) for k, v in _flat(data, prefix).items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

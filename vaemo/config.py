@@ -62,7 +62,7 @@ class IngestConfig(Strict):
         2.56, gt=0, description="shortest clip cut from a longer recording (one training window)"
     )
     min_source_seconds: float = Field(1.0, gt=0, description="shorter source videos are refused")
-    min_speech_ratio: float = Field(0.5, ge=0, le=1, description="least speech share of a widened short clip")
+    min_speech_ratio: float = Field(0.35, ge=0, le=1, description="least speech share of a widened short clip")
     speech_merge_gap: float = Field(0.5, ge=0, description="speech segments closer than this are merged")
     max_duration_seconds: float = Field(1800.0, gt=0, description="longer source videos are refused")
     max_clip_seconds: float = Field(30.0, gt=0, description="labelled files longer than this are trimmed")

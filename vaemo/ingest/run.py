@@ -78,15 +78,20 @@ class IngestRun:
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         handle.flush()
         self._lock_handle = handle
-        self._check_settings()
-        with shards.commit_lock(self.out_dir):
-            shards.write_json_atomic(self.out_dir / shards.RUN_TOKEN, {"token": self.token})
+        try:
+            self._check_settings()
+            with shards.commit_lock(self.out_dir):
+                shards.write_json_atomic(self.out_dir / shards.RUN_TOKEN, {"token": self.token})
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
+            self._lock_handle = None
 
     def _check_settings(self) -> None:
         path = self.out_dir / SETTINGS

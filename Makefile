@@ -24,8 +24,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+SRC ?= ../shared/media
 bench: install
-	$(BIN)/python benchmarks/ingest_bench.py
+	$(BIN)/python benchmarks/ingest_bench.py $(SRC) --cores 1
 
 clean-work:
 	rm -rf vaemo-work

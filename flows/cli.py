@@ -21,6 +21,8 @@ def _environment(work_dir: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str((work_dir / "prefect").resolve()))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates its database on first start; a busy machine needs more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -87,7 +89,7 @@ def run_ingest(settings, source: Path, out: Path, dataset: str, labels: Path | N
     records = scan_corpus(source, dataset, labels)  # a clear error before any flow starts
     print(f"vaemo: {len(records)} videos under {source} ({dataset})")
 
-    from flows.ingest import ingest_flow, task_runner
+    from flows.ingest import ingest_flow, parallelism, task_runner
 
     with prefect_api():
         state = ingest_flow.with_options(task_runner=task_runner(settings.dask))(
@@ -98,6 +100,7 @@ def run_ingest(settings, source: Path, out: Path, dataset: str, labels: Path | N
             work_dir=str(settings.work_dir),
             ingest=settings.stages.ingest,
             tracking_cfg=settings.tracking,
+            workers=parallelism(settings.dask),
             return_state=True,
         )
     if state.is_completed():

@@ -29,6 +29,11 @@ def ingest_batch(batch: shards.BatchSpec, out_dir: str, cfg: IngestConfig) -> di
     return {"batch_id": marker["batch_id"], "videos": len(marker["videos"]), "clips": sum(v["n_clips"] for v in marker["videos"]), "statuses": statuses, "seconds": marker["seconds"]}
 
 
+def parallelism(dask: DaskConfig) -> int:
+    """Workers a plan should keep busy; an external cluster's size is unknown, so batches stay whole."""
+    return 1 if dask.address else dask.workers
+
+
 def task_runner(dask: DaskConfig) -> DaskTaskRunner:
     if dask.address:
         return DaskTaskRunner(address=dask.address)
@@ -57,6 +62,7 @@ def ingest_flow(
     work_dir: str = "vaemo-work",
     ingest: IngestConfig = IngestConfig(),
     tracking_cfg: TrackingConfig = TrackingConfig(),
+    workers: int = 1,
 ):
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
@@ -68,7 +74,7 @@ def ingest_flow(
     with tracking.stage_run("ingest", tracking_uri=mlflow_uri, experiment=tracking_cfg.experiment, work_dir=work, params=params, tags=tags) as run:
         try:
             with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
-                plan = ingest_run.plan()
+                plan = ingest_run.plan(parallelism=workers)
                 if plan.removed:
                     logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
                 logger.info("%d videos found, %d already ingested, %d to process in %d batches", len(plan.records), plan.skipped, plan.pending_videos, len(plan.batches))
@@ -97,7 +103,8 @@ def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:
     if not plan.batches:
         return failed
     progress = create_progress_artifact(progress=0.0, key="ingest-progress", description="Share of batches done")
-    futures = {ingest_batch.submit(batch, out, cfg): batch for batch in plan.batches}
+    batch_task = ingest_batch.with_options(timeout_seconds=cfg.batch_timeout_seconds)
+    futures = {batch_task.submit(batch, out, cfg): batch for batch in plan.batches}
     with tqdm(total=plan.pending_videos, unit="video", desc="ingest") as bar:
         for done, future in enumerate(as_completed(list(futures)), start=1):
             batch = futures[future]

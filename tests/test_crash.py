@@ -19,13 +19,17 @@ TIMEOUT = 600
 def start(work: Path, source: Path, config: Path) -> subprocess.Popen:
     args = vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", "generic", "--out", str(work / "out"))
     # A session of its own, so the kill reaches the Dask workers and the Prefect server too.
-    return subprocess.Popen(args, env=cli_env(work), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = work.parent / f"run-{time.monotonic_ns()}.log"  # read when a run ends early
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, env=cli_env(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process.log_path = log_path
+    return process
 
 
 def kill_when(process: subprocess.Popen, ready, what: str) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not ready():
-        assert process.poll() is None, f"the run ended before {what}"
+        assert process.poll() is None, f"the run ended before {what}: {process.log_path.read_text()[-3000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)

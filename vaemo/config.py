@@ -73,10 +73,11 @@ class IngestConfig(Strict):
     videos_per_batch: int = Field(8, ge=1, description="videos per task; one batch commits as one unit")
     samples_per_shard: int = Field(500, ge=1)
     torch_threads: int = Field(1, ge=1, description="CPU threads per ingest worker")
+    batch_timeout_seconds: float = Field(3600.0, gt=0, description="a batch task running longer fails (and is retried)")
 
     def processing_digest(self) -> str:
-        """Digest of the settings that change the clips' content (batching and threads do not)."""
-        relevant = self.model_dump(exclude={"videos_per_batch", "samples_per_shard", "torch_threads"})
+        """Digest of the settings that change the clips' content (batching, threads and timeouts do not)."""
+        relevant = self.model_dump(exclude={"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds"})
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

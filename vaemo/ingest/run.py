@@ -103,7 +103,8 @@ class IngestRun:
                 raise SettingsChanged(f"{self.out_dir} was ingested with other processing settings (changed: {', '.join(changed)}); use a new --out folder so shards of different settings never mix")
         shards.write_json_atomic(path, current)
 
-    def plan(self) -> Plan:
+    def plan(self, parallelism: int = 1) -> Plan:
+        """Batches of new videos. Small corpora are split so ``parallelism`` workers all get work."""
         removed = shards.recover(self.out_dir)
         known = _known_hashes(shards.load_markers(self.out_dir))
         done = {v["video_id"] for m in shards.load_markers(self.out_dir) for v in m["videos"] if v["status"] not in RETRIED}
@@ -118,7 +119,7 @@ class IngestRun:
             seen.add(item["video_id"])
             pending.append(item)
         pending.sort(key=lambda r: r["video_id"])
-        size = self.cfg.videos_per_batch
+        size = max(1, min(self.cfg.videos_per_batch, -(-len(pending) // parallelism)))
         batches = []
         for begin in range(0, len(pending), size):
             videos = pending[begin : begin + size]

@@ -1,0 +1,43 @@
+"""Stage 1 network of VAEmo: the unified audio-visual masked autoencoder (see ``av.py``)."""
+
+from vaemo.model.av import (
+    CONFIGS,
+    AVConfig,
+    AVMAE,
+    CheckpointError,
+    config_for,
+    info_nce,
+    load,
+    masked_mse,
+    model_info,
+    normalize_audio,
+    normalize_video,
+    patchify_audio,
+    patchify_video,
+    random_mask,
+    save,
+    tube_mask,
+    unpatchify_audio,
+    unpatchify_video,
+)
+
+__all__ = [
+    "CONFIGS",
+    "AVConfig",
+    "AVMAE",
+    "CheckpointError",
+    "config_for",
+    "info_nce",
+    "load",
+    "masked_mse",
+    "model_info",
+    "normalize_audio",
+    "normalize_video",
+    "patchify_audio",
+    "patchify_video",
+    "random_mask",
+    "save",
+    "tube_mask",
+    "unpatchify_audio",
+    "unpatchify_video",
+]

@@ -134,6 +134,65 @@ def cmd_demo(args) -> int:
     return code
 
 
+def cmd_pretrain(args) -> int:
+    settings = _settings(args)
+    cfg = settings.stages.pretrain
+    updates = {"model": args.model_config} if args.model_config else {}
+    if args.steps:
+        updates["steps"] = args.steps
+    if args.processes:
+        updates["processes"] = args.processes
+    cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+    _environment(settings.work_dir)
+    from vaemo.data.loader import shard_urls
+
+    shard_urls(Path(args.shards))  # a clear error before any flow starts
+    from flows.pretrain import pretrain_flow
+
+    with prefect_api():
+        state = pretrain_flow(shards=str(args.shards), out=str(args.out), settings=cfg, resume=args.resume,
+                              work_dir=str(settings.work_dir), tracking_cfg=settings.tracking, return_state=True)
+    if not state.is_completed():
+        print(f"vaemo: pretrain did not complete: {state.message}", file=sys.stderr)
+        return 1
+    metrics = state.result()
+    print(f"vaemo: pretrain done: loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}, video->audio top-1 "
+          f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {args.out}, "
+          f"MLflow run {metrics['mlflow_run_id']}")
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from vaemo.model import av
+
+    info = av.model_info(av.config_for(args.model_config))
+    print(f"model {info['name']}")
+    for part, count in info["params"].items():
+        print(f"  params.{part:<18} {count:>12,}")
+    for key, value in info.items():
+        if key.endswith("gflops"):
+            print(f"  {key:<25} {value:>10.2f}")
+    print(f"  tokens: {info['tokens']}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from vaemo.embed import encode
+
+    vectors = encode(Path(args.source), Path(args.model), args.modality, batch_size=args.batch_size)
+    if not vectors:
+        print(f"vaemo: error: no clip of {args.source} could be embedded", file=sys.stderr)
+        return 2
+    ids = sorted(vectors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, clip_id=np.array(ids), embedding=np.stack([vectors[i] for i in ids]))
+    print(f"vaemo: {len(ids)} {args.modality} embeddings of size {len(vectors[ids[0]])} written to {out}")
+    return 0
+
+
 def cmd_config(args) -> int:
     settings = _settings(args)
     settings.check_corpus_paths(source=args.config)
@@ -162,6 +221,27 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate media and run the pipeline on it")
     demo.set_defaults(func=cmd_demo)
 
+    pretrain = sub.add_parser("pretrain", help="Stage 1: pre-train the unified AV encoder on ingest shards")
+    pretrain.add_argument("--shards", required=True, help="an ingest output folder")
+    pretrain.add_argument("--config", dest="model_config", choices=["tiny", "small", "base"], help="model size (default: from pipelines.yaml)")
+    pretrain.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, checkpoints/, metrics.json")
+    pretrain.add_argument("--steps", type=int)
+    pretrain.add_argument("--processes", type=int, help="processes on this node (torchrun/DDP when more than 1)")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    info = sub.add_parser("model-info", help="parameters per part and GFLOPs per clip")
+    info.add_argument("--config", dest="model_config", choices=["tiny", "small", "base"], default="tiny")
+    info.set_defaults(func=cmd_model_info)
+
+    embed = sub.add_parser("embed", help="clip embeddings of a video, a folder of videos, or an ingest folder")
+    embed.add_argument("source")
+    embed.add_argument("--model", required=True, help="a model folder (model.safetensors + config.json)")
+    embed.add_argument("--out", required=True, help="an .npz file with clip_id and embedding arrays")
+    embed.add_argument("--modality", choices=["av", "video", "audio"], default="av")
+    embed.add_argument("--batch-size", type=int, default=8)
+    embed.set_defaults(func=cmd_embed)
+
     config = sub.add_parser("config", help="validate a pipelines.yaml")
     config.set_defaults(func=cmd_config)
     return top
@@ -174,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CorpusError, RuntimeError) as exc:
+    except (ConfigError, CorpusError, RuntimeError, OSError, ValueError) as exc:
         print(f"vaemo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,12 +7,12 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 
+from flows.common import flow_run_tags
 from vaemo import tracking
 from vaemo.config import DaskConfig, IngestConfig, TrackingConfig
 from vaemo.ingest import shards
@@ -67,11 +67,8 @@ def ingest_flow(
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
     work = Path(work_dir)
-    mlflow_uri = tracking_cfg.mlflow_uri or f"sqlite:///{(work / 'mlflow.db').as_posix()}"
-    flow_run = get_run_context().flow_run
-    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
     params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": ingest.model_dump()}
-    with tracking.stage_run("ingest", tracking_uri=mlflow_uri, experiment=tracking_cfg.experiment, work_dir=work, params=params, tags=tags) as run:
+    with tracking.stage_run("ingest", tracking_uri=tracking_cfg.uri(work), experiment=tracking_cfg.experiment, work_dir=work, params=params, tags=flow_run_tags()) as run:
         try:
             with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
                 plan = ingest_run.plan(parallelism=workers)

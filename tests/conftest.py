@@ -40,3 +40,20 @@ def cli_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tmp_path_factory) -> Path:
+    """An ingest folder of the corpus with one video per batch: three shards of one clip each."""
+    from vaemo.config import IngestConfig
+    from vaemo.ingest import shards as shard_io
+    from vaemo.ingest.run import IngestRun
+
+    out = tmp_path_factory.mktemp("ingested")
+    cfg = IngestConfig(videos_per_batch=1)
+    with IngestRun(corpus, out, "generic", cfg) as run:
+        plan = run.plan()
+        for batch in plan.batches:
+            shard_io.run_batch(batch, out, cfg)
+        run.finalize(plan)
+    return out

@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vaemo.data.config import DataConfig
+
 DatasetName = Literal["auto", "generic", "ravdess", "crema-d", "mafw", "dfew", "voxceleb2"]
 
 
@@ -90,6 +92,9 @@ class TrackingConfig(Strict):
     mlflow_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
     experiment: str = "vaemo"
 
+    def uri(self, work_dir: Path) -> str:
+        return self.mlflow_uri or f"sqlite:///{(Path(work_dir) / 'mlflow.db').as_posix()}"
+
 
 class CorpusConfig(Strict):
     path: Path
@@ -97,13 +102,47 @@ class CorpusConfig(Strict):
     labels: Path | None = Field(None, description="label/speaker CSV or split folder, if the dataset needs one")
 
 
+class TrainConfig(Strict):
+    """The training loop shared by Stage 1 and Stage 2 (AdamW, warm-up + cosine, checkpoints)."""
+
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="clips per micro-batch and process")
+    accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (HiCMAE pre-training: 3e-4)")
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    processes: int = Field(1, ge=1, description="processes on this node; more than 1 launches torchrun (DDP)")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers per process")
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+
+
+class PretrainConfig(TrainConfig):
+    """Stage 1: masked reconstruction + contrastive pre-training of the unified AV encoder."""
+
+    model: Literal["tiny", "small", "base"] = "tiny"
+    model_overrides: dict = Field(
+        default_factory=dict,
+        description="AVConfig fields to change (mask ratios, contrastive_weight, modality_specific_layers, ...)",
+    )
+    data: DataConfig = DataConfig()
+    eval_clips: int = Field(256, ge=2, description="clips used for the video-to-audio retrieval metric")
+
+
 class StagesConfig(Strict):
     ingest: IngestConfig = IngestConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 class PipelineSpec(Strict):
     corpora: list[str] = Field(min_length=1)
-    stages: list[Literal["ingest"]] = ["ingest"]
+    stages: list[Literal["ingest", "pretrain"]] = ["ingest"]
 
 
 class Settings(Strict):
@@ -128,7 +167,7 @@ class Settings(Strict):
         return self
 
     def mlflow_uri(self) -> str:
-        return self.tracking.mlflow_uri or f"sqlite:///{(self.work_dir / 'mlflow.db').as_posix()}"
+        return self.tracking.uri(self.work_dir)
 
     def check_corpus_paths(self, names: list[str] | None = None, source: str = "pipelines.yaml") -> None:
         for name in names if names is not None else list(self.corpora):

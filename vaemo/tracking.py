@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
 
 
 def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
@@ -26,10 +29,10 @@ def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None, tags: dict | None = None):
+def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None, tags: dict | None = None, system_metrics: bool = False):
     """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag."""
     experiment_id = configure(tracking_uri, experiment, work_dir)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={"vaemo.stage": stage, **(tags or {})})
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={"vaemo.stage": stage, **(tags or {})}, log_system_metrics=system_metrics)
     try:
         if params:
             mlflow.log_params(_flat(params))
@@ -72,6 +75,41 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
 
 def log_metrics_flat(data: dict, prefix: str = "") -> None:
     mlflow.log_metrics({k: float(v) for k, v in _flat(data, prefix).items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def log_model_files(name: str, files: list[Path], tags: dict | None = None) -> str:
+    """Log model files (safetensors + config) as an MLflow logged model of the active run."""
+    run = mlflow.active_run()
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=tags)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in files:
+                shutil.copy(path, Path(tmp) / path.name)
+            mlflow.MlflowClient().log_model_artifacts(model.model_id, tmp)
+    except BaseException:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    mlflow.set_tag(f"vaemo.output.model.{name}", model.model_id)
+    return model.model_id
+
+
+def log_figure(figure, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
+
+
+def step_logger(tracking_uri: str, run_id: str):
+    """Per-step metrics from a training process into an existing run (thread- and process-safe client)."""
+    client = mlflow.MlflowClient(tracking_uri)
+
+    def log(step: int, values: dict[str, float]) -> None:
+        stamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in values.items()])
+
+    return log
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

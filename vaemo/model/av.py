@@ -60,7 +60,9 @@ class AVConfig(BaseModel):
     video_std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="ImageNet RGB std")
 
     # audio input
-    audio_frames: int = Field(256, ge=1, description="10 ms fbank frames per clip: 2.56 s, the video window (our design)")
+    audio_frames: int = Field(
+        256, ge=1, description="10 ms fbank frames per clip: 2.56 s, the video window (our design)"
+    )
     mel_bins: int = Field(128, ge=1, description="Kaldi fbank mel bins (our design, after AudioMAE/HiCMAE)")
     audio_patch: int = Field(16, ge=1, description="audio patch side (time and mel) (our design)")
     audio_mean: float = Field(-4.2677393, description="fbank mean of the normalisation convention (AudioMAE/HiCMAE)")
@@ -75,9 +77,13 @@ class AVConfig(BaseModel):
     heads: int = Field(8, ge=1, description="encoder attention heads (our design)")
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / model width")
     modality_specific_layers: int = Field(
-        0, ge=0, description="the first k blocks run separately per modality, then one shared Transformer (our design; k=0)"
+        0,
+        ge=0,
+        description="the first k blocks run separately per modality, then one shared Transformer (our design; k=0)",
     )
-    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth at the last block, linear from 0 (fine-tuning)")
+    drop_path: float = Field(
+        0.0, ge=0, lt=1, description="stochastic depth at the last block, linear from 0 (for fine-tuning)"
+    )
 
     # decoder
     decoder_dim: int = Field(256, ge=8, description="width of the light shared decoder (our design)")
@@ -85,15 +91,25 @@ class AVConfig(BaseModel):
     decoder_heads: int = Field(8, ge=1, description="decoder attention heads (our design)")
 
     # masking
-    video_mask_ratio: float = Field(0.9, ge=0, lt=1, description="tube masking ratio on video (our design, after VideoMAE/HiCMAE)")
-    audio_mask_ratio: float = Field(0.8, ge=0, lt=1, description="random masking ratio on audio (our design, after AudioMAE/HiCMAE)")
+    video_mask_ratio: float = Field(
+        0.9, ge=0, lt=1, description="tube masking ratio on video (our design, after VideoMAE/HiCMAE)"
+    )
+    audio_mask_ratio: float = Field(
+        0.8, ge=0, lt=1, description="random masking ratio on audio (our design, after AudioMAE/HiCMAE)"
+    )
 
     # losses
     contrastive_weight: float = Field(
-        0.01, ge=0, description="lambda in L_rec_video + L_rec_audio + lambda L_contrastive (our design, CAV-MAE's 0.01)"
+        0.01,
+        ge=0,
+        description="lambda in L_rec_video + L_rec_audio + lambda L_contrastive (our design, CAV-MAE's 0.01)",
     )
-    temperature_init: float = Field(0.07, gt=0, description="initial InfoNCE temperature, learnable (our design, after CLIP)")
-    temperature_min: float = Field(0.01, gt=0, description="the learnable temperature is clamped to [min, max] (our design)")
+    temperature_init: float = Field(
+        0.07, gt=0, description="initial InfoNCE temperature, learnable (our design, after CLIP)"
+    )
+    temperature_min: float = Field(
+        0.01, gt=0, description="the learnable temperature is clamped to [min, max] (our design)"
+    )
     temperature_max: float = Field(1.0, gt=0, description="upper clamp of the learnable temperature (our design)")
     proj_dim: int = Field(256, ge=1, description="width of the contrastive projection of each modality (our design)")
     norm_pix_loss: bool = Field(True, description="reconstruct per-patch normalised targets (our design, after MAE)")
@@ -106,11 +122,16 @@ class AVConfig(BaseModel):
         if self.image_size % self.patch:
             problems.append(f"image_size={self.image_size} is not a multiple of patch={self.patch}")
         if self.audio_frames % self.audio_patch or self.mel_bins % self.audio_patch:
-            problems.append(f"audio_frames={self.audio_frames} and mel_bins={self.mel_bins} must be multiples of audio_patch={self.audio_patch}")
+            problems.append(
+                f"audio_frames={self.audio_frames} and mel_bins={self.mel_bins} "
+                f"must be multiples of audio_patch={self.audio_patch}"
+            )
         if self.dim % self.heads or self.dim % 2:
             problems.append(f"dim={self.dim} must be even and a multiple of heads={self.heads}")
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 2:
-            problems.append(f"decoder_dim={self.decoder_dim} must be even and a multiple of decoder_heads={self.decoder_heads}")
+            problems.append(
+                f"decoder_dim={self.decoder_dim} must be even and a multiple of decoder_heads={self.decoder_heads}"
+            )
         if self.modality_specific_layers > self.depth:
             problems.append(f"modality_specific_layers={self.modality_specific_layers} exceeds depth={self.depth}")
         if self.temperature_min > self.temperature_init or self.temperature_init > self.temperature_max:
@@ -163,9 +184,15 @@ class AVConfig(BaseModel):
 # head_dim is 32 (tiny) or 64 (small, base). `base` stays under 40M parameters in all, decoder
 # included: HiCMAE-B has about 81M.
 CONFIGS: dict[str, AVConfig] = {
-    "tiny": AVConfig(name="tiny", dim=128, depth=4, heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=2, proj_dim=64),
-    "small": AVConfig(name="small", dim=256, depth=12, heads=4, decoder_dim=192, decoder_depth=2, decoder_heads=3, proj_dim=128),
-    "base": AVConfig(name="base", dim=512, depth=11, heads=8, decoder_dim=256, decoder_depth=2, decoder_heads=4, proj_dim=256),
+    "tiny": AVConfig(
+        name="tiny", dim=128, depth=4, heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=2, proj_dim=64
+    ),
+    "small": AVConfig(
+        name="small", dim=256, depth=12, heads=4, decoder_dim=192, decoder_depth=2, decoder_heads=3, proj_dim=128
+    ),
+    "base": AVConfig(
+        name="base", dim=512, depth=11, heads=8, decoder_dim=256, decoder_depth=2, decoder_heads=4, proj_dim=256
+    ),
 }
 
 
@@ -261,7 +288,11 @@ def random_mask(
 
 
 def tube_mask(
-    batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch: int,
+    grid: tuple[int, int, int],
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
     """Tube masking: the same spatial patches are masked in every temporal slice.
 
@@ -297,9 +328,10 @@ def sincos_positions(cfg: AVConfig, dim: int) -> tuple[Tensor, Tensor]:
     """Fixed positional embeddings (video (Nv, dim), audio (Na, dim)) on a shared time axis.
 
     Our design: the first channels encode time, measured for both modalities in units of one audio
-    patch (0.16 s), at each token's centre, so a video tube and the audio patches that overlap it
-    in time receive the same time code; the other channels encode (h, w) for video and the mel
-    band for audio. No parameters, so checkpoints do not depend on them.
+    patch (0.16 s) at each token's centre, so the two modalities share one time scale (a video
+    tube's code lies between those of the two audio patches it overlaps); the other channels
+    encode (h, w) for video and the mel band for audio. Fixed, not learned: no parameters, so
+    checkpoints do not depend on them, and the decoder gets its own at its width.
     """
     d_time, d_side = _split_dims(dim)
     tv, h, w = cfg.video_grid
@@ -311,7 +343,9 @@ def sincos_positions(cfg: AVConfig, dim: int) -> tuple[Tensor, Tensor]:
     time_v = (axis(tv) + 0.5) * (ta / tv)
     time_a = axis(ta) + 0.5
     gt, gh, gw = torch.meshgrid(time_v, axis(h), axis(w), indexing="ij")
-    video = torch.cat([_sincos(gt.flatten(), d_time), _sincos(gh.flatten(), d_side), _sincos(gw.flatten(), d_side)], dim=1)
+    video = torch.cat(
+        [_sincos(gt.flatten(), d_time), _sincos(gh.flatten(), d_side), _sincos(gw.flatten(), d_side)], dim=1
+    )
     at, af = torch.meshgrid(time_a, axis(fa), indexing="ij")
     audio = torch.cat([_sincos(at.flatten(), d_time), _sincos(af.flatten(), 2 * d_side)], dim=1)
     return video, audio
@@ -405,7 +439,9 @@ class AVMAE(nn.Module):
         dpos_v, dpos_a = sincos_positions(cfg, dd)
         self.register_buffer("decoder_video_pos", dpos_v.unsqueeze(0).to(here), persistent=False)
         self.register_buffer("decoder_audio_pos", dpos_a.unsqueeze(0).to(here), persistent=False)
-        self.decoder_blocks = nn.ModuleList(Block(dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            Block(dd, cfg.decoder_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(dd)
         self.video_pred = nn.Linear(dd, cfg.video_patch_dim)
         self.audio_pred = nn.Linear(dd, cfg.audio_patch_dim)
@@ -439,7 +475,9 @@ class AVMAE(nn.Module):
     def _check_audio(self, audio: Tensor) -> None:
         c = self.cfg
         if audio.ndim != 3 or tuple(audio.shape[1:]) != (c.audio_frames, c.mel_bins):
-            raise ValueError(f"audio must be (B, {c.audio_frames}, {c.mel_bins}) fbank frames x mel bins, got {tuple(audio.shape)}")
+            raise ValueError(
+                f"audio must be (B, {c.audio_frames}, {c.mel_bins}) fbank frames x mel bins, got {tuple(audio.shape)}"
+            )
 
     def embed_video(self, patches: Tensor, ids: Tensor | None = None) -> Tensor:
         """Video patches (B, Nv, patch_dim) -> tokens with positions and the video modality
@@ -533,7 +571,6 @@ class AVMAE(nn.Module):
     def decode(self, joint: Tensor, ids_v: Tensor, ids_a: Tensor) -> tuple[Tensor, Tensor]:
         """Visible encoder outputs (video first) -> patch predictions for every token of both."""
         cfg = self.cfg
-        b = joint.shape[0]
         x = self.decoder_embed(joint)
         nv = ids_v.shape[1]
         xv = _place(x[:, :nv], ids_v, self.mask_token, cfg.video_tokens)
@@ -544,7 +581,6 @@ class AVMAE(nn.Module):
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_norm(x)
-        assert x.shape[0] == b
         return self.video_pred(x[:, : cfg.video_tokens]), self.audio_pred(x[:, cfg.video_tokens :])
 
     # ---- features ------------------------------------------------------------------------
@@ -702,18 +738,29 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
+            parts.append(f"missing keys: {_listed(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+            parts.append(f"unexpected keys: {_listed(unexpected)}")
         if wrong_shape:
-            parts.append(f"wrong shapes: {', '.join(wrong_shape)}")
-        raise CheckpointError(f"{weights_path} does not match the {cfg.name!r} model of {config_path}: " + "; ".join(parts))
+            parts.append(f"wrong shapes: {_listed(wrong_shape)}")
+        raise CheckpointError(
+            f"{weights_path} does not match the {cfg.name!r} model of {config_path}: " + "; ".join(parts)
+        )
     model.load_state_dict(state, strict=True)
     return model.to(map_location)
+
+
+def _listed(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
 
 
 def _parameter_groups(model: AVMAE) -> dict[str, int]:
@@ -766,7 +813,12 @@ def model_info(cfg: AVConfig) -> dict:
     return {
         "name": cfg.name,
         "params": params,
-        "tokens": {"video": cfg.video_tokens, "audio": cfg.audio_tokens, "video_visible": cfg.video_visible, "audio_visible": cfg.audio_visible},
+        "tokens": {
+            "video": cfg.video_tokens,
+            "audio": cfg.audio_tokens,
+            "video_visible": cfg.video_visible,
+            "audio_visible": cfg.audio_visible,
+        },
         "pretrain_gflops": gflops(lambda: model(video, audio)),
         "encode_joint_gflops": gflops(lambda: model.encode(video, audio, unimodal=False)),
         "encode_video_gflops": gflops(lambda: model.encode(video=video)),

@@ -1,0 +1,84 @@
+"""Clip embeddings from a trained model: from a video file, a folder of videos, or ingest shards.
+
+A video file goes through the same ingest processing as a corpus (speech windows, the speaker's
+face track, crops), in memory; every clip is embedded from its centred 2.56 s window, exactly as
+evaluation sees it. Video-only, audio-only or joint embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from vaemo.config import IngestConfig
+from vaemo.data.config import DataConfig
+from vaemo.data.loader import make_loader, shard_urls
+from vaemo.data.samples import load_sample
+from vaemo.ingest.adapters import find_videos
+from vaemo.ingest.process import content_hash, process_video, video_id_of
+from vaemo.ingest.records import SourceRecord
+from vaemo.model import av
+
+log = logging.getLogger(__name__)
+Modality = Literal["av", "video", "audio"]
+KEY = {"av": "joint", "video": "video", "audio": "audio"}
+
+
+def data_config_for(model_cfg: av.AVConfig) -> DataConfig:
+    return DataConfig(
+        frames=model_cfg.frames, image_size=model_cfg.image_size, audio_frames=model_cfg.audio_frames,
+        mel_bins=model_cfg.mel_bins, audio_mean=model_cfg.audio_mean, audio_std=model_cfg.audio_std,
+        audio_double_std=model_cfg.audio_double_std,
+    )
+
+
+def _file_batches(path: Path, data: DataConfig, ingest: IngestConfig, batch_size: int) -> Iterator[dict]:
+    record = SourceRecord(path=path.name, dataset="generic")
+    outcome = process_video(path.parent, record, video_id_of(content_hash(path.parent, record)), ingest)
+    if outcome.status != "ok":
+        raise ValueError(f"{path}: no clip to embed ({outcome.status}: {outcome.reason})")
+    samples = [load_sample({"__key__": c.clip_id, "mp4": c.video, ingest.audio_format: c.audio, "json": json.dumps(c.meta)}, data, train=False)
+               for c in outcome.clips]
+    for begin in range(0, len(samples), batch_size):
+        chunk = samples[begin : begin + batch_size]
+        yield {"video": torch.stack([s["video"] for s in chunk]), "audio": torch.stack([s["audio"] for s in chunk]), "clip_id": [s["clip_id"] for s in chunk]}
+
+
+@torch.no_grad()
+def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality = "av", *, batch_size: int = 8,
+           num_workers: int = 0, ingest: IngestConfig | None = None) -> dict[str, np.ndarray]:
+    """clip_id -> embedding (float32) for a video file, a folder of videos, or an ingest folder."""
+    model = av.load(model) if not isinstance(model, av.AVMAE) else model
+    model.eval()
+    device = next(model.parameters()).device
+    data = data_config_for(model.cfg)
+    source = Path(source)
+    if (source / "shards").is_dir():
+        batches = make_loader(shard_urls(source), data, train=False, batch_size=batch_size, num_workers=num_workers)
+    elif source.is_dir():
+        out = {}
+        for video in find_videos(source):  # raises CorpusError for a folder without videos
+            try:
+                out.update(encode(source / video, model, modality, batch_size=batch_size, ingest=ingest))
+            except ValueError as exc:
+                log.warning("%s", exc)
+        return out
+    else:
+        batches = _file_batches(source, data, ingest or IngestConfig(), batch_size)
+    out: dict[str, np.ndarray] = {}
+    for batch in batches:
+        if not batch["clip_id"]:
+            continue
+        inputs = {"video": batch["video"].to(device)} if modality != "audio" else {}
+        if modality != "video":
+            inputs["audio"] = batch["audio"].to(device)
+        features = model.encode(**inputs, unimodal=modality != "av")
+        for clip_id, vector in zip(batch["clip_id"], features[KEY[modality]].float().cpu().numpy()):
+            out[clip_id] = vector
+    return out

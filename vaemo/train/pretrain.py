@@ -1,0 +1,155 @@
+"""Stage 1: pre-train the unified AV encoder on ingest shards; also the ``torchrun`` entry point.
+
+    python -m vaemo.train.pretrain --shards DIR --out DIR --settings settings.json [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from vaemo.config import PretrainConfig
+from vaemo.data.config import DataConfig
+from vaemo.data.loader import make_loader, shard_urls
+from vaemo.model import av
+from vaemo.train.loop import StepLogger, init_distributed, read_step_log, train, weights_digest
+
+METRICS = "metrics.json"
+SETTINGS = "pretrain.json"
+
+
+def model_config(cfg: PretrainConfig) -> av.AVConfig:
+    return av.config_for(cfg.model, **cfg.model_overrides)
+
+
+def data_config(cfg: PretrainConfig, model_cfg: av.AVConfig) -> DataConfig:
+    """The data path follows the model: its input contract and its audio normalisation."""
+    return cfg.data.model_copy(
+        update={
+            "frames": model_cfg.frames,
+            "image_size": model_cfg.image_size,
+            "audio_frames": model_cfg.audio_frames,
+            "mel_bins": model_cfg.mel_bins,
+            "audio_mean": model_cfg.audio_mean,
+            "audio_std": model_cfg.audio_std,
+            "audio_double_std": model_cfg.audio_double_std,
+        }
+    )
+
+
+def pretraining_objective(model, batch: dict) -> dict[str, torch.Tensor]:
+    out = model(batch["video"], batch["audio"])
+    return {k: out[k] for k in ("loss", "rec_video", "rec_audio", "contrastive", "temperature")}
+
+
+@torch.no_grad()
+def av_retrieval(model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: int, batch_size: int, num_workers: int) -> dict:
+    """Video-to-audio retrieval top-1 among the evaluated clips (centred windows, no augmentation)."""
+    model.eval()
+    device = next(model.parameters()).device
+    videos, audios, ids = [], [], []
+    loader = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers)
+    for batch in loader:
+        if not batch["clip_id"]:
+            continue
+        out = model.encode(video=batch["video"].to(device), audio=batch["audio"].to(device))
+        videos.append(out["video_proj"].float().cpu())
+        audios.append(out["audio_proj"].float().cpu())
+        ids.extend(batch["clip_id"])
+        if len(ids) >= max_clips:
+            break
+    video, audio = torch.cat(videos)[:max_clips], torch.cat(audios)[:max_clips]
+    n = len(video)
+    top1 = (video @ audio.T).argmax(dim=1).eq(torch.arange(n)).float().mean().item()
+    model.train()
+    return {"av_retrieval_top1": top1, "av_retrieval_chance": 1.0 / n, "av_retrieval_clips": n}
+
+
+@contextmanager
+def single_process():
+    """Rank 0 evaluates every clip alone: hide the launcher's rank variables from the shard splitter."""
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _mean_fraction(values: list[float], first: bool) -> float:
+    count = max(1, len(values) // 10)
+    part = values[:count] if first else values[-count:]
+    return float(sum(part) / len(part))
+
+
+def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = False, log_step: StepLogger | None = None) -> dict:
+    """Train, save ``model.safetensors`` + ``config.json`` and ``metrics.json`` into ``out``; return the metrics."""
+    env = init_distributed()
+    urls = shard_urls(shards)
+    model_cfg = model_config(cfg)
+    data = data_config(cfg, model_cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every re-run
+    model = av.AVMAE(model_cfg)
+
+    def batches(epoch: int):
+        # Seeded by epoch, so a resumed run replays exactly the stream it left.
+        return make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    seen: list[str] = []
+    result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)
+    ranks = out / "ranks"
+    ranks.mkdir(parents=True, exist_ok=True)
+    (ranks / f"rank-{env.rank}.json").write_text(json.dumps({"clips_seen": seen, "weights_sha256": weights_digest(model)}))
+    if env.world > 1:
+        torch.distributed.barrier()
+    if not env.main:
+        return {}
+    with single_process():
+        retrieval = av_retrieval(model, urls, data, cfg.eval_clips, cfg.batch_size, cfg.num_workers)
+    av.save(model, out)
+    losses = [row["loss"] for row in read_step_log(out)]
+    metrics = {
+        "loss_first": _mean_fraction(losses, first=True),
+        "loss_last": _mean_fraction(losses, first=False),
+        "steps": len(losses),
+        "skipped_samples": result.skipped,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
+        "resumed_from_step": result.resumed_from,
+        "processes": env.world,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        **retrieval,
+    }
+    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    (out / SETTINGS).write_text(cfg.model_dump_json(indent=1))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vaemo.train.pretrain", description=__doc__)
+    parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--settings", type=Path, help="PretrainConfig as JSON (default: the defaults)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--mlflow-uri", help="log step metrics to this MLflow run (rank 0)")
+    parser.add_argument("--mlflow-run-id")
+    args = parser.parse_args(argv)
+    cfg = PretrainConfig.model_validate_json(args.settings.read_text()) if args.settings else PretrainConfig()
+    log_step = None
+    if args.mlflow_uri and args.mlflow_run_id:
+        from vaemo.tracking import step_logger
+
+        log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
+    pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

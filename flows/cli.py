@@ -117,8 +117,11 @@ def cmd_ingest(args) -> int:
     return run_ingest(settings, Path(args.source), Path(args.out), args.dataset, Path(args.labels) if args.labels else None)
 
 
+DEMO_PRETRAIN_STEPS = 20  # enough to see the loss move on a laptop, not a trained model
+
+
 def cmd_demo(args) -> int:
-    """Generate a small talking-face corpus and run the main job on it."""
+    """Generate a small talking-face corpus and run the main job on it: ingest, then Stage 1."""
     settings = _settings(args)
     from vaemo import synth
 
@@ -127,39 +130,45 @@ def cmd_demo(args) -> int:
     if not any(folder.glob("*.mp4")):
         print(f"vaemo: generating demo media in {folder}")
         synth.demo_corpus(folder)
-    out = settings.work_dir / "corpora" / "demo"
-    code = run_ingest(settings, folder, out, corpus.dataset if corpus else "generic", None)
+    shards = settings.work_dir / "corpora" / "demo"
+    code = run_ingest(settings, folder, shards, corpus.dataset if corpus else "generic", None)
+    if code != 0:
+        return code
+    model = settings.work_dir / "models" / "demo-stage1"
+    cfg = settings.stages.pretrain.model_copy(update={"steps": DEMO_PRETRAIN_STEPS, "batch_size": 4, "checkpoint_every": 10})
+    code = run_pretrain(settings, shards, model, cfg, resume=False)
     if code == 0:
-        print(f"vaemo: look at {out / 'manifest.parquet'}, {out / 'stats.json'} and the MLflow store {settings.mlflow_uri()}")
+        print(f"vaemo: look at {shards / 'manifest.parquet'}, {shards / 'stats.json'}, the model in {model}, "
+              f"and the MLflow store {settings.mlflow_uri()}")
     return code
 
 
-def cmd_pretrain(args) -> int:
-    settings = _settings(args)
-    cfg = settings.stages.pretrain
-    updates = {"model": args.model_config} if args.model_config else {}
-    if args.steps:
-        updates["steps"] = args.steps
-    if args.processes:
-        updates["processes"] = args.processes
-    cfg = cfg.model_validate({**cfg.model_dump(), **updates})
+def run_pretrain(settings, shards: Path, out: Path, cfg, resume: bool) -> int:
+    """Run the pretrain flow; return a process exit code."""
     _environment(settings.work_dir)
     from vaemo.data.loader import shard_urls
 
-    shard_urls(Path(args.shards))  # a clear error before any flow starts
+    shard_urls(shards)  # a clear error before any flow starts
     from flows.pretrain import pretrain_flow
 
     with prefect_api():
-        state = pretrain_flow(shards=str(args.shards), out=str(args.out), settings=cfg, resume=args.resume,
+        state = pretrain_flow(shards=str(shards), out=str(out), settings=cfg, resume=resume,
                               work_dir=str(settings.work_dir), tracking_cfg=settings.tracking, return_state=True)
     if not state.is_completed():
         print(f"vaemo: pretrain did not complete: {state.message}", file=sys.stderr)
         return 1
     metrics = state.result()
     print(f"vaemo: pretrain done: loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}, video->audio top-1 "
-          f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {args.out}, "
+          f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {out}, "
           f"MLflow run {metrics['mlflow_run_id']}")
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    settings = _settings(args)
+    updates = {"model": args.model_config, "steps": args.steps, "processes": args.processes}
+    cfg = settings.stages.pretrain.model_validate({**settings.stages.pretrain.model_dump(), **{k: v for k, v in updates.items() if v}})
+    return run_pretrain(settings, Path(args.shards), Path(args.out), cfg, args.resume)
 
 
 def cmd_model_info(args) -> int:

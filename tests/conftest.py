@@ -42,18 +42,25 @@ def cli_env(work: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def shards(corpus, tmp_path_factory) -> Path:
-    """An ingest folder of the corpus with one video per batch: three shards of one clip each."""
+def ingest_folder(source: Path, out: Path, cfg=None):
+    """The library path of an ingest run, in this process: (stats, batches)."""
     from vaemo.config import IngestConfig
     from vaemo.ingest import shards as shard_io
     from vaemo.ingest.run import IngestRun
 
-    out = tmp_path_factory.mktemp("ingested")
-    cfg = IngestConfig(videos_per_batch=1)
-    with IngestRun(corpus, out, "generic", cfg) as run:
+    cfg = cfg or IngestConfig()
+    with IngestRun(source, out, "generic", cfg) as run:
         plan = run.plan()
         for batch in plan.batches:
             shard_io.run_batch(batch, out, cfg)
-        run.finalize(plan)
+        return run.finalize(plan), plan.batches
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tmp_path_factory) -> Path:
+    """An ingest folder of the corpus with one video per batch: three shards of one clip each."""
+    from vaemo.config import IngestConfig
+
+    out = tmp_path_factory.mktemp("ingested")
+    ingest_folder(corpus, out, IngestConfig(videos_per_batch=1))
     return out

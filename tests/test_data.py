@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,11 +14,9 @@ import webdataset as wds
 from pydantic import ValidationError
 from torchaudio.compliance import kaldi
 
-from vaemo.config import IngestConfig
 from vaemo.data import DataConfig, choose_window, count_samples, load_sample, make_loader, shard_urls
 from vaemo.data.samples import decode_audio, decode_video, window_frames, window_waveform
-from vaemo.ingest import media, shards
-from vaemo.ingest.run import IngestRun
+from vaemo.ingest import media
 
 CFG = DataConfig()
 # Train mode with only the window random: checks that look at content need no crop, flip or masks.
@@ -27,23 +24,8 @@ WINDOW_ONLY = DataConfig(crop_scale=None, flip_p=0.0, freq_mask=0, time_mask=0)
 
 
 @pytest.fixture(scope="module")
-def ingest_dir(corpus, tmp_path_factory) -> Path:
-    """The generated corpus ingested once, one clip per shard."""
-    src, out = tmp_path_factory.mktemp("data-src"), tmp_path_factory.mktemp("data-ingest")
-    for path in sorted(corpus.glob("*.mp4")):
-        shutil.copy(path, src / path.name)
-    cfg = IngestConfig(samples_per_shard=1)
-    with IngestRun(src, out, "generic", cfg) as run:
-        plan = run.plan()
-        for batch in plan.batches:
-            shards.run_batch(batch, out, cfg)
-        run.finalize(plan)
-    return out
-
-
-@pytest.fixture(scope="module")
-def urls(ingest_dir) -> list[str]:
-    return shard_urls(ingest_dir)
+def urls(shards) -> list[str]:
+    return shard_urls(shards)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +55,7 @@ def clip_sample(key: str, frames: np.ndarray, audio: np.ndarray, fps: float = 25
 # --- shard listing and configuration -------------------------------------------------------------
 
 
-def test_shard_urls_lists_committed_shards_and_explains_an_empty_folder(ingest_dir, urls, tmp_path):
+def test_shard_urls_lists_committed_shards_and_explains_an_empty_folder(shards, urls, tmp_path):
     assert urls == sorted(urls) and len(urls) == 3 and all(u.endswith(".tar") for u in urls)
     assert count_samples(urls) == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
+from tests.conftest import ingest_folder
+
 from vaemo.config import IngestConfig
 from vaemo.ingest import shards
 from vaemo.ingest.run import IngestBusy, IngestRun, SettingsChanged
@@ -16,11 +18,7 @@ CFG = IngestConfig(videos_per_batch=2)
 
 
 def ingest(source: Path, out: Path, cfg: IngestConfig = CFG) -> tuple[dict, list]:
-    with IngestRun(source, out, "generic", cfg) as run:
-        plan = run.plan()
-        for batch in plan.batches:
-            shards.run_batch(batch, out, cfg)
-        return run.finalize(plan), plan.batches
+    return ingest_folder(source, out, cfg)
 
 
 def samples(out: Path) -> list[dict]:

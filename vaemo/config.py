@@ -118,7 +118,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     processes: int = Field(1, ge=1, description="processes on this node; more than 1 launches torchrun (DDP)")
-    num_workers: int = Field(2, ge=0, description="DataLoader workers per process")
+    num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
+    threads: int = Field(0, ge=0, description="CPU threads per process; 0: the cores its DataLoader workers leave free")
     seed: int = 0
     log_every: int = Field(1, ge=1)
 

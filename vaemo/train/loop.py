@@ -191,6 +191,9 @@ def train(
     ``seen_clips`` collects the clip ids this process trained on (for checks of data sharding).
     """
     env = init_distributed()
+    if env.device.type == "cpu":
+        # Oversubscribed cores make a CPU step several times slower, not a little.
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // env.world - cfg.num_workers))
     torch.manual_seed(cfg.seed + env.rank)
     random.seed(cfg.seed + env.rank)
     model = model.to(env.device)

@@ -30,14 +30,6 @@ Modality = Literal["av", "video", "audio"]
 KEY = {"av": "joint", "video": "video", "audio": "audio"}
 
 
-def data_config_for(model_cfg: av.AVConfig) -> DataConfig:
-    return DataConfig(
-        frames=model_cfg.frames, image_size=model_cfg.image_size, audio_frames=model_cfg.audio_frames,
-        mel_bins=model_cfg.mel_bins, audio_mean=model_cfg.audio_mean, audio_std=model_cfg.audio_std,
-        audio_double_std=model_cfg.audio_double_std,
-    )
-
-
 def _file_batches(path: Path, data: DataConfig, ingest: IngestConfig, batch_size: int) -> Iterator[dict]:
     record = SourceRecord(path=path.name, dataset="generic")
     outcome = process_video(path.parent, record, video_id_of(content_hash(path.parent, record)), ingest)
@@ -57,7 +49,7 @@ def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality 
     model = av.load(model) if not isinstance(model, av.AVMAE) else model
     model.eval()
     device = next(model.parameters()).device
-    data = data_config_for(model.cfg)
+    data = DataConfig().for_model(model.cfg)
     source = Path(source)
     if (source / "shards").is_dir():
         batches = make_loader(shard_urls(source), data, train=False, batch_size=batch_size, num_workers=num_workers)

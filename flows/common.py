@@ -1,16 +1,27 @@
-"""Small pieces every stage flow shares: run tags for lineage and the one-GPU-stage-at-a-time slot."""
+"""Small pieces every stage flow shares: run tags for lineage, the one-GPU-stage-at-a-time slot, and
+the MLflow run of a GPU stage that holds that slot."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from vaemo import tracking
+from vaemo.config import TrackingConfig
 
 GPU_SLOT = "gpu"
+# A holder renews its lease while it runs; a killed holder's slot frees once the lease expires.
+GPU_LEASE_SECONDS = 60
 
 
 def flow_run_tags() -> dict[str, str]:
@@ -22,13 +33,80 @@ def flow_run_tags() -> dict[str, str]:
     return tags
 
 
+def _release_expired_leases(client, limit_id) -> int:
+    """Free the slots whose holders died (a killed run stops renewing its lease).
+
+    A long-running Prefect server does this itself (its repossessor service). The temporary server
+    a single ``vaemo`` command starts runs no services, so the next command does it here, reading
+    the lease files that all temporary servers of one work directory share (see flows/cli.py).
+    """
+    from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    storage = get_concurrency_lease_storage()
+
+    async def expired() -> list:
+        leases = [await storage.read_lease(i) for i in await storage.read_expired_lease_ids()]
+        return [lease.id for lease in leases if lease and limit_id in lease.resource_ids]
+
+    lease_ids = run_coro_as_sync(expired())
+    for lease_id in lease_ids:
+        client.release_concurrency_slots_with_lease(lease_id)
+    return len(lease_ids)
+
+
 @contextmanager
 def gpu_slot():
     """Hold the global concurrency slot "gpu" (limit 1, created when missing) for a GPU-heavy stage."""
+    logger = get_run_logger()
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1))
-        except ObjectAlreadyExists:
-            pass  # made by an earlier run or by an operator with another limit
-    with concurrency(GPU_SLOT, occupy=1, strict=True):
+            client.read_global_concurrency_limit_by_name(GPU_SLOT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another run made it meanwhile
+        warned = False
+        while True:
+            limit = client.read_global_concurrency_limit_by_name(GPU_SLOT)
+            if limit.active_slots < limit.limit:
+                break
+            if _release_expired_leases(client, limit.id):
+                logger.warning("freed the %r slot of a run that stopped without releasing it", GPU_SLOT)
+                continue
+            if not warned:
+                logger.warning("waiting for the %r concurrency slot: another GPU stage holds it (the slot of a killed "
+                               "run frees when its lease expires, within %d s)", GPU_SLOT, GPU_LEASE_SECONDS)
+                warned = True
+            time.sleep(5)
+    with concurrency(GPU_SLOT, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
         yield
+
+
+@contextmanager
+def gpu_stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None):
+    """The `gpu` slot and one MLflow run (tied to this flow run, with system metrics) for a GPU stage.
+
+    Yields the MLflow run and the tracking URI (for loggers used from other threads or processes).
+    """
+    work = Path(work_dir)
+    uri = tracking_cfg.uri(work)
+    with gpu_slot(), tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
+                                        tags={**flow_run_tags(), **(tags or {})}, system_metrics=True) as run:
+        yield run, uri
+
+
+def torchrun(module: str, settings, out: str, args: list[str], mlflow_uri: str, run_id: str, resume: bool) -> None:
+    """Run a training entry point under torchrun on this node (DDP with ``settings.processes`` processes).
+
+    The settings travel as a JSON file in ``out``; the ranks log into the flow's MLflow run.
+    """
+    settings_file = Path(out) / "torchrun-request.json"
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(settings.model_dump_json())
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.processes}",
+        "-m", module, *args, "--out", out, "--settings", str(settings_file), "--mlflow-uri", mlflow_uri, "--mlflow-run-id", run_id,
+    ] + (["--resume"] if resume else [])
+    subprocess.run(command, check=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import flow_run_tags, gpu_slot
+from flows.common import gpu_stage_run, torchrun
 from vaemo import tracking
 from vaemo.config import PretrainConfig, TrackingConfig
 from vaemo.ingest.run import shard_set_digest
@@ -19,18 +17,6 @@ from vaemo.model import av
 from vaemo.plots import training_curves
 from vaemo.train import pretrain as stage1
 from vaemo.train.loop import CHECKPOINTS, read_step_log
-
-
-def _torchrun(shards: str, out: str, settings: PretrainConfig, resume: bool, mlflow_uri: str, run_id: str) -> None:
-    settings_file = Path(out) / "pretrain-request.json"
-    settings_file.parent.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(settings.model_dump_json())
-    args = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.processes}",
-        "-m", "vaemo.train.pretrain", "--shards", shards, "--out", out, "--settings", str(settings_file),
-        "--mlflow-uri", mlflow_uri, "--mlflow-run-id", run_id,
-    ] + (["--resume"] if resume else [])
-    subprocess.run(args, check=True)
 
 
 @flow(name="pretrain", log_prints=True)
@@ -44,21 +30,18 @@ def pretrain_flow(
 ) -> dict:
     """Pre-train the unified AV encoder on an ingest folder's shards; the model lands in ``out``."""
     logger = get_run_logger()
-    work = Path(work_dir)
-    uri = tracking_cfg.uri(work)
     digest = shard_set_digest(load_markers(Path(shards)))
     model_cfg = stage1.model_config(settings)
     params = {"shards": shards, "out": out, "resume": resume, "pretrain": settings.model_dump(), "model": model_cfg.model_dump(),
               "audio_norm": f"mean={model_cfg.audio_mean} std={model_cfg.audio_std} double_std={model_cfg.audio_double_std}"}
-    with gpu_slot(), tracking.stage_run("pretrain", tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work,
-                                        params=params, tags=flow_run_tags(), system_metrics=True) as run:
+    with gpu_stage_run("pretrain", work_dir, tracking_cfg, params) as (run, uri):
         tracking.log_dataset("shards", Path(shards) / "shards", digest, context="training")
         info = av.model_info(model_cfg)
         tracking.log_metrics_flat({"params": info["params"], "pretrain_gflops": info["pretrain_gflops"]}, "model.")
         logger.info("Stage 1 %s (%s parameters) on %s, %d steps, %d process(es)", settings.model,
                     f"{info['params']['total']:,}", shards, settings.steps, settings.processes)
         if settings.processes > 1:
-            _torchrun(shards, out, settings, resume, uri, run.info.run_id)
+            torchrun("vaemo.train.pretrain", settings, out, ["--shards", shards], uri, run.info.run_id, resume)
             metrics = json.loads((Path(out) / stage1.METRICS).read_text())
         else:
             metrics = stage1.pretrain(Path(shards), Path(out), settings, resume=resume, log_step=tracking.step_logger(uri, run.info.run_id))
@@ -68,6 +51,7 @@ def pretrain_flow(
         tracking.log_files([Path(out) / stage1.METRICS])
         model_files = [Path(out) / av.WEIGHTS_FILE, Path(out) / av.CONFIG_FILE]
         model_id = tracking.log_model_files("stage1", model_files, tags={"vaemo.shards.digest": digest})
+        tracking.write_model_record(Path(out), model_id, run.info.run_id, uri)  # Stage 2 names it as its input
         create_markdown_artifact(
             key="pretrain-report",
             markdown=(f"# Stage 1 `{settings.model}`\n\nloss {metrics['loss_first']:.4f} → {metrics['loss_last']:.4f}; "

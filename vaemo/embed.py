@@ -18,7 +18,7 @@ import torch
 
 from vaemo.config import IngestConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader, shard_urls
+from vaemo.data.loader import count_samples, make_loader, shard_urls
 from vaemo.data.samples import load_sample
 from vaemo.ingest.adapters import find_videos
 from vaemo.ingest.process import content_hash, process_video, video_id_of
@@ -42,17 +42,33 @@ def _file_batches(path: Path, data: DataConfig, ingest: IngestConfig, batch_size
         yield {"video": torch.stack([s["video"] for s in chunk]), "audio": torch.stack([s["audio"] for s in chunk]), "clip_id": [s["clip_id"] for s in chunk]}
 
 
+def _counted(batches, bar) -> Iterator[dict]:
+    with bar:
+        for batch in batches:
+            bar.update(len(batch["clip_id"]) + int(batch.get("skipped", 0)))
+            yield batch
+
+
 @torch.no_grad()
 def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality = "av", *, batch_size: int = 8,
-           num_workers: int = 0, ingest: IngestConfig | None = None) -> dict[str, np.ndarray]:
-    """clip_id -> embedding (float32) for a video file, a folder of videos, or an ingest folder."""
-    model = av.load(model) if not isinstance(model, av.AVMAE) else model
+           num_workers: int = 0, ingest: IngestConfig | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """clip_id -> embedding (float32) for a video file, a folder of videos, or an ingest folder.
+
+    ``progress`` shows a tqdm bar over the clips of an ingest folder.
+    """
+    model = av.load(model) if isinstance(model, (str, Path)) else model  # or any loaded model with .cfg and .encode (e.g. Stage 2's)
     model.eval()
     device = next(model.parameters()).device
     data = DataConfig().for_model(model.cfg)
     source = Path(source)
     if (source / "shards").is_dir():
-        batches = make_loader(shard_urls(source), data, train=False, batch_size=batch_size, num_workers=num_workers)
+        urls = shard_urls(source)
+        batches = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=count_samples(urls), desc=f"embed {modality}", unit="clip")
+            batches = _counted(batches, bar)
     elif source.is_dir():
         out = {}
         for video in find_videos(source):  # raises CorpusError for a folder without videos

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["bad_inputs", "demo_corpus", "require_tools", "speak", "talking_face_video"]
+__all__ = ["bad_inputs", "demo_corpus", "labelled_corpus", "require_tools", "speak", "talking_face_video"]
 
 DEFAULT_TEXT = "I honestly did not expect this, but it turned out to be a wonderful day."
 DEFAULT_SECONDS = 3.0  # length of a clip with neither `seconds` nor `text` to time it by
@@ -484,3 +484,53 @@ def demo_corpus(folder: Path, *, n_videos: int = 4, seed: int = 0) -> list[Path]
         for i in range(n_videos)
     ]
     return _in_parallel(jobs)
+
+
+# Made-up "emotions" for evaluation tests: each changes the face (an RGB tint of the face region)
+# and the voice (espeak-ng pitch 0-99 and speed in words per minute), so a label is truly visible
+# and audible, while speakers differ by voice, background and a small tint of their own.
+LABELLED_STYLES: dict[str, dict] = {
+    "warm": {"face_tint": (1.35, 0.95, 0.6), "pitch": 15, "speed": 120},
+    "cold": {"face_tint": (0.6, 0.95, 1.35), "pitch": 90, "speed": 210},
+    "pale": {"face_tint": (1.0, 1.25, 1.0), "pitch": 50, "speed": 165},
+}
+_SPEAKER_VOICES = ("en", "en-us", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbclan")
+
+
+def labelled_corpus(
+    folder: Path, *, classes: int = 3, speakers: int = 4, clips_per_class: int = 2, seed: int = 0
+) -> Path:
+    """Talking-face clips whose label changes both face and voice; returns the labels CSV.
+
+    Videos are ``<folder>/spkNN/<label>_<i>.mp4``; ``<folder>/labels.csv`` has the columns
+    ``path,label,speaker`` that the generic ingest adapter reads. Labels come from
+    ``LABELLED_STYLES`` (at most three); speakers differ by espeak-ng voice, background and tint.
+    """
+    if not 2 <= classes <= len(LABELLED_STYLES):
+        raise ValueError(f"classes must be 2..{len(LABELLED_STYLES)}, got {classes}")
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    rows, jobs = [], []
+    for s in range(speakers):
+        own_tint = rng.uniform(0.92, 1.08, size=3)
+        for label, style in list(LABELLED_STYLES.items())[:classes]:
+            for i in range(clips_per_class):
+                relative = f"spk{s:02d}/{label}_{i}.mp4"
+                rows.append((relative, label, f"spk{s:02d}"))
+                jobs.append(
+                    functools.partial(
+                        _speaking_clip,
+                        folder / relative,
+                        _SENTENCES[int(rng.integers(len(_SENTENCES)))],
+                        voice=_SPEAKER_VOICES[s % len(_SPEAKER_VOICES)],
+                        speed=style["speed"] + int(rng.integers(-10, 11)),
+                        pitch=int(np.clip(style["pitch"] + rng.integers(-5, 6), 0, 99)),
+                        clamp_seconds=(2.7, 3.0),
+                        seed=seed * 10_000 + s * 100 + len(rows),
+                        face_tint=tuple((np.asarray(style["face_tint"]) * own_tint).tolist()),
+                    )
+                )
+    _in_parallel(jobs)
+    labels = folder / "labels.csv"
+    labels.write_text("path,label,speaker\n" + "".join(f"{p},{l},{s}\n" for p, l, s in rows), encoding="utf-8")
+    return labels

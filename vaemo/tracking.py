@@ -61,6 +61,21 @@ def log_dataset(name: str, path: Path, digest: str, context: str, extra_tags: di
     mlflow.set_tag(f"vaemo.{context}.{name}.digest", digest)
 
 
+def log_lancedb(name: str, db: Path, table: str, tag: str, version: int, context: str) -> None:
+    """A LanceDB table version as a dataset: the run's tag and version are its digest (``tag@vN``)."""
+    log_dataset(name, db, f"{tag}@v{version}", context=context,
+                extra_tags={"vaemo.lancedb.table": table, "vaemo.lancedb.tag": tag, "vaemo.lancedb.version": str(version)})
+
+
+def log_params(params: dict) -> None:
+    mlflow.log_params(_flat(params))
+
+
+def log_table(frame, artifact_file: str) -> None:
+    """A small table (pandas) people read in the MLflow UI's artifact view."""
+    mlflow.log_table(data=frame, artifact_file=artifact_file)
+
+
 def log_json(data: dict, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
@@ -94,6 +109,28 @@ def log_model_files(name: str, files: list[Path], tags: dict | None = None) -> s
     return model.model_id
 
 
+MODEL_RECORD = "mlflow_model.json"  # beside a model folder's weights: the MLflow logged model they were logged as
+
+
+def write_model_record(folder: Path, model_id: str, run_id: str, tracking_uri: str) -> None:
+    """Let a later stage that starts from this folder name the logged model as its input."""
+    (Path(folder) / MODEL_RECORD).write_text(json.dumps({"model_id": model_id, "run_id": run_id, "tracking_uri": tracking_uri}))
+
+
+def read_model_record(folder: Path, tracking_uri: str) -> str | None:
+    """The logged model id of a model folder, when it was logged to this tracking store; else None."""
+    path = Path(folder) / MODEL_RECORD
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return None
+    return record.get("model_id") if record.get("tracking_uri") == tracking_uri else None
+
+
+def set_tags(tags: dict) -> None:
+    mlflow.set_tags(tags)
+
+
 def log_figure(figure, artifact_file: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -110,6 +147,15 @@ def step_logger(tracking_uri: str, run_id: str):
         client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in values.items()])
 
     return log
+
+
+def log_history(tracking_uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]], prefix: str = "") -> None:
+    """Many steps of metrics in one write (a per-step write to SQLite costs tens of milliseconds)."""
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(f"{prefix}{k}", float(v), stamp, step) for step, values in rows for k, v in values.items()]
+    client = mlflow.MlflowClient(tracking_uri)
+    for begin in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

@@ -43,7 +43,7 @@ import logging
 import math
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +187,16 @@ class _Shuffle:
 
 
 @dataclass
+class _Select:
+    """Only the samples whose key is one of ``keep`` (a class, not a lambda, so workers can be spawned)."""
+
+    keep: frozenset
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        return (sample for sample in src if sample.get("__key__") in self.keep)
+
+
+@dataclass
 class _Decode:
     """Bytes to tensors, in the worker. Bad samples become Skipped records; bugs propagate."""
 
@@ -271,6 +281,7 @@ def make_dataset(
     epoch_samples: int | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    clip_ids: Collection[str] | None = None,
 ) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
@@ -279,6 +290,8 @@ def make_dataset(
     the DataLoader's, used to see whether every reader gets a shard. ``epoch_samples``: clips per
     epoch over all ranks and workers (training only); by default the natural pass over the shards,
     or, when the epoch must be fixed (resampled shards, DDP), the number of samples in the shards.
+    ``clip_ids``: only these clips (e.g. one fold's training part); the others are passed over
+    before decoding, and a fixed epoch then counts only these.
     """
     urls = [str(u) for u in shard_urls]
     if not urls:
@@ -298,13 +311,15 @@ def make_dataset(
         else:
             log.warning("%d shard(s) for %d readers: some readers stay idle; every clip is still read once", len(urls), readers)
     if train and epoch_samples is None and (resample or world > 1):
-        epoch_samples = count_samples(urls)
+        epoch_samples = len(clip_ids) if clip_ids is not None else count_samples(urls)
 
     ctx = _Context(seed)
     stages: list = [_Shards(urls, ctx, train, resample)]
     if not resample:  # resampled readers each draw from the whole list
         stages += [wds.split_by_node, wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=ctx.tar_error))
+    if clip_ids is not None:
+        stages.append(_Select(frozenset(clip_ids)))
     if train and cfg.shuffle_buffer > 1:
         stages.append(_Shuffle(ctx, cfg.shuffle_buffer))
     stages.append(_Decode(cfg, train, ctx))
@@ -326,6 +341,7 @@ def make_loader(
     epoch_samples: int | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    clip_ids: Collection[str] | None = None,
     **loader_kwargs,
 ) -> DataLoader:
     """A DataLoader of batches {"video": (B,3,T,S,S), "audio": (B,F,M), "clip_id": [str], "window": (B,2) s,
@@ -337,7 +353,8 @@ def make_loader(
     """
     size = batch_size or cfg.batch_size
     workers = cfg.num_workers if num_workers is None else num_workers
-    dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=size, num_workers=workers)
+    dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=size,
+                           num_workers=workers, clip_ids=clip_ids)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator, **loader_kwargs)

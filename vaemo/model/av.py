@@ -591,6 +591,8 @@ class AVMAE(nn.Module):
         audio: Tensor | None = None,
         pool: Literal["mean", "tokens"] = "mean",
         unimodal: bool = True,
+        video_ids: Tensor | None = None,
+        audio_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Features without masking, for fine-tuning, probing and Stage 2.
 
@@ -604,6 +606,8 @@ class AVMAE(nn.Module):
           video-token mean and the audio-token mean, so 800 video tokens do not outweigh 128
           audio tokens (our design); ``joint_video`` / ``joint_audio``: the per-modality means of
           the joint pass. With ``pool="tokens"``, ``joint`` is (B, Nv + Na, dim), video first.
+        * ``video_ids`` / ``audio_ids`` (B, K): encode only these tokens (e.g. the visible tokens of
+          ``tube_mask`` / ``random_mask``), as pre-training does; Stage 2 trains that way for speed.
         """
         if video is None and audio is None:
             raise ValueError("encode needs video, audio or both")
@@ -613,10 +617,10 @@ class AVMAE(nn.Module):
         v = a = None
         if video is not None:
             self._check_video(video)
-            v = self.specific(self.embed_video(patchify_video(video, self.cfg)), VIDEO)
+            v = self.specific(self.embed_video(patchify_video(video, self.cfg), video_ids), VIDEO)
         if audio is not None:
             self._check_audio(audio)
-            a = self.specific(self.embed_audio(patchify_audio(audio, self.cfg)), AUDIO)
+            a = self.specific(self.embed_audio(patchify_audio(audio, self.cfg), audio_ids), AUDIO)
         both = v is not None and a is not None
         for name, tokens, modality in (("video", v, VIDEO), ("audio", a, AUDIO)):
             if tokens is None or (both and not unimodal):

@@ -266,3 +266,15 @@ def _truncate_log(path: Path, step: int) -> None:
 def read_step_log(out_dir: Path) -> list[dict]:
     path = out_dir / METRICS_LOG
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def run_summary(result, world: int) -> dict:
+    """What every training stage reports about its run, beside its own metrics."""
+    return {
+        "skipped_samples": result.skipped,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
+        "resumed_from_step": result.resumed_from,
+        "processes": world,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+    }

@@ -18,7 +18,7 @@ from vaemo.config import PretrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import make_loader, shard_urls
 from vaemo.model import av
-from vaemo.train.loop import StepLogger, init_distributed, read_step_log, train, weights_digest
+from vaemo.train.loop import StepLogger, init_distributed, read_step_log, run_summary, train, weights_digest
 
 METRICS = "metrics.json"
 SETTINGS = "pretrain.json"
@@ -106,12 +106,7 @@ def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = Fal
         "loss_first": _mean_fraction(losses, first=True),
         "loss_last": _mean_fraction(losses, first=False),
         "steps": len(losses),
-        "skipped_samples": result.skipped,
-        "train_seconds": round(result.seconds, 2),
-        "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
-        "resumed_from_step": result.resumed_from,
-        "processes": env.world,
-        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        **run_summary(result, env.world),
         **retrieval,
     }
     (out / METRICS).write_text(json.dumps(metrics, indent=1))

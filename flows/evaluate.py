@@ -1,0 +1,93 @@
+"""The ``evaluate`` flow: benchmark folds, probe / fine-tune / zero-shot, metrics and figures, tracked in MLflow."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from flows.common import gpu_stage_run
+from vaemo import tracking
+from vaemo.config import EvaluateConfig, TrackingConfig
+from vaemo.eval import REPORT, RESULTS, prepare
+from vaemo.eval import evaluate as run_evaluation
+from vaemo.eval.run import PREDICTIONS
+from vaemo.ingest.run import shard_set_digest
+from vaemo.ingest.shards import load_markers
+
+
+def _metric_name(label: str) -> str:
+    """A class label as an MLflow metric name part (letters, digits, _ - . space / : only)."""
+    return re.sub(r"[^\w\-. /:]", "_", label)
+
+
+def _table(results: dict) -> list[dict]:
+    rows = []
+    for fold in results["folds"] + [{"fold": "mean", **results["mean"]}]:
+        row = {"fold": fold["fold"]}
+        for rule in ("last", "best_val"):
+            for key in ("uar", "war", "macro_f1"):
+                value = fold[rule][key]
+                std = fold[rule].get(f"{key}_std")
+                row[f"{rule} {key}"] = f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+        rows.append(row)
+    return rows
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(
+    model: str,
+    data: str,
+    out: str,
+    settings: EvaluateConfig = EvaluateConfig(),
+    work_dir: str = "vaemo-work",
+    tracking_cfg: TrackingConfig = TrackingConfig(),
+) -> dict:
+    """Evaluate a model folder on an ingest folder under a benchmark protocol; results land in ``out``."""
+    logger = get_run_logger()
+    prepared = prepare(Path(model), Path(data), settings)
+    plan = prepared.plan
+    params = {"model": model, "data": data, "out": out, "evaluate": settings.model_dump(mode="json"), "fold_rule": plan.rule}
+    tags = {"vaemo.protocol": settings.protocol, "vaemo.mode": settings.mode, "vaemo.modality": settings.modality}
+    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, tags) as (run, uri):
+        tracking.log_dataset("shards", Path(data) / "shards", shard_set_digest(load_markers(Path(data))), context="evaluation")
+        logger.info("%s %s on %s (%s input): %s, %d labelled clips, classes %s", settings.protocol, settings.mode, data,
+                    settings.modality, plan.rule, len(plan.clips), ", ".join(plan.classes))
+        progress = create_progress_artifact(progress=0.0, key="evaluate-progress", description="Share of folds done")
+        live = settings.mode == "finetune"  # fine-tuning epochs are long: show each as it ends
+        history: list[tuple[int, dict]] = []
+
+        def on_epoch(fold: int, epoch: int, row: dict) -> None:
+            values = {k: v for k, v in row.items() if k != "epoch"}
+            if live:
+                tracking.log_history(uri, run.info.run_id, [(epoch, values)], f"fold{fold}.")
+            else:
+                history.append((epoch, values))
+
+        def on_fold(fold: int, folds: int, entry: dict) -> None:
+            tracking.log_history(uri, run.info.run_id, history, f"fold{fold}.")
+            history.clear()
+            tracking.log_metrics_flat({rule: {k: entry[rule][k] for k in ("uar", "war", "macro_f1")} for rule in ("last", "best_val")},
+                                      f"fold{fold}.test.")
+            update_progress_artifact(progress, progress=100.0 * fold / folds)
+            logger.info("fold %d/%d: UAR %.2f %% (best_val), %.2f %% (last)", fold, folds,
+                        100 * entry["best_val"]["uar"], 100 * entry["last"]["uar"])
+
+        results = run_evaluation(prepared, Path(out), on_epoch=on_epoch, on_fold=on_fold)
+        for rule in ("last", "best_val"):
+            mean = results["mean"][rule]
+            tracking.log_metrics_flat({k: mean[k] for k in ("uar", "uar_std", "war", "war_std", "macro_f1", "macro_f1_std")}, f"{rule}.")
+            recall = {_metric_name(k): v for k, v in mean["per_class_recall"].items() if v is not None}
+            tracking.log_metrics_flat({"per_class_recall": recall}, f"{rule}.")
+        tracking.log_metrics_flat({"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"]})
+        outputs = Path(out)
+        tracking.log_files([outputs / RESULTS, outputs / REPORT, outputs / PREDICTIONS] + [outputs / name for name in results["figures"]])
+        tracking.log_files([outputs / name for name in results["fold_files"]], artifact_path="folds")
+        create_table_artifact(key="evaluate-results", table=_table(results),
+                              description=f"{settings.protocol} {settings.mode} ({settings.modality}): per fold and mean, %")
+        create_markdown_artifact(key="evaluate-report", markdown=(outputs / REPORT).read_text(encoding="utf-8"),
+                                 description="Evaluation report")
+        return {"mean": results["mean"], "chance_uar": results["chance_uar"], "folds": len(results["folds"]),
+                "out": out, "mlflow_run_id": run.info.run_id}

@@ -1,0 +1,69 @@
+"""What the captioning model watches and hears: sampled face frames and the voice of one stored clip."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from webdataset.tariterators import base_plus_ext
+
+from vaemo.data.samples import SampleError, audio_bytes, decode_audio, decode_video, read_meta
+
+SAMPLE_RATE = 16000  # what the Omni audio encoder expects
+
+
+@dataclass(frozen=True)
+class ClipMedia:
+    clip_id: str
+    frames: np.ndarray  # uint8 (T, H, W, 3), evenly sampled over the whole clip
+    frame_indices: tuple[int, ...]
+    fps: float  # the sampled frames' rate, so the model's timestamps match the audio
+    duration: float
+    wave: np.ndarray  # float32 mono at SAMPLE_RATE, the whole clip
+
+    def video_metadata(self) -> dict:
+        """The metadata Qwen's video processor needs for frames that are already sampled."""
+        return {
+            "total_num_frames": len(self.frame_indices), "fps": self.fps, "duration": self.duration,
+            "frames_indices": list(range(len(self.frame_indices))),
+        }
+
+
+def clip_media(sample: dict, frames: int) -> ClipMedia:
+    """Decode one shard sample; a bad sample raises SampleError (the caller records it, nothing is filled in)."""
+    clip_id, meta = read_meta(sample)
+    if "mp4" not in sample:
+        raise SampleError("missing mp4")
+    video, fps, count, _ = decode_video(sample["mp4"])
+    wave = decode_audio(audio_bytes(sample), SAMPLE_RATE)
+    duration = count / fps
+    picks = np.linspace(0, count - 1, num=frames).round().astype(int)
+    margin = int(meta.get("crop_margin") or 0)  # ingest stores a margin for random crops; the model sees the face
+    if margin and min(video.shape[1:3]) > 2 * margin:
+        video = video[:, margin:-margin, margin:-margin]
+    return ClipMedia(
+        clip_id=clip_id, frames=np.ascontiguousarray(video[picks]), frame_indices=tuple(int(i) for i in picks),
+        fps=frames / duration, duration=duration, wave=wave,
+    )
+
+
+def shard_samples(shard: Path, wanted: set[str]) -> Iterator[tuple[str, dict]]:
+    """The raw samples of the wanted clips in one tar shard, in shard order (members of a key are adjacent)."""
+    current, sample = None, {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = base_plus_ext(member.name)
+            if key is None or key not in wanted:
+                continue
+            if key != current:
+                if sample:
+                    yield current, sample
+                current, sample = key, {"__key__": key}
+            sample[ext] = tar.extractfile(member).read()
+    if sample:
+        yield current, sample

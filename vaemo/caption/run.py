@@ -1,0 +1,217 @@
+"""One captioning run: select clips, skip those already described, generate shard by shard, store, tag.
+
+Every shard's rows are upserted as soon as they are parsed, so a killed run loses at most the
+shard in flight, and the next run skips every stored key. The run holds the table's writer lock
+from start to end and closes by tagging the table version it produced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from vaemo import store
+from vaemo.caption.engines import Generation, Request
+from vaemo.caption.inputs import ClipMedia, clip_media, shard_samples
+from vaemo.caption.prompt import LABEL_AWARE_SUFFIX, json_schema, load_prompt, parse_reply
+from vaemo.caption.select import select_clips
+from vaemo.config import CaptionConfig
+from vaemo.data.samples import SampleError
+from vaemo.text import text_encoder
+
+CLIPS_FILE = "clips.parquet"
+SHARDS_DIR = "shards"
+
+
+class CaptionError(RuntimeError):
+    pass
+
+
+def model_key(model: str) -> str:
+    """The model part of a caption key: a hub id as given, a local folder by its name (paths move)."""
+    path = Path(model)
+    return path.name if path.is_dir() else model
+
+
+@dataclass
+class Plan:
+    selected: pd.DataFrame
+    todo: dict[str, list[str]]  # shard -> clip ids to describe in this run
+    already_stored: int
+
+    @property
+    def clips_todo(self) -> int:
+        return sum(len(v) for v in self.todo.values())
+
+
+@dataclass
+class _Attempts:
+    """The replies one clip got, oldest first."""
+
+    generations: list[Generation] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class CaptionRun:
+    def __init__(self, shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False):
+        self.shards_dir, self.db_dir, self.cfg, self.force = Path(shards_dir), Path(db_dir), cfg, force
+        self.prompt = load_prompt(cfg.prompt)
+        self.prompt_version = self.prompt.version + (LABEL_AWARE_SUFFIX if cfg.label_aware else "")
+        self.model = model_key(cfg.model)
+        self.tag = store.new_run_tag("caption")
+        self.schema = json_schema(self.prompt.limits)
+        self.written: Counter = Counter()
+        self.tokens = 0
+        self.generation_seconds = 0.0
+
+    def __enter__(self) -> CaptionRun:
+        clips = self.shards_dir / CLIPS_FILE
+        if not clips.is_file():
+            raise CaptionError(f"{clips} not found: --shards must be the output folder of a finished ingest run")
+        self.clips = pd.read_parquet(clips)
+        self._lock = store.writer_lock(self.db_dir, store.CAPTIONS)
+        self._lock.__enter__()
+        try:
+            self.encoder = text_encoder(self.cfg.text_encoder)
+            self.table = store.open_captions(store.connect(self.db_dir), self.encoder.dim)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def plan(self) -> Plan:
+        selected = select_clips(self.clips, self.cfg)
+        stored = set() if self.force else store.existing_keys(self.table, self.prompt_version, self.model)
+        todo = selected[~selected["clip_id"].isin(stored)]
+        self.selected = selected.set_index("clip_id", drop=False)
+        return Plan(selected, {s: list(g["clip_id"]) for s, g in todo.groupby("shard", sort=True)}, len(selected) - len(todo))
+
+    def _messages(self, clip_id: str) -> tuple[list[dict], bool]:
+        label = self.selected.at[clip_id, "label"] if self.cfg.label_aware and "label" in self.selected else None
+        hint = label if isinstance(label, str) and label else None
+        return self.prompt.messages(hint), hint is not None
+
+    def _generate(self, engine, media: dict[str, ClipMedia]) -> dict[str, _Attempts]:
+        """First prompt for every clip in one batch, then repair turns for the unusable replies, batched too."""
+        first = {cid: self._messages(cid)[0] for cid in media}
+        messages, history = dict(first), {cid: _Attempts() for cid in media}
+        pending = list(media)
+        for attempt in range(self.cfg.retries + 1):
+            if not pending:
+                break
+            replies = engine.generate([Request(cid, messages[cid], media[cid], attempt) for cid in pending], self.schema)
+            retry = []
+            for cid, reply in zip(pending, replies):
+                history[cid].generations.append(reply)
+                reason = parse_reply(reply.text, self.prompt.limits).reason
+                if reason:
+                    history[cid].failures.append(f"attempt {attempt + 1}: {reason}")
+                    messages[cid] = self.prompt.repair_messages(first[cid], reply.text, reason)
+                    retry.append(cid)
+            pending = retry
+        return history
+
+    def caption_shard(self, shard: str, clip_ids: list[str], engine) -> dict[str, int]:
+        """Describe the given clips of one shard and store their rows; returns counts per status."""
+        media, unreadable = {}, {}
+        path = self.shards_dir / SHARDS_DIR / shard
+        if path.is_file():
+            for clip_id, sample in shard_samples(path, set(clip_ids)):
+                try:
+                    media[clip_id] = clip_media(sample, self.cfg.frames)
+                except SampleError as exc:
+                    unreadable[clip_id] = f"unreadable media: {exc}"
+        for clip_id in set(clip_ids) - media.keys() - unreadable.keys():
+            unreadable[clip_id] = f"not found in shard {shard}"
+        history = self._generate(engine, media) if media else {}
+        rows = [self._row(cid, shard, history.get(cid), unreadable.get(cid)) for cid in clip_ids]
+        self._embed(rows)
+        store.upsert(self.table, pa.Table.from_pylist(rows, schema=self.table.schema), store.CAPTION_KEYS)
+        counts = Counter(r["status"] for r in rows)
+        self.written.update(counts)
+        return dict(counts)
+
+    def _row(self, clip_id: str, shard: str, attempts: _Attempts | None, unreadable: str | None) -> dict:
+        meta = self.selected.loc[clip_id]
+        sampling = {**self.cfg.sampling.model_dump(), "seed": self.cfg.seed, "frames": self.cfg.frames, "retries": self.cfg.retries}
+        row = {
+            "clip_id": clip_id, "prompt_version": self.prompt_version, "model": self.model, "engine": self.cfg.engine,
+            "label_aware": self._messages(clip_id)[1], "prompt_digest": self.prompt.digest, "sampling": json.dumps(sampling, sort_keys=True),
+            "shard": shard, "run_tag": self.tag, "created_at": dt.datetime.now(dt.UTC), "text_encoder": self.encoder.name,
+            **{k: (None if pd.isna(meta.get(k)) else str(meta.get(k))) for k in ("dataset", "speaker", "label")},
+        }
+        if attempts is None:
+            return {**row, "status": "failed", "reason": unreadable, "attempts": 0, "failures": "[]", "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
+        last = attempts.generations[-1]
+        parsed = parse_reply(last.text, self.prompt.limits)
+        generated = sum(g.generated_tokens for g in attempts.generations)
+        seconds = sum(g.seconds for g in attempts.generations)
+        self.tokens += generated
+        self.generation_seconds += seconds
+        row.update(
+            attempts=len(attempts.generations), raw_output=last.text, failures=json.dumps(attempts.failures),
+            prompt_tokens=sum(g.prompt_tokens for g in attempts.generations), generated_tokens=generated, seconds=seconds,
+        )
+        if parsed.reason:
+            return {**row, "status": "failed", "reason": f"no usable reply after {len(attempts.generations)} attempt(s); last: {parsed.reason}"}
+        return {**row, "status": "ok", "reason": None, **parsed.description.model_dump()}
+
+    def _embed(self, rows: list[dict]) -> None:
+        """Text embeddings of the usable rows' description and cues, computed once, stored with the row."""
+        ok = [r for r in rows if r["status"] == "ok"]
+        for field_name, column in (("description", "description_vec"), ("facial_cues", "facial_vec"), ("vocal_cues", "vocal_vec")):
+            vectors = self.encoder.encode([r[field_name] for r in ok]) if ok else np.zeros((0, self.encoder.dim))
+            for row, vector in zip(ok, vectors):
+                row[column] = vector.tolist()
+
+    def finalize(self, plan: Plan, seconds: float) -> dict:
+        """Tag the table version this run leaves and summarise the selected clips' rows."""
+        version = store.tag_and_optimize(self.table, self.tag)
+        ids = set(plan.selected["clip_id"])
+        rows = self.table.search().where(
+            f"prompt_version = {store._quote(self.prompt_version)} AND model = {store._quote(self.model)}"
+        ).select(["clip_id", "status"]).to_pandas()
+        rows = rows[rows["clip_id"].isin(ids)]
+        captioned = sum(self.written.values())
+        return {
+            "db": str(self.db_dir), "table": store.CAPTIONS, "tag": self.tag, "version": version,
+            "prompt_version": self.prompt_version, "prompt_digest": self.prompt.digest, "model": self.model,
+            "selected": len(ids), "stored": len(rows), "captioned_now": captioned, "already_stored": plan.already_stored,
+            "status_counts": dict(Counter(rows["status"])), "written_counts": dict(self.written),
+            "generated_tokens": self.tokens, "seconds": round(seconds, 3),
+            "clips_per_second": round(captioned / seconds, 4) if seconds > 0 else None,
+            "tokens_per_second": round(self.tokens / self.generation_seconds, 2) if self.generation_seconds > 0 else None,
+        }
+
+    def sample_rows(self, limit: int = 20) -> pd.DataFrame:
+        """A few of this run's rows for people to read (MLflow table artifact, Prefect report)."""
+        columns = ["clip_id", "status", "emotion", "intensity", "description", "reason"]
+        rows = self.table.search().where(f"run_tag = {store._quote(self.tag)}").select(columns).limit(limit).to_pandas()
+        return rows[columns]
+
+
+def caption(shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False, engine=None, on_shard=None) -> dict:
+    """Run captioning without an orchestrator (library use); the `caption` flow does the same with tracking."""
+    from vaemo.caption.engines import load_engine
+
+    start = time.perf_counter()
+    with CaptionRun(shards_dir, db_dir, cfg, force) as run:
+        plan = run.plan()
+        if plan.todo:
+            engine = engine or load_engine(cfg)
+        for shard, ids in plan.todo.items():
+            counts = run.caption_shard(shard, ids, engine)
+            if on_shard:
+                on_shard(shard, counts)
+        return run.finalize(plan, time.perf_counter() - start)

@@ -1,0 +1,210 @@
+"""One evaluation: folds, features or fine-tuning per fold, metrics, figures, ``results.json`` and ``report.md``.
+
+The orchestrator (the ``evaluate`` Prefect flow, a notebook) calls :func:`prepare` (cheap; raises
+:class:`EvaluationError` with a clear message before any work) and then :func:`evaluate`, which
+can report each epoch and each finished fold through callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vaemo.config import EvaluateConfig
+from vaemo.data.loader import shard_urls
+from vaemo.embed import encode
+from vaemo.eval import plots
+from vaemo.eval.finetune import ENCODER_ROOTS, finetune_fold
+from vaemo.eval.metrics import classification_metrics, summarise
+from vaemo.eval.probe import RULES, HeadResult, linear_probe
+from vaemo.eval.protocols import FOLDS_DIR, EvaluationError, FoldPlan, make_folds, save_folds
+from vaemo.eval.report import markdown, published_for
+from vaemo.eval.zeroshot import class_prompts, load_clip_encoder, load_prompt_encoder, require_aligned, zero_shot_predict
+from vaemo.model import av
+
+log = logging.getLogger(__name__)
+
+RESULTS, REPORT, PREDICTIONS = "results.json", "report.md", "predictions.csv"
+ZERO_SHOT_RULES = {"last": "zero-shot: no training, no checkpoint to choose",
+                   "best_val": "zero-shot: no training (identical to last)"}
+EpochHook = Callable[[int, int, dict], None]  # (fold, epoch, row)
+FoldHook = Callable[[int, int, dict], None]  # (fold, folds in all, fold result)
+
+
+@dataclass
+class Prepared:
+    model_dir: Path
+    ingest_dir: Path
+    cfg: EvaluateConfig
+    plan: FoldPlan
+    model_cfg: av.AVConfig
+
+
+def _model_config(model_dir: Path) -> av.AVConfig:
+    path = Path(model_dir) / av.CONFIG_FILE
+    if not path.is_file() or not (Path(model_dir) / av.WEIGHTS_FILE).is_file():
+        raise EvaluationError(f"{model_dir} is not a model folder: it needs {av.CONFIG_FILE} and {av.WEIGHTS_FILE} "
+                              "(the --out folder of `vaemo pretrain`)")
+    try:
+        return av.AVConfig.model_validate_json(path.read_text())
+    except ValueError as err:
+        raise EvaluationError(f"{path}: not a valid model config: {err}") from None
+
+
+def prepare(model_dir: Path, ingest_dir: Path, cfg: EvaluateConfig) -> Prepared:
+    """Check the model, the mode and the data, and make the folds; every refusal is an EvaluationError."""
+    model_dir, ingest_dir = Path(model_dir), Path(ingest_dir)
+    model_cfg = _model_config(model_dir)
+    if cfg.mode == "zeroshot":
+        require_aligned(model_dir)
+    try:
+        shard_urls(ingest_dir)
+    except FileNotFoundError as err:
+        raise EvaluationError(str(err)) from None
+    plan = make_folds(ingest_dir, cfg.protocol, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return Prepared(model_dir, ingest_dir, cfg, plan, model_cfg)
+
+
+def _device(cfg: EvaluateConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("device: cuda was asked for, but torch sees no GPU")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def _params(model_dir: Path) -> dict:
+    model = av.load(model_dir)
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_ROOTS)
+    return {"dir": str(model_dir), "name": model.cfg.name, "encoder_params": int(encoder),
+            "total_params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def features(prepared: Prepared, device: torch.device) -> dict[str, np.ndarray]:
+    """Frozen clip embeddings of the chosen input (centred window), via the same path as `vaemo embed`."""
+    cfg = prepared.cfg
+    if cfg.mode == "zeroshot":  # the aligned model's text-space embeddings, comparable with the prompts'
+        model = load_clip_encoder(prepared.model_dir, device)
+    else:
+        model = av.load(prepared.model_dir, map_location=device)
+    return encode(prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True)
+
+
+def _scored(result: HeadResult, truth: np.ndarray, classes: list[str]) -> dict:
+    return {rule: classification_metrics(truth, result.predictions[rule], classes) for rule in ("last", "best_val")}
+
+
+def evaluate(prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = None, on_fold: FoldHook | None = None) -> dict:
+    """Run every fold; write results.json, report.md, predictions.csv, figures and fold files into out_dir."""
+    cfg, plan = prepared.cfg, prepared.plan
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fold_files = save_folds(plan, out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    classes = plan.classes
+    index = {name: i for i, name in enumerate(classes)}
+    label_of = {clip: index[label] for clip, label in plan.clips["label"].items()}
+
+    needs_features = cfg.mode in ("probe", "zeroshot") or cfg.tsne_clips > 0
+    vectors = features(prepared, device) if needs_features else {}
+    missing = sorted(set(plan.clips.index) - set(vectors)) if needs_features else []
+    if missing:
+        log.warning("%d labelled clips could not be decoded and are left out, e.g. %s", len(missing), missing[0])
+    if needs_features and len(missing) == len(plan.clips):
+        raise EvaluationError(f"none of the {len(plan.clips)} labelled clips of {prepared.ingest_dir} could be decoded")
+    keep = set(plan.clips.index) - set(missing)
+
+    prompts = None
+    if cfg.mode == "zeroshot":
+        prompts = load_prompt_encoder(prepared.model_dir)(class_prompts(classes, cfg.zeroshot_prompt))
+
+    urls = shard_urls(prepared.ingest_dir)
+    data = cfg.data.for_model(prepared.model_cfg)
+    fold_results, histories, prediction_rows = [], {}, []
+    for fold in plan.folds:
+        train, val, test = ([c for c in part if c in keep] for part in (fold.train, fold.val, fold.test))
+        hook = (lambda epoch, row, number=fold.number: on_epoch(number, epoch, row)) if on_epoch else None
+        if cfg.mode == "probe":
+            stack = lambda ids: np.stack([vectors[c] for c in ids]) if ids else np.zeros((0, len(next(iter(vectors.values())))), np.float32)  # noqa: E731
+            result = linear_probe(stack(train), np.array([label_of[c] for c in train]), stack(val),
+                                  np.array([label_of[c] for c in val]), stack(test), classes, cfg.probe,
+                                  seed=cfg.seed + fold.number, log_epoch=hook)
+            test_ids = test
+        elif cfg.mode == "finetune":
+            result, test_ids = finetune_fold(prepared.model_dir, urls, data, label_of, fold.train, fold.val, fold.test, classes,
+                                             cfg.modality, cfg.finetune, eval_batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers, seed=cfg.seed + fold.number, device=device, log_epoch=hook)
+        else:
+            predicted, similarity = zero_shot_predict(np.stack([vectors[c] for c in test]), prompts)
+            result = HeadResult(best_epoch=0, predictions={"last": predicted, "best_val": predicted},
+                                scores={"last": similarity, "best_val": similarity})
+            test_ids = test
+        if not test_ids:
+            raise EvaluationError(f"fold {fold.number}: no test clip could be decoded")
+        truth = np.array([label_of[c] for c in test_ids])
+        scored = _scored(result, truth, classes)
+        entry = {"fold": fold.number, "sizes": {"train": len(train), "val": len(val), "test": len(test_ids)},
+                 "test_speakers": fold.test_speakers, "validation_split": fold.validation_split,
+                 "best_epoch": result.best_epoch, **scored}
+        fold_results.append(entry)
+        histories[fold.number] = result.history
+        for i, clip in enumerate(test_ids):
+            prediction_rows.append({"clip_id": clip, "fold": fold.number, "label": classes[truth[i]],
+                                    **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")}})
+        if on_fold:
+            on_fold(fold.number, len(plan.folds), entry)
+
+    rules = ZERO_SHOT_RULES if cfg.mode == "zeroshot" else RULES
+    results = {
+        "setup": {"protocol": cfg.protocol, "mode": cfg.mode, "modality": cfg.modality, "seed": cfg.seed,
+                  "val_fraction": cfg.val_fraction, "device": str(device)},
+        "settings": cfg.model_dump(mode="json"),
+        "model": _params(prepared.model_dir),
+        "data": {"dir": str(prepared.ingest_dir), **plan.summary(), "left_out_clips": missing},
+        "checkpoint_rules": rules,
+        "primary_rule": "best_val",
+        "folds": fold_results,
+        "mean": {rule: summarise([f[rule] for f in fold_results], classes) for rule in ("last", "best_val")},
+        "chance_uar": 1 / len(classes),
+        "published": published_for(cfg.protocol),
+        "fold_files_dir": FOLDS_DIR,
+        "fold_files": [str(p.relative_to(out)) for p in fold_files],
+    }
+    results["figures"] = _figures(results, histories, vectors, plan, out, cfg)
+    pd.DataFrame(prediction_rows).to_csv(out / PREDICTIONS, index=False)
+    (out / RESULTS).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / REPORT).write_text(markdown(results), encoding="utf-8")
+    return results
+
+
+def _figures(results: dict, histories: dict, vectors: dict, plan: FoldPlan, out: Path, cfg: EvaluateConfig) -> dict[str, str]:
+    """Write the PNGs; return {file name: caption}."""
+    figures: dict[str, str] = {}
+    what = f"{cfg.protocol}, {cfg.mode}, {cfg.modality}"
+    for rule in ("best_val", "last"):
+        name = f"confusion_{rule}.png"
+        mean = results["mean"][rule]
+        plots.save(plots.confusion_figure(mean["confusion"], plan.classes,
+                                          f"{what}: test folds summed, {rule} rule\nUAR {100 * mean['uar']:.1f} %, WAR {100 * mean['war']:.1f} %"),
+                   out / name)
+        figures[name] = f"confusion matrix, {rule} rule, all test folds"
+    if cfg.tsne_clips > 0 and len(vectors) >= 5:
+        clips = [c for c in plan.clips.index if c in vectors]
+        if len(clips) > cfg.tsne_clips:
+            clips = sorted(np.random.default_rng(cfg.seed).choice(clips, cfg.tsne_clips, replace=False))
+        x = np.stack([vectors[c] for c in clips])
+        plots.save(plots.tsne_figure(x, plan.clips.loc[clips, "label"].tolist(), plan.classes,
+                                     f"t-SNE of frozen {cfg.modality} embeddings ({len(clips)} clips)",
+                                     perplexity=cfg.tsne_perplexity, seed=cfg.seed), out / "embedding_tsne.png")
+        figures["embedding_tsne.png"] = "t-SNE map of the frozen embeddings, coloured by label"
+    if any(histories.values()):
+        plots.save(plots.curves_figure(histories, f"{what}: training curves"), out / "training_curves.png")
+        figures["training_curves.png"] = "training loss and validation UAR per epoch, per fold"
+    return figures

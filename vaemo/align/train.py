@@ -19,7 +19,6 @@ all of them go to the LanceDB table ``clip_embeddings`` (``vaemo search``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -36,7 +35,7 @@ from vaemo.config import AlignConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import make_loader, shard_urls
 from vaemo.model import av
-from vaemo.train.loop import StepLogger, init_distributed, read_step_log, run_summary, train, weights_digest
+from vaemo.train.loop import StepLogger, entry_point, init_distributed, read_step_log, run_summary, train, weights_digest
 from vaemo.train.pretrain import _mean_fraction, single_process
 
 log = logging.getLogger(__name__)
@@ -245,27 +244,16 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vaemo.align.train", description=__doc__)
+def _inputs(parser) -> None:
     parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder")
     parser.add_argument("--db", required=True, type=Path, help="the LanceDB folder with the captions table")
     parser.add_argument("--init", required=True, type=Path, help="the Stage 1 model folder")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--settings", type=Path, help="AlignConfig as JSON (default: the defaults)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--mlflow-uri", help="log step metrics to this MLflow run (rank 0)")
-    parser.add_argument("--mlflow-run-id")
-    args = parser.parse_args(argv)
-    cfg = AlignConfig.model_validate_json(args.settings.read_text()) if args.settings else AlignConfig()
-    log_step = None
-    if args.mlflow_uri and args.mlflow_run_id:
-        from vaemo.tracking import step_logger
 
-        log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
-    align(args.shards, args.db, args.init, args.out, cfg, resume=args.resume, log_step=log_step)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+
+main = entry_point(
+    "python -m vaemo.align.train", __doc__, AlignConfig, _inputs,
+    lambda args, cfg, log_step: align(args.shards, args.db, args.init, args.out, cfg, resume=args.resume, log_step=log_step),
+)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ on resume the epoch's stream, seeded by (seed, epoch), is replayed up to that ba
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -278,3 +279,30 @@ def run_summary(result, world: int) -> dict:
         "processes": world,
         "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
     }
+
+
+def entry_point(prog: str, doc: str | None, settings_type: type[TrainConfig], add_inputs: Callable, run: Callable) -> Callable:
+    """The ``main`` of a stage's torchrun entry: its inputs, then --out, --settings (JSON), --resume
+    and the MLflow run the ranks log into; ``run(args, settings, log_step)`` trains."""
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=doc)
+        add_inputs(parser)
+        parser.add_argument("--out", required=True, type=Path)
+        parser.add_argument("--settings", type=Path, help=f"{settings_type.__name__} as JSON (default: the defaults)")
+        parser.add_argument("--resume", action="store_true")
+        parser.add_argument("--mlflow-uri", help="log step metrics to this MLflow run (rank 0)")
+        parser.add_argument("--mlflow-run-id")
+        args = parser.parse_args(argv)
+        settings = settings_type.model_validate_json(args.settings.read_text()) if args.settings else settings_type()
+        log_step = None
+        if args.mlflow_uri and args.mlflow_run_id:
+            from vaemo.tracking import step_logger
+
+            log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
+        run(args, settings, log_step)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 0
+
+    return main

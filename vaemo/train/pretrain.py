@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ from vaemo.config import PretrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import make_loader, shard_urls
 from vaemo.model import av
-from vaemo.train.loop import StepLogger, init_distributed, read_step_log, run_summary, train, weights_digest
+from vaemo.train.loop import StepLogger, entry_point, init_distributed, read_step_log, run_summary, train, weights_digest
 
 METRICS = "metrics.json"
 SETTINGS = "pretrain.json"
@@ -114,25 +113,11 @@ def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = Fal
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vaemo.train.pretrain", description=__doc__)
-    parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--settings", type=Path, help="PretrainConfig as JSON (default: the defaults)")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--mlflow-uri", help="log step metrics to this MLflow run (rank 0)")
-    parser.add_argument("--mlflow-run-id")
-    args = parser.parse_args(argv)
-    cfg = PretrainConfig.model_validate_json(args.settings.read_text()) if args.settings else PretrainConfig()
-    log_step = None
-    if args.mlflow_uri and args.mlflow_run_id:
-        from vaemo.tracking import step_logger
-
-        log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
-    pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+main = entry_point(
+    "python -m vaemo.train.pretrain", __doc__, PretrainConfig,
+    lambda parser: parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder"),
+    lambda args, cfg, log_step: pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step),
+)
 
 
 if __name__ == "__main__":

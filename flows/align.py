@@ -52,6 +52,7 @@ def align_flow(
     resume: bool = False,
     work_dir: str = "vaemo-work",
     tracking_cfg: TrackingConfig = TrackingConfig(),
+    parent_run_id: str | None = None,
 ) -> dict:
     """Align the Stage 1 model ``init`` with the captions in ``db`` (pinned tag); the aligned model lands in ``out``."""
     logger = get_run_logger()
@@ -60,7 +61,7 @@ def align_flow(
     settings = settings.model_copy(update={"caption_tag": captions.tag})
     params = {"shards": shards, "db": db, "init": init, "out": out, "resume": resume, "align": settings.model_dump(mode="json"),
               "caption_tag": captions.tag, "caption_version": captions.version, "text_encoder": captions.text_encoder}
-    with gpu_stage_run("align", work_dir, tracking_cfg, params) as (run, uri):
+    with gpu_stage_run("align", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
         tracking.log_dataset("shards", Path(shards) / "shards", digest, context="training")
         tracking.log_lancedb("captions", Path(db), captions.table, captions.tag, captions.version, context="training")
         stage1_id = log_stage1_input(Path(init), uri)
@@ -91,7 +92,7 @@ def align_flow(
             markdown=(f"# Stage 2 alignment\n\nloss {metrics['loss_first']:.4f} → {metrics['loss_last']:.4f} (global "
                       f"{metrics['global_first']:.4f} → {metrics['global_last']:.4f}, modality {metrics['modality_first']:.4f} → "
                       f"{metrics['modality_last']:.4f}); AV→description top-1 {metrics['text_retrieval_top1']:.3f} (before "
-                      f"{metrics['init_text_retrieval_top1']:.3f}, chance {metrics['text_retrieval_chance']:.3f}) on "
+                      f"{metrics.get('init_text_retrieval_top1', float('nan')):.3f}, chance {metrics['text_retrieval_chance']:.3f}) on "
                       f"{metrics['text_retrieval_clips']} captioned clips; captions `{captions.tag}` (version {captions.version}), "
                       f"{captions.counts['captions_skipped']} skipped (not ok); MLflow run `{run.info.run_id}`, logged model `{model_id}`."),
         )

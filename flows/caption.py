@@ -33,13 +33,14 @@ def caption_flow(
     force: bool = False,
     work_dir: str = "vaemo-work",
     tracking_cfg: TrackingConfig = TrackingConfig(),
+    parent_run_id: str | None = None,
 ) -> dict:
     """Describe the selected clips of an ingest folder with a multimodal LLM; rows land in ``db``."""
     logger = get_run_logger()
     digest = shard_set_digest(load_markers(Path(shards)))
     params = {"shards": shards, "db": db, "force": force, "caption": settings.model_dump(mode="json")}
     start = time.perf_counter()
-    with gpu_stage_run("caption", work_dir, tracking_cfg, params) as (mlrun, _):
+    with gpu_stage_run("caption", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (mlrun, _):
         tracking.log_dataset("shards", Path(shards) / "shards", digest, context="input")
         with CaptionRun(shards, db, settings, force) as run:
             tracking.log_files([run.prompt.path], artifact_path="prompt")

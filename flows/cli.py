@@ -340,6 +340,64 @@ def cmd_dev_tiny_mllm(args) -> int:
     return 0
 
 
+def run_pipeline(settings, name: str) -> int:
+    """Run the ``vaemo_pipeline`` flow for one named pipeline; return a process exit code."""
+    from vaemo.config import ConfigError
+
+    if name not in settings.pipelines:
+        raise ConfigError(f"no pipeline {name!r} (known: {sorted(settings.pipelines)})")
+    spec = settings.pipelines[name]
+    _environment(settings.work_dir)
+    if "ingest" in spec.stages:
+        from vaemo.ingest.adapters import scan_corpus
+        from vaemo.ingest.media import require_ffmpeg
+
+        require_ffmpeg()
+        settings.check_corpus_paths(spec.corpora)
+        for corpus_name in spec.corpora:  # clear errors before any flow starts
+            corpus = settings.corpora[corpus_name]
+            scan_corpus(corpus.path, corpus.dataset, corpus.labels)
+    if "caption" in spec.stages:
+        from flows.pipeline import stage_settings
+        from vaemo.caption.engines import resolve_model
+        from vaemo.caption.prompt import load_prompt
+
+        cfg = stage_settings(settings, spec, "caption")
+        resolve_model(cfg.model)
+        load_prompt(cfg.prompt)
+    from flows.pipeline import vaemo_pipeline
+
+    with prefect_api():
+        state = vaemo_pipeline(pipeline=name, settings=settings, return_state=True)
+    if not state.is_completed():
+        print(f"vaemo: pipeline {name} did not complete: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    children = ", ".join(f"{stage} {run_id}" + (" (skipped)" if stage in result["skipped"] else "") for stage, run_id in result["children"].items())
+    print(f"vaemo: pipeline {name} done: MLflow run {result['mlflow_run_id']} (Prefect flow run {result['flow_run_id']}); "
+          f"stages: {children}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from vaemo.config import load_settings
+
+    settings = load_settings(Path(args.pipelines_file))
+    if args.work_dir:
+        settings.work_dir = Path(args.work_dir)
+    if args.workers:
+        settings.dask.workers = args.workers
+    return run_pipeline(settings, args.pipeline)
+
+
+def cmd_lineage(args) -> int:
+    from vaemo.lineage import chain, format_chain
+
+    settings = _settings(args)
+    print(format_chain(chain(args.run_id, settings.mlflow_uri())))
+    return 0
+
+
 def cmd_config(args) -> int:
     settings = _settings(args)
     settings.check_corpus_paths(source=args.config)
@@ -448,6 +506,16 @@ def parser() -> argparse.ArgumentParser:
     tiny = dev_sub.add_parser("tiny-mllm", help="build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)")
     tiny.add_argument("out", help="folder to write the model to")
     tiny.set_defaults(func=cmd_dev_tiny_mllm)
+
+    run = sub.add_parser("run", help="run a named pipeline of a pipelines.yaml (ingest -> pretrain -> caption -> align -> evaluate)")
+    run.add_argument("pipelines_file", help="a pipelines.yaml")
+    run.add_argument("--pipeline", required=True, help="a name under `pipelines:`")
+    run.add_argument("--workers", type=int, help="local Dask worker processes for ingest")
+    run.set_defaults(func=cmd_run)
+
+    lineage = sub.add_parser("lineage", help="walk an MLflow run back to its shards, captions and models")
+    lineage.add_argument("run_id", help="an MLflow run id (an evaluation run, or any stage's)")
+    lineage.set_defaults(func=cmd_lineage)
 
     config = sub.add_parser("config", help="validate a pipelines.yaml")
     config.set_defaults(func=cmd_config)

@@ -18,6 +18,19 @@ from vaemo.ingest.run import shard_set_digest
 from vaemo.ingest.shards import load_markers
 
 
+def log_model_input(model: Path, tracking_uri: str) -> str | None:
+    """The evaluated model folder as an input (context "model"): the digest of its files, and its logged model id
+    (Stage 1 or Stage 2) when the folder names one in this store, so lineage can walk back from here."""
+    from flows.align import folder_digest
+
+    digest = folder_digest(model)
+    model_id = tracking.read_model_record(model, tracking_uri)
+    tracking.log_dataset("model", model, digest, context="model", extra_tags={"vaemo.model_id": model_id} if model_id else None)
+    tracking.set_tags({"vaemo.input.model.digest": digest, "vaemo.input.model.dir": str(model.resolve()),
+                       **({"vaemo.input.model.model_id": model_id} if model_id else {})})
+    return model_id
+
+
 def _metric_name(label: str) -> str:
     """A class label as an MLflow metric name part (letters, digits, _ - . space / : only)."""
     return re.sub(r"[^\w\-. /:]", "_", label)
@@ -44,6 +57,7 @@ def evaluate_flow(
     settings: EvaluateConfig = EvaluateConfig(),
     work_dir: str = "vaemo-work",
     tracking_cfg: TrackingConfig = TrackingConfig(),
+    parent_run_id: str | None = None,
 ) -> dict:
     """Evaluate a model folder on an ingest folder under a benchmark protocol; results land in ``out``."""
     logger = get_run_logger()
@@ -51,8 +65,9 @@ def evaluate_flow(
     plan = prepared.plan
     params = {"model": model, "data": data, "out": out, "evaluate": settings.model_dump(mode="json"), "fold_rule": plan.rule}
     tags = {"vaemo.protocol": settings.protocol, "vaemo.mode": settings.mode, "vaemo.modality": settings.modality}
-    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, tags) as (run, uri):
+    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, {**tags, **tracking.child_tags(parent_run_id)}) as (run, uri):
         tracking.log_dataset("shards", Path(data) / "shards", shard_set_digest(load_markers(Path(data))), context="evaluation")
+        log_model_input(Path(model), uri)
         logger.info("%s %s on %s (%s input): %s, %d labelled clips, classes %s", settings.protocol, settings.mode, data,
                     settings.modality, plan.rule, len(plan.clips), ", ".join(plan.classes))
         progress = create_progress_artifact(progress=0.0, key="evaluate-progress", description="Share of folds done")

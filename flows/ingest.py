@@ -63,12 +63,13 @@ def ingest_flow(
     ingest: IngestConfig = IngestConfig(),
     tracking_cfg: TrackingConfig = TrackingConfig(),
     workers: int = 1,
+    parent_run_id: str | None = None,
 ):
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
     work = Path(work_dir)
     params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": ingest.model_dump()}
-    with tracking.stage_run("ingest", tracking_uri=tracking_cfg.uri(work), experiment=tracking_cfg.experiment, work_dir=work, params=params, tags=flow_run_tags()) as run:
+    with tracking.stage_run("ingest", tracking_uri=tracking_cfg.uri(work), experiment=tracking_cfg.experiment, work_dir=work, params=params, tags={**flow_run_tags(), **tracking.child_tags(parent_run_id)}) as run:
         try:
             with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
                 plan = ingest_run.plan(parallelism=workers)
@@ -91,7 +92,7 @@ def ingest_flow(
         if failed:
             message = f"{len(failed)} batches failed; their videos are 'pending' in the manifest and a re-run resumes them"
             return Failed(message=message, data=stats)
-        return stats
+        return {**stats, "mlflow_run_id": run.info.run_id}
 
 
 def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:

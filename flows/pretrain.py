@@ -27,6 +27,7 @@ def pretrain_flow(
     resume: bool = False,
     work_dir: str = "vaemo-work",
     tracking_cfg: TrackingConfig = TrackingConfig(),
+    parent_run_id: str | None = None,
 ) -> dict:
     """Pre-train the unified AV encoder on an ingest folder's shards; the model lands in ``out``."""
     logger = get_run_logger()
@@ -34,7 +35,7 @@ def pretrain_flow(
     model_cfg = stage1.model_config(settings)
     params = {"shards": shards, "out": out, "resume": resume, "pretrain": settings.model_dump(), "model": model_cfg.model_dump(),
               "audio_norm": f"mean={model_cfg.audio_mean} std={model_cfg.audio_std} double_std={model_cfg.audio_double_std}"}
-    with gpu_stage_run("pretrain", work_dir, tracking_cfg, params) as (run, uri):
+    with gpu_stage_run("pretrain", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
         tracking.log_dataset("shards", Path(shards) / "shards", digest, context="training")
         info = av.model_info(model_cfg)
         tracking.log_metrics_flat({"params": info["params"], "pretrain_gflops": info["pretrain_gflops"]}, "model.")

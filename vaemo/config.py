@@ -296,9 +296,26 @@ class StagesConfig(Strict):
     align: AlignConfig = AlignConfig()
 
 
+StageName = Literal["ingest", "pretrain", "caption", "align", "evaluate"]
+STAGE_ORDER: tuple[str, ...] = ("ingest", "pretrain", "caption", "align", "evaluate")
+
+
 class PipelineSpec(Strict):
+    """A named pipeline: its corpora (all are ingested; later stages use the first) and the stages it runs, in order."""
+
     corpora: list[str] = Field(min_length=1)
-    stages: list[Literal["ingest", "pretrain"]] = ["ingest"]
+    stages: list[StageName] = ["ingest"]
+    stage_overrides: dict[StageName, dict] = Field(
+        default_factory=dict, description="per stage, values that replace `stages.<stage>` for this pipeline only"
+    )
+
+    @model_validator(mode="after")
+    def _stages_in_order(self) -> PipelineSpec:
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        if list(self.stages) != [s for s in STAGE_ORDER if s in self.stages]:
+            raise ValueError(f"stages must follow the order {list(STAGE_ORDER)}, got {self.stages}")
+        return self
 
 
 class Settings(Strict):

@@ -45,6 +45,14 @@ def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path,
         mlflow.end_run(status="FINISHED")
 
 
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
+
+
+def child_tags(parent_run_id: str | None) -> dict:
+    """Tags that make a stage's run a child of a pipeline's run (none without a parent)."""
+    return {PARENT_TAG: parent_run_id} if parent_run_id else {}
+
+
 def fail_run(message: str) -> None:
     """Close the active run as FAILED when a stage refuses to work without raising."""
     mlflow.set_tag("vaemo.error", message[:5000])

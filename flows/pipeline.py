@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from prefect.states import Failed
 from flows.common import flow_run_tags
 from vaemo import tracking
 from vaemo.config import STAGE_ORDER, Settings
+from vaemo.ingest.shards import write_json_atomic
 
 MARKER = "stage.json"
 
@@ -58,9 +58,7 @@ def read_marker(folder: Path) -> dict:
 
 def write_marker(folder: Path, data: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, folder / MARKER)
+    write_json_atomic(folder / MARKER, data)
 
 
 def layout(work_dir: Path, name: str) -> dict[str, Path]:

@@ -8,17 +8,23 @@ A run pins what it produced with a tag on the table version it left; readers che
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import logging
 import os
 import secrets
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import lancedb
 import pyarrow as pa
 
+from vaemo import locks
+
 log = logging.getLogger(__name__)
+
+# Training forks DataLoader workers after this process has read its tables; the workers never use
+# LanceDB, so its warning about forking (once per epoch) says nothing about them.
+warnings.filterwarnings("ignore", message="lancedb fork support is experimental", category=RuntimeWarning)
 
 CAPTIONS = "captions"
 CAPTION_KEYS = ["clip_id", "prompt_version", "model"]
@@ -51,23 +57,14 @@ def connect(db_dir: str | os.PathLike):
 @contextmanager
 def writer_lock(db_dir: str | os.PathLike, table: str):
     """Hold the one-writer lock of a table; a second writer is refused with a clear message."""
-    path = Path(db_dir) / f".{table}.writer.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise StoreError(f"table {table!r} in {db_dir} is being written by {holder}; wait for it to finish") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    try:
+        handle = locks.acquire(Path(db_dir) / f".{table}.writer.lock")
+    except locks.Busy as busy:
+        raise StoreError(f"table {table!r} in {db_dir} is being written by {busy.holder}; wait for it to finish") from None
+    try:
+        yield
+    finally:
+        locks.release(handle)
 
 
 def open_captions(db, dim: int):

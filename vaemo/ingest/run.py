@@ -6,7 +6,6 @@ The orchestrator (a Prefect flow, a notebook, another scheduler) calls, in order
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vaemo import locks
 from vaemo.config import IngestConfig
 from vaemo.ingest import shards
 from vaemo.ingest.adapters import scan_corpus
@@ -65,19 +65,10 @@ class IngestRun:
 
     def __enter__(self) -> IngestRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.out_dir / LOCK, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise IngestBusy(f"{self.out_dir} is being written by another ingest run ({holder}); wait for it to finish or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        handle.flush()
-        self._lock_handle = handle
+            self._lock_handle = locks.acquire(self.out_dir / LOCK)
+        except locks.Busy as busy:
+            raise IngestBusy(f"{self.out_dir} is being written by another ingest run ({busy.holder}); wait for it to finish or choose another --out") from None
         try:
             self._check_settings()
             with shards.commit_lock(self.out_dir):
@@ -89,8 +80,7 @@ class IngestRun:
 
     def __exit__(self, *exc) -> None:
         if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
+            locks.release(self._lock_handle)
             self._lock_handle = None
 
     def _check_settings(self) -> None:

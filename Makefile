@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml scripts/system-deps.sh scripts/install-llm.sh scripts/v
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/vaemo demo
+	$(BIN)/vaemo dev demo-inputs
+	$(BIN)/vaemo run pipelines.yaml --pipeline demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -130,32 +130,6 @@ def cmd_ingest(args) -> int:
     return run_ingest(settings, Path(args.source), Path(args.out), args.dataset, Path(args.labels) if args.labels else None)
 
 
-DEMO_PRETRAIN_STEPS = 20  # enough to see the loss move on a laptop, not a trained model
-
-
-def cmd_demo(args) -> int:
-    """Generate a small talking-face corpus and run the main job on it: ingest, then Stage 1."""
-    settings = _settings(args)
-    from vaemo import synth
-
-    corpus = settings.corpora.get("demo")
-    folder = corpus.path if corpus else settings.work_dir / "demo-media"
-    if not any(folder.glob("*.mp4")):
-        print(f"vaemo: generating demo media in {folder}")
-        synth.demo_corpus(folder)
-    shards = settings.work_dir / "corpora" / "demo"
-    code = run_ingest(settings, folder, shards, corpus.dataset if corpus else "generic", None)
-    if code != 0:
-        return code
-    model = settings.work_dir / "models" / "demo-stage1"
-    cfg = settings.stages.pretrain.model_copy(update={"steps": DEMO_PRETRAIN_STEPS, "batch_size": 4, "checkpoint_every": 10})
-    code = run_pretrain(settings, shards, model, cfg, resume=False)
-    if code == 0:
-        print(f"vaemo: look at {shards / 'manifest.parquet'}, {shards / 'stats.json'}, the model in {model}, "
-              f"and the MLflow store {settings.mlflow_uri()}")
-    return code
-
-
 def run_pretrain(settings, shards: Path, out: Path, cfg, resume: bool) -> int:
     """Run the pretrain flow; return a process exit code."""
     _environment(settings.work_dir)
@@ -342,31 +316,10 @@ def cmd_dev_tiny_mllm(args) -> int:
 
 def run_pipeline(settings, name: str) -> int:
     """Run the ``vaemo_pipeline`` flow for one named pipeline; return a process exit code."""
-    from vaemo.config import ConfigError
-
-    if name not in settings.pipelines:
-        raise ConfigError(f"no pipeline {name!r} (known: {sorted(settings.pipelines)})")
-    spec = settings.pipelines[name]
     _environment(settings.work_dir)
-    if "ingest" in spec.stages:
-        from vaemo.ingest.adapters import scan_corpus
-        from vaemo.ingest.media import require_ffmpeg
+    from flows.pipeline import layout, preflight, vaemo_pipeline
 
-        require_ffmpeg()
-        settings.check_corpus_paths(spec.corpora)
-        for corpus_name in spec.corpora:  # clear errors before any flow starts
-            corpus = settings.corpora[corpus_name]
-            scan_corpus(corpus.path, corpus.dataset, corpus.labels)
-    if "caption" in spec.stages:
-        from flows.pipeline import stage_settings
-        from vaemo.caption.engines import resolve_model
-        from vaemo.caption.prompt import load_prompt
-
-        cfg = stage_settings(settings, spec, "caption")
-        resolve_model(cfg.model)
-        load_prompt(cfg.prompt)
-    from flows.pipeline import vaemo_pipeline
-
+    preflight(settings, name)  # clear errors before a Prefect server starts
     with prefect_api():
         state = vaemo_pipeline(pipeline=name, settings=settings, return_state=True)
     if not state.is_completed():
@@ -376,18 +329,117 @@ def run_pipeline(settings, name: str) -> int:
     children = ", ".join(f"{stage} {run_id}" + (" (skipped)" if stage in result["skipped"] else "") for stage, run_id in result["children"].items())
     print(f"vaemo: pipeline {name} done: MLflow run {result['mlflow_run_id']} (Prefect flow run {result['flow_run_id']}); "
           f"stages: {children}")
+    outputs = layout(settings.work_dir, name)
+    print(f"vaemo: look at the MLflow run {result['mlflow_run_id']} in {settings.mlflow_uri()} (`vaemo ui` serves it), "
+          f"`vaemo lineage {result['mlflow_run_id']}`, and the outputs in {outputs['root']}:")
+    for what, path in (("shards", outputs["corpora"]), ("Stage 1 model", outputs["pretrain"]), ("LanceDB captions", outputs["caption"]),
+                       ("Stage 2 model", outputs["align"]), ("evaluation report", outputs["evaluate"] / "report.md")):
+        if path.exists():
+            print(f"  {what}: {path}")
     return 0
 
 
-def cmd_run(args) -> int:
+def _pipelines_file_settings(args):
     from vaemo.config import load_settings
 
     settings = load_settings(Path(args.pipelines_file))
     if args.work_dir:
         settings.work_dir = Path(args.work_dir)
-    if args.workers:
+    if getattr(args, "workers", None):
         settings.dask.workers = args.workers
-    return run_pipeline(settings, args.pipeline)
+    return settings
+
+
+def cmd_run(args) -> int:
+    return run_pipeline(_pipelines_file_settings(args), args.pipeline)
+
+
+def cmd_serve(args) -> int:
+    """Serve the deployments of a pipelines.yaml until Ctrl-C: flow runs triggered in the UI or by schedules run here."""
+    from vaemo.config import ConfigError
+
+    settings = _pipelines_file_settings(args)
+    if not settings.pipelines:
+        raise ConfigError(f"{args.pipelines_file}: no pipelines to serve")
+    _environment(settings.work_dir)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("vaemo serve needs a running Prefect server: start `vaemo ui` and export the PREFECT_API_URL it "
+                          "prints, or set PREFECT_API_URL to your server's API (http://HOST:4200/api)")
+    from prefect import serve
+
+    from flows.serve import deployments
+
+    served = deployments(settings)
+    schedules = {name: spec.schedule for name, spec in settings.pipelines.items() if spec.schedule}
+    print(f"vaemo: serving {', '.join(f'{d.flow_name}/{d.name}' for d in served)} on {os.environ['PREFECT_API_URL']}"
+          + (f"; schedules (UTC): {schedules}" if schedules else "") + "; Ctrl-C stops", flush=True)
+    try:
+        serve(*served, print_starting_message=False)
+    except KeyboardInterrupt:
+        print("vaemo: stopped serving (scheduled runs are paused until the next `vaemo serve`)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """A Prefect server and an MLflow server over the work directory, until Ctrl-C."""
+    import signal
+    import time
+    from urllib.parse import urlparse
+
+    from vaemo.config import DEFAULT_MLFLOW_UI
+    from vaemo.servers import local_servers, start_all, stop_all
+
+    settings = _settings(args)
+    _environment(settings.work_dir)
+    mlflow_port = args.mlflow_port or urlparse(settings.tracking.ui_url or DEFAULT_MLFLOW_UI).port
+    servers = local_servers(settings.work_dir, settings.mlflow_uri(), args.host, args.prefect_port, mlflow_port)
+
+    def stop_on_sigterm(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print(f"vaemo: starting the Prefect and MLflow servers (logs in {settings.work_dir / 'logs'})", flush=True)
+    try:
+        start_all(servers)
+        prefect, mlflow = servers
+        print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
+        print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "
+              "Ctrl-C stops both", flush=True)
+        while all(server.running() for server in servers):
+            time.sleep(1)
+        stopped = next(server for server in servers if not server.running())
+        print(f"vaemo: error: the {stopped.name} server stopped (log {stopped.log}):\n{stopped.log_tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vaemo: stopping the servers", flush=True)
+        return 0
+    finally:
+        stop_all(servers)
+
+
+def cmd_dev_demo_inputs(args) -> int:
+    """The demo pipeline's inputs, made once: a labelled talking-face corpus and the tiny captioning model."""
+    from flows.pipeline import stage_settings
+    from vaemo import synth
+    from vaemo.caption.tiny import WARNING, build_tiny_mllm
+    from vaemo.config import ConfigError
+
+    settings = _settings(args)
+    if "demo" not in settings.pipelines or not settings.pipelines["demo"].corpora:
+        raise ConfigError(f"{args.config}: no `demo` pipeline")
+    spec = settings.pipelines["demo"]
+    corpus = settings.corpora[spec.corpora[0]]
+    if corpus.labels != corpus.path / "labels.csv":
+        raise ConfigError(f"{args.config}: the demo corpus needs `labels: {corpus.path / 'labels.csv'}` (the generated labels)")
+    if not corpus.labels.is_file():
+        print(f"vaemo: generating a labelled demo corpus in {corpus.path} (3 speakers x 3 emotions x 2 clips)", flush=True)
+        synth.labelled_corpus(corpus.path, classes=3, speakers=3, clips_per_class=2, seed=0)
+    model = Path(stage_settings(settings, spec, "caption").model)
+    if not (model / "config.json").is_file():
+        build_tiny_mllm(model)
+        print(f"vaemo: tiny captioning model written to {model} ({WARNING})")
+    print(f"vaemo: demo inputs ready; next: vaemo run {args.config} --pipeline demo")
+    return 0
 
 
 def cmd_lineage(args) -> int:
@@ -422,9 +474,6 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("--workers", type=int, help="local Dask worker processes")
     ingest.add_argument("--dask-address", help="use an existing Dask scheduler instead of a local cluster")
     ingest.set_defaults(func=cmd_ingest)
-
-    demo = sub.add_parser("demo", help="generate media and run the pipeline on it")
-    demo.set_defaults(func=cmd_demo)
 
     pretrain = sub.add_parser("pretrain", help="Stage 1: pre-train the unified AV encoder on ingest shards")
     pretrain.add_argument("--shards", required=True, help="an ingest output folder")
@@ -506,12 +555,24 @@ def parser() -> argparse.ArgumentParser:
     tiny = dev_sub.add_parser("tiny-mllm", help="build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)")
     tiny.add_argument("out", help="folder to write the model to")
     tiny.set_defaults(func=cmd_dev_tiny_mllm)
+    demo_inputs = dev_sub.add_parser("demo-inputs", help="generate the demo pipeline's corpus and tiny captioning model (once)")
+    demo_inputs.set_defaults(func=cmd_dev_demo_inputs)
 
     run = sub.add_parser("run", help="run a named pipeline of a pipelines.yaml (ingest -> pretrain -> caption -> align -> evaluate)")
     run.add_argument("pipelines_file", help="a pipelines.yaml")
     run.add_argument("--pipeline", required=True, help="a name under `pipelines:`")
     run.add_argument("--workers", type=int, help="local Dask worker processes for ingest")
     run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve a pipelines.yaml as Prefect deployments (UI triggers, schedules, new corpora)")
+    serve.add_argument("pipelines_file", help="a pipelines.yaml")
+    serve.set_defaults(func=cmd_serve)
+
+    ui = sub.add_parser("ui", help="start a local Prefect server and an MLflow server; Ctrl-C stops both")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    ui.add_argument("--prefect-port", type=int, default=4200, help="default: %(default)s")
+    ui.add_argument("--mlflow-port", type=int, help="default: the port of tracking.ui_url, else 5000")
+    ui.set_defaults(func=cmd_ui)
 
     lineage = sub.add_parser("lineage", help="walk an MLflow run back to its shards, captions and models")
     lineage.add_argument("run_id", help="an MLflow run id (an evaluation run, or any stage's)")

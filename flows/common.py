@@ -1,5 +1,5 @@
-"""Small pieces every stage flow shares: run tags for lineage, the one-GPU-stage-at-a-time slot, and
-the MLflow run of a GPU stage that holds that slot."""
+"""Small pieces every stage flow shares: run tags for lineage, the stage's MLflow run with its link in
+Prefect, and the one-GPU-stage-at-a-time slot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
@@ -85,15 +86,24 @@ def gpu_slot():
 
 
 @contextmanager
+def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None, system_metrics: bool = False):
+    """One MLflow run for a stage flow, tied to the flow run by tags and by a link artifact in Prefect."""
+    work = Path(work_dir)
+    uri = tracking_cfg.uri(work)
+    with tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
+                            tags={**flow_run_tags(), **(tags or {})}, system_metrics=system_metrics) as run:
+        create_link_artifact(key=f"{stage}-mlflow-run", link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
+                             link_text=f"MLflow run {run.info.run_id} ({stage})", description=f"The {stage} stage's MLflow run")
+        yield run, uri
+
+
+@contextmanager
 def gpu_stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None):
-    """The `gpu` slot and one MLflow run (tied to this flow run, with system metrics) for a GPU stage.
+    """The `gpu` slot and the stage's MLflow run (with system metrics) for a GPU stage.
 
     Yields the MLflow run and the tracking URI (for loggers used from other threads or processes).
     """
-    work = Path(work_dir)
-    uri = tracking_cfg.uri(work)
-    with gpu_slot(), tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
-                                        tags={**flow_run_tags(), **(tags or {})}, system_metrics=True) as run:
+    with gpu_slot(), stage_run(stage, work_dir, tracking_cfg, params, tags, system_metrics=True) as (run, uri):
         yield run, uri
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -12,7 +13,7 @@ from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 
-from flows.common import flow_run_tags
+from flows.common import stage_run
 from vaemo import tracking
 from vaemo.config import DaskConfig, IngestConfig, TrackingConfig
 from vaemo.ingest import shards
@@ -37,6 +38,9 @@ def parallelism(dask: DaskConfig) -> int:
 def task_runner(dask: DaskConfig) -> DaskTaskRunner:
     if dask.address:
         return DaskTaskRunner(address=dask.address)
+    # A local cluster's scheduler and nannies log their shutdown at INFO, including a harmless
+    # "comm closed" traceback when a worker's last message races the close; errors stay visible.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     return DaskTaskRunner(cluster_kwargs={"n_workers": dask.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
 
 
@@ -67,9 +71,8 @@ def ingest_flow(
 ):
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
-    work = Path(work_dir)
     params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": ingest.model_dump()}
-    with tracking.stage_run("ingest", tracking_uri=tracking_cfg.uri(work), experiment=tracking_cfg.experiment, work_dir=work, params=params, tags={**flow_run_tags(), **tracking.child_tags(parent_run_id)}) as run:
+    with stage_run("ingest", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, _):
         try:
             with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
                 plan = ingest_run.plan(parallelism=workers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,11 +26,12 @@ from prefect.context import get_run_context
 from prefect.states import Failed
 
 from flows.common import flow_run_tags
-from vaemo import tracking
-from vaemo.config import STAGE_ORDER, Settings
+from vaemo import locks, tracking
+from vaemo.config import STAGE_ORDER, CorpusConfig, Settings
 from vaemo.ingest.shards import write_json_atomic
 
 MARKER = "stage.json"
+LOCK = ".pipeline.lock"  # held by the run in progress; the OS frees it when that process dies
 
 
 def _sha(*parts) -> str:
@@ -129,14 +131,21 @@ class _Pipeline:
             self.client.set_tag(self.parent_id, f"vaemo.skipped.{stage}", "true")
 
 
-def _release_caption_engine() -> None:
-    """The captioning model stays loaded for a next caption call; later stages of this process need the memory."""
-    import gc
-
-    from vaemo.caption import engines
-
-    engines._loaded.clear()
-    gc.collect()
+def _continued(cfg, out: Path, key: str, p: _Pipeline):
+    """With ``on_new_shards: continue``, the finished model of earlier shards becomes this run's starting point."""
+    if cfg.on_new_shards != "continue":
+        return cfg
+    marker = read_marker(out)
+    previous = out.parent / f"{out.name}-previous"
+    if marker.get("key") not in (None, key) and marker.get("state") == "done":
+        if previous.exists():
+            shutil.rmtree(previous)
+        out.rename(previous)
+        marker = {}
+        p.logger.info("pretrain: the shards changed; continuing from the last model (kept in %s)", previous)
+    if marker.get("key") in (None, key) and (previous / "model.safetensors").is_file():
+        return cfg.model_copy(update={"init": previous})
+    return cfg
 
 
 def _run(subflow, **params):
@@ -147,20 +156,83 @@ def _run(subflow, **params):
     return False, state.message or state.name
 
 
+def preflight(settings: Settings, name: str) -> None:
+    """Refuse a pipeline whose corpora, tools, captioning model or prompt are missing, before any stage starts."""
+    from vaemo.config import ConfigError
+
+    if name not in settings.pipelines:
+        raise ConfigError(f"no pipeline {name!r} (known: {sorted(settings.pipelines)})")
+    spec = settings.pipelines[name]
+    if "ingest" in spec.stages:
+        from vaemo.ingest.adapters import scan_corpus
+        from vaemo.ingest.media import require_ffmpeg
+
+        require_ffmpeg()
+        settings.check_corpus_paths(spec.corpora)
+        for corpus_name in spec.corpora:
+            corpus = settings.corpora[corpus_name]
+            scan_corpus(corpus.path, corpus.dataset, corpus.labels)
+    if "caption" in spec.stages:
+        from vaemo.caption.engines import resolve_model
+        from vaemo.caption.prompt import load_prompt
+
+        cfg = stage_settings(settings, spec, "caption")
+        resolve_model(cfg.model)
+        load_prompt(cfg.prompt)
+
+
+PREFLIGHT_ERRORS = (ValueError, RuntimeError, OSError)  # ConfigError, CorpusError, EngineError, PromptError, missing tools
+
+
 @flow(name="vaemo_pipeline", log_prints=True)
 def vaemo_pipeline(pipeline: str, settings: Settings) -> dict:
-    """Run the stages of the named ``pipeline`` of ``settings`` in order, each skipped when its key matches its marker."""
-    p = _Pipeline(pipeline, settings)
+    """Run the stages of the named ``pipeline`` of ``settings`` in order, each skipped when its key matches its marker.
+
+    One run per pipeline and work directory at a time: a second one is refused (its outputs are shared).
+    """
     try:
-        return _stages(p, pipeline, settings)
-    except BaseException as exc:
-        p.fail(p.current, f"{type(exc).__name__}: {exc}")
-        raise
+        preflight(settings, pipeline)
+    except PREFLIGHT_ERRORS as exc:
+        return Failed(message=f"pipeline {pipeline} cannot start: {exc}")
+    try:
+        lock = locks.acquire(layout(Path(settings.work_dir), pipeline)["root"] / LOCK)
+    except locks.Busy as busy:
+        return Failed(message=f"pipeline {pipeline} is already running in {settings.work_dir} ({busy.holder}); "
+                              "this run did not start: wait for that one to finish")
+    try:
+        p = _Pipeline(pipeline, settings)
+        try:
+            return _stages(p, pipeline, settings)
+        except BaseException as exc:
+            p.fail(p.current, f"{type(exc).__name__}: {exc}")
+            raise
+    finally:
+        locks.release(lock)
+
+
+@flow(name="vaemo_new_corpus", log_prints=True)
+def vaemo_new_corpus(pipeline: str, corpus_name: str, corpus: CorpusConfig, settings: Settings) -> dict:
+    """Run a named pipeline's stages and settings on a corpus that is not in pipelines.yaml yet.
+
+    Its outputs and markers live under ``pipelines/<pipeline>@<corpus_name>``, so the pipeline's own
+    outputs are untouched and a re-run on the same folder (say, after more videos arrived) only does
+    the new work.
+    """
+    if pipeline not in settings.pipelines:
+        return Failed(message=f"no pipeline {pipeline!r} (known: {sorted(settings.pipelines)})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", corpus_name):
+        return Failed(message=f"corpus name {corpus_name!r}: use letters, digits, '.', '_' and '-'")
+    name = f"{pipeline}@{corpus_name}"
+    spec = settings.pipelines[pipeline].model_copy(update={"corpora": [corpus_name], "schedule": None})
+    extended = settings.model_copy(update={"corpora": {**settings.corpora, corpus_name: corpus},
+                                           "pipelines": {**settings.pipelines, name: spec}})
+    return vaemo_pipeline(pipeline=name, settings=extended, return_state=True)
 
 
 def _stages(p: _Pipeline, name: str, settings: Settings):
     from flows.align import align_flow, folder_digest
     from flows.caption import caption_flow
+    from vaemo.caption.engines import release_engines
     from flows.evaluate import evaluate_flow
     from flows.ingest import ingest_flow, parallelism, task_runner
     from flows.pretrain import pretrain_flow
@@ -228,6 +300,7 @@ def _stages(p: _Pipeline, name: str, settings: Settings):
         cfg = stage_settings(settings, spec, "pretrain")
         out = dirs["pretrain"]
         key = _sha("pretrain", digest, cfg.model_dump(mode="json"))
+        cfg = _continued(cfg, out, key, p)
         ok, result = trained("pretrain", out, key, lambda resume: _run(pretrain_flow, shards=str(main_corpus), out=str(out), settings=cfg,
                                                                        resume=resume, **common))
         if not ok:
@@ -252,7 +325,7 @@ def _stages(p: _Pipeline, name: str, settings: Settings):
                 return p.fail("caption", result)
             write_marker(db, {"key": key, "state": "done", "run_id": result["mlflow_run_id"],
                               "result": {"tag": result["tag"], "version": result["version"], "table": result["table"]}})
-            _release_caption_engine()
+            release_engines()  # the model stays loaded for a next caption call; later stages need the memory
         p.done("caption", result)
 
     if "align" in spec.stages:

@@ -57,6 +57,23 @@ def test_prompt_errors_are_clear(tmp_path):
     bad.write_text("version: x\nsystem: s\nuser: u\nrepair: r\nlimits: {facial_cues: 100000}\n")
     with pytest.raises(PromptError, match="limits"):
         load_prompt(str(bad))
+    bad.write_text("extends: bad.yaml\nversion: x\n")
+    with pytest.raises(PromptError, match="loops back"):
+        load_prompt(str(bad))
+
+
+def test_a_prompt_extends_another_and_its_digest_covers_both(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("version: b1\nsystem: look\nuser: describe\nrepair: fix {reason}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nversion: c1\nlimits: {reasoning: 30}\n")
+    first = load_prompt(str(child))
+    assert (first.version, first.system, first.limits["reasoning"], first.limits["description"]) == ("c1", "look", 30, 1000)
+    base.write_text("version: b1\nsystem: look closely\nuser: describe\nrepair: fix {reason}\n")
+    second = load_prompt(str(child))
+    assert second.system == "look closely" and second.digest != first.digest
+    bundled = load_prompt("cot-v1-short")
+    assert bundled.user == load_prompt("cot-v1").user and set(bundled.limits.values()) == {24}
 
 
 @pytest.mark.parametrize("raw, reason", [

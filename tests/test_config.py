@@ -15,7 +15,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_repository_pipelines_yaml_is_valid():
     settings = load_settings(ROOT / "pipelines.yaml")
-    assert "demo" in settings.pipelines
+    demo = settings.pipelines["demo"]
+    assert demo.stages == ["ingest", "pretrain", "caption", "align", "evaluate"]
+    # `make demo` builds the tiny captioning model where the demo pipeline looks for it
+    assert demo.stage_overrides["caption"]["model"] == str(settings.work_dir / "tiny-mllm")
+    assert settings.corpora["demo"].labels == settings.corpora["demo"].path / "labels.csv"
     assert settings.work_dir.is_absolute() and settings.work_dir.parent == ROOT
     assert settings.mlflow_uri().startswith("sqlite:///") and settings.mlflow_uri().endswith("mlflow.db")
 
@@ -58,3 +62,10 @@ def test_processing_digest_ignores_batching_only():
     base = IngestConfig()
     assert base.processing_digest() == IngestConfig(videos_per_batch=2, torch_threads=2).processing_digest()
     assert base.processing_digest() != IngestConfig(crop_size=128).processing_digest()
+
+
+def test_schedule_is_a_five_field_cron_line(tmp_path):
+    base = "corpora:\n  c:\n    path: .\npipelines:\n  p:\n    corpora: [c]\n"
+    assert load_settings(write(tmp_path, base + "    schedule: '0 3 * * *'\n")).pipelines["p"].schedule == "0 3 * * *"
+    with pytest.raises(ConfigError, match=r"pipelines\.p\.schedule: .*five fields"):
+        load_settings(write(tmp_path, base + "    schedule: 'daily'\n"))

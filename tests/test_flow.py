@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import ROOT, cli_env, vaemo_command
 from vaemo.config import IngestConfig
 from vaemo.ingest.run import IngestRun
 
@@ -79,6 +79,7 @@ def test_bad_arguments_get_a_message_not_a_traceback(tmp_path, source):
         (["ingest", str(empty), "--out", str(tmp_path / "o")], "no video"),
         (["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
         (["--config", str(tmp_path / "nope.yaml"), "ingest", str(empty), "--out", str(tmp_path / "o")], "not found"),
+        (["serve", str(ROOT / "pipelines.yaml")], "needs a running prefect server"),
     ]:
         done = vaemo(work, *args)
         assert done.returncode == 2 and expected in done.stderr.lower(), done.stderr

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vaemo.data.config import DataConfig
+
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `vaemo ui` serves MLflow unless told otherwise
 
 DatasetName = Literal["auto", "generic", "ravdess", "crema-d", "mafw", "dfew", "voxceleb2"]
 
@@ -89,11 +92,18 @@ class DaskConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    mlflow_uri: str | None = Field(None, description="default: sqlite:///<work_dir>/mlflow.db")
+    mlflow_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI when set, else sqlite:///<work_dir>/mlflow.db")
     experiment: str = "vaemo"
+    ui_url: str | None = Field(None, description="MLflow UI for the links in Prefect; default: $VAEMO_MLFLOW_UI_URL when set, "
+                                                 "else the tracking URI when it is http(s), else `vaemo ui`'s http://127.0.0.1:5000")
 
     def uri(self, work_dir: Path) -> str:
-        return self.mlflow_uri or f"sqlite:///{(Path(work_dir) / 'mlflow.db').as_posix()}"
+        return self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(work_dir) / 'mlflow.db').as_posix()}"
+
+    def run_url(self, work_dir: Path, experiment_id: str, run_id: str) -> str:
+        uri = self.uri(work_dir)
+        base = self.ui_url or os.environ.get("VAEMO_MLFLOW_UI_URL") or (uri if uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI)
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 class CorpusConfig(Strict):
@@ -134,6 +144,11 @@ class PretrainConfig(TrainConfig):
     )
     data: DataConfig = DataConfig()
     eval_clips: int = Field(256, ge=2, description="clips used for the video-to-audio retrieval metric")
+    init: Path | None = Field(None, description="a Stage 1 model folder to start from instead of random weights "
+                                                "(continued pre-training; same architecture)")
+    on_new_shards: Literal["restart", "continue"] = Field(
+        "restart", description="`vaemo run`, when the shards changed since the last finished pre-training: train anew, "
+                               "or continue from that model (its folder is kept as stage1-previous/)")
 
 
 class ProbeConfig(Strict):
@@ -308,6 +323,15 @@ class PipelineSpec(Strict):
     stage_overrides: dict[StageName, dict] = Field(
         default_factory=dict, description="per stage, values that replace `stages.<stage>` for this pipeline only"
     )
+    schedule: str | None = Field(None, description="cron (UTC) for runs of this pipeline's deployment under `vaemo serve`, "
+                                                   "e.g. '0 3 * * *'; a run with nothing new skips every stage")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_has_five_fields(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 5:
+            raise ValueError(f"schedule {value!r}: expected a cron line of five fields (minute hour day month weekday)")
+        return value
 
     @model_validator(mode="after")
     def _stages_in_order(self) -> PipelineSpec:
@@ -371,6 +395,14 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         corpus.path = resolve(corpus.path)
         corpus.labels = resolve(corpus.labels)
     settings.stages.caption.exclude_clips = resolve(settings.stages.caption.exclude_clips)
+    # A captioning model is a folder or a hub id; only an explicitly relative folder ("./", "../") is resolved.
+    def resolve_model(model):
+        return str(base / model) if isinstance(model, str) and model.startswith(("./", "../")) else model
+
+    settings.stages.caption.model = resolve_model(settings.stages.caption.model)
+    for spec in settings.pipelines.values():
+        if "model" in spec.stage_overrides.get("caption", {}):
+            spec.stage_overrides["caption"]["model"] = resolve_model(spec.stage_overrides["caption"]["model"])
     return settings
 
 

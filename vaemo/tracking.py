@@ -23,6 +23,8 @@ def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
+        if tracking_uri.startswith(("http://", "https://")):
+            return client.create_experiment(experiment)  # the tracking server decides where artifacts go
         artifacts = (work_dir / "mlartifacts").resolve().as_uri()
         return client.create_experiment(experiment, artifact_location=artifacts)
     return found.experiment_id

@@ -197,3 +197,15 @@ def load_engine(cfg: CaptionConfig) -> VLLMEngine | TransformersEngine:
         _loaded.clear()
         _loaded[key] = ENGINES[cfg.engine](cfg)
     return _loaded[key]
+
+
+def release_engines() -> None:
+    """Free the loaded model for later stages of this process, and undo vLLM's CPU worker replacing
+    ``torch.set_num_threads`` (it pins its threads), which would otherwise ignore later training's threads."""
+    import gc
+
+    import torch
+
+    _loaded.clear()
+    gc.collect()
+    torch.set_num_threads = torch._C.set_num_threads

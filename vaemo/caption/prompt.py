@@ -87,17 +87,35 @@ class PromptError(ValueError):
     pass
 
 
-def load_prompt(name_or_path: str) -> Prompt:
-    """A prompt by name (a file in vaemo/caption/prompts) or by path to a YAML file."""
+def _prompt_path(name_or_path: str, relative_to: Path = PROMPTS_DIR) -> Path:
     path = Path(name_or_path)
     if not path.suffix:
-        path = PROMPTS_DIR / f"{name_or_path}.yaml"
+        return PROMPTS_DIR / f"{name_or_path}.yaml"
+    return path if path.is_absolute() or path.is_file() else relative_to / path
+
+
+def _read_prompt(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, bytes]:
+    """A prompt file's keys over those of the prompt it ``extends`` (by name or path), and the bytes of all of them."""
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml")))
-        raise PromptError(f"prompt {name_or_path!r} not found (bundled prompts: {known}; or give a path to a .yaml file)")
+        raise PromptError(f"prompt {path.stem if path.parent == PROMPTS_DIR else str(path)!r} not found (bundled prompts: {known}; or give a path to a .yaml file)")
+    if path.resolve() in chain:
+        raise PromptError(f"{path}: `extends` loops back to itself")
     raw = path.read_bytes()
     data = yaml.safe_load(raw)
-    missing = [k for k in ("version", "system", "user", "repair") if not isinstance(data, dict) or not data.get(k)]
+    if not isinstance(data, dict):
+        raise PromptError(f"{path}: expected a mapping of prompt keys")
+    if data.get("extends"):
+        base, base_raw = _read_prompt(_prompt_path(str(data.pop("extends")), path.parent), (*chain, path.resolve()))
+        return {**base, **data}, base_raw + raw
+    return data, raw
+
+
+def load_prompt(name_or_path: str) -> Prompt:
+    """A prompt by name (a file in vaemo/caption/prompts) or by path to a YAML file."""
+    path = _prompt_path(name_or_path, Path.cwd())
+    data, raw = _read_prompt(path)
+    missing = [k for k in ("version", "system", "user", "repair") if not data.get(k)]
     if missing:
         raise PromptError(f"{path}: missing {', '.join(missing)}")
     if LABEL_AWARE_SUFFIX in data["version"]:

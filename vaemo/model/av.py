@@ -722,19 +722,26 @@ def save(model: AVMAE, folder: str | os.PathLike) -> Path:
 
 def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> AVMAE:
     """Rebuild an ``AVMAE`` from ``save``'s folder; safetensors only, with a strict key check."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         cfg = AVConfig.model_validate_json(config_path.read_text())
     except ValueError as err:
         raise CheckpointError(f"{config_path}: not a valid model config: {err}") from err
     model = AVMAE(cfg)
+    load_weights(model, folder)
+    return model.to(map_location)
+
+
+def load_weights(model: AVMAE, folder: str | os.PathLike) -> None:
+    """Copy the weights of ``save``'s folder into ``model``: every key, every shape, or a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights_path = Path(folder) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: missing; a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
@@ -755,11 +762,8 @@ def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") ->
             parts.append(f"unexpected keys: {_listed(unexpected)}")
         if wrong_shape:
             parts.append(f"wrong shapes: {_listed(wrong_shape)}")
-        raise CheckpointError(
-            f"{weights_path} does not match the {cfg.name!r} model of {config_path}: " + "; ".join(parts)
-        )
+        raise CheckpointError(f"{weights_path} does not match the {model.cfg.name!r} model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
-    return model.to(map_location)
 
 
 def _listed(items: list[str], limit: int = 8) -> str:

@@ -83,6 +83,8 @@ def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = Fal
     data = data_config(cfg, model_cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every re-run
     model = av.AVMAE(model_cfg)
+    if cfg.init is not None:
+        av.load_weights(model, cfg.init)  # continued pre-training; checkpoints of a resumed run replace these
 
     def batches(epoch: int):
         # Seeded by epoch, so a resumed run replays exactly the stream it left.

@@ -1,0 +1,133 @@
+"""``vaemo ui``: a local Prefect server and an MLflow server over the work directory's own stores.
+
+Both run as child processes in their own process groups, log to ``<work_dir>/logs/``, and answer
+on one host (127.0.0.1 by default); stopping stops the whole group of each, so no worker of
+either outlives the command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT_SECONDS = 240  # the Prefect server migrates its database on first start; slow on a busy laptop
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Server:
+    name: str
+    host: str
+    port: int
+    health_path: str  # answers 200 once the server serves
+    command: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **self.env}, start_new_session=True)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + self.health_path, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        if not self.running():
+            return
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int, mlflow_port: int) -> list[Server]:
+    """The Prefect server (its SQLite database in PREFECT_HOME) and an MLflow server over ``mlflow_uri``."""
+    logs = Path(work_dir) / "logs"
+    artifacts = (Path(work_dir) / "mlartifacts").resolve().as_uri()
+    return [
+        Server("Prefect", host, prefect_port, "/api/health",
+               [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port), "--analytics-off"],
+               logs / "prefect-server.log",
+               # the browser UI asks this address for its data; by default it assumes port 4200
+               {"PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}),
+        Server("MLflow", host, mlflow_port, "/health",
+               [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_uri, "--default-artifact-root", artifacts,
+                "--host", host, "--port", str(mlflow_port), "--workers", "1"], logs / "mlflow-server.log"),
+    ]
+
+
+def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Start every server and wait until each answers; on any failure stop them all and say why."""
+    busy = [f"{s.host}:{s.port} ({s.name})" for s in servers if not _port_free(s.host, s.port)]
+    if busy:
+        raise ServerError(f"port in use: {', '.join(busy)}; choose other ports (--prefect-port, --mlflow-port)")
+    for server in servers:
+        server.start()
+    deadline = time.monotonic() + timeout
+    try:
+        waiting = list(servers)
+        while waiting:
+            for server in list(waiting):
+                if not server.running():
+                    raise ServerError(f"the {server.name} server stopped while starting (log {server.log}):\n{server.log_tail()}")
+                if server.healthy():
+                    waiting.remove(server)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(s.name for s in waiting)
+                raise ServerError(f"{names} did not answer within {timeout:.0f} s (logs in {waiting[0].log.parent})")
+            time.sleep(0.5)
+    except BaseException:
+        stop_all(servers)
+        raise
+
+
+def stop_all(servers: list[Server]) -> None:
+    for server in servers:
+        server.stop()

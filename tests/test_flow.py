@@ -102,7 +102,7 @@ def test_ingest_on_an_existing_dask_cluster(source, tmp_path, monkeypatch):
     Path(env["PREFECT_HOME"]).mkdir(parents=True)
     monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
     server = SubprocessASGIServer()
-    server.start()
+    server.start(timeout=120)  # its first start migrates a new database: slow on a busy machine
     env["PREFECT_API_URL"] = server.api_url
     monkeypatch.setenv("PREFECT_API_URL", server.api_url)  # the cluster's workers report here too
     try:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,10 +33,17 @@ def free_port() -> int:
 
 
 def http_json(url: str, body: dict | None = None) -> dict | list:
+    """GET or POST JSON; a busy server's 429/502/503 is retried, as Prefect's own client does."""
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    for attempt in range(6):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code not in (429, 502, 503) or attempt == 5:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def answers(url: str) -> bool:

@@ -10,6 +10,10 @@ the key matches.
 
 MLflow: one parent run per pipeline run (tagged with the Prefect flow-run id and deployment), one
 child run per stage (``mlflow.parentRunId``).
+
+One run of a pipeline per work directory at a time (a file lock; a second run is refused).
+``vaemo_new_corpus`` runs a named pipeline on a corpus given as a parameter (the "new-corpus"
+deployment of ``vaemo serve``).
 """
 
 from __future__ import annotations
@@ -232,10 +236,10 @@ def vaemo_new_corpus(pipeline: str, corpus_name: str, corpus: CorpusConfig, sett
 def _stages(p: _Pipeline, name: str, settings: Settings):
     from flows.align import align_flow, folder_digest
     from flows.caption import caption_flow
-    from vaemo.caption.engines import release_engines
     from flows.evaluate import evaluate_flow
     from flows.ingest import ingest_flow, parallelism, task_runner
     from flows.pretrain import pretrain_flow
+    from vaemo.caption.engines import release_engines
     from vaemo.ingest.run import shard_set_digest
     from vaemo.ingest.shards import load_markers
 

@@ -24,6 +24,16 @@ def test_repository_pipelines_yaml_is_valid():
     assert settings.mlflow_uri().startswith("sqlite:///") and settings.mlflow_uri().endswith("mlflow.db")
 
 
+def test_stage1_learning_check_settings_load_as_the_readme_uses_them():
+    """`vaemo --config benchmarks/stage1_learning.yaml pretrain` must keep parsing: tiny, augmentation off."""
+    settings = load_settings(ROOT / "benchmarks" / "stage1_learning.yaml")
+    pretrain = settings.stages.pretrain
+    assert pretrain.model == "tiny" and pretrain.model_overrides == {"contrastive_weight": 4.0}
+    assert pretrain.data.crop_scale is None and pretrain.data.flip_p == 0
+    assert pretrain.data.freq_mask == pretrain.data.time_mask == 0
+    assert settings.work_dir.resolve() == ROOT / "vaemo-work"  # outside benchmarks/, like pipelines.yaml's
+
+
 def test_unknown_key_names_file_and_key(tmp_path):
     path = write(tmp_path, "stages:\n  ingest:\n    fsp: 25\n")
     with pytest.raises(ConfigError) as err:

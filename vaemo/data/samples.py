@@ -6,12 +6,14 @@ hand. There is no retry path that could redraw one modality and keep the other (
 paired a new video with the old clip's audio this way): a sample either decodes completely or
 raises :class:`SampleError`, and the caller skips and counts it. Nothing is ever zero-filled.
 
-Decoder choice: PyAV (bundled FFmpeg 8), reading the bytes from a BytesIO. torchcodec is not
-installed in this environment (``import torchcodec`` fails), so there was nothing to compare it with.
-Measured on a 4.28 s, 192x192, 107-frame ingest clip on the 2-core development CPU: decoding every
-frame and converting each to RGB took 109-261 ms; decoding only up to the last frame the window
-needs and converting just its 16 frames took 35-57 ms (default threading; thread_type="AUTO" saved
-little and would oversubscribe DataLoader workers). The flac track decodes in about 5 ms.
+Decoder choice: PyAV (bundled FFmpeg 8), reading the bytes from a BytesIO. torchcodec 0.17
+decodes a window in about two thirds of the time but takes seconds to load in each fresh worker
+process and gains about 12 % per loader clip (``benchmarks/decode_bench.py``, README).
+Measured on a 4.28 s, 192x192, 107-frame ingest clip on the 2-core development CPU: decoding
+every frame and converting each to RGB took 109-261 ms; decoding only up to the last frame the
+window needs and converting just its 16 frames took 35-57 ms (default threading;
+thread_type="AUTO" saved little and would oversubscribe DataLoader workers). The flac track
+decodes in about 5 ms.
 
 Clips shorter than the window are looped: frame i of the clip repeats as frame i + n, and the
 audio repeats with the same period (n / fps seconds, conformed to exactly that many samples), so

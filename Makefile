@@ -1,4 +1,4 @@
-# Two commands do all set-up: `make demo` and `make test`. `make install` is the shared part.
+# Two commands do all set-up: `make demo` and `make test` (the linter, then the tests). `make install` is the shared part.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml scripts/system-deps.sh scripts/install-llm.sh scripts/v
 
 demo: install
 	$(BIN)/vaemo dev demo-inputs
-	$(BIN)/vaemo run pipelines.yaml --pipeline demo
+	$(BIN)/vaemo run --config pipelines.yaml --pipeline demo
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 SRC ?= ../shared/media

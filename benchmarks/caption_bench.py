@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
+from vaemo.artifacts import IngestFolder
 from vaemo.caption.engines import Request, load_engine
 from vaemo.caption.inputs import clip_media, shard_samples
 from vaemo.caption.prompt import json_schema, load_prompt
@@ -39,13 +38,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="timed rounds of each side, alternating; best is kept")
     args = parser.parse_args()
 
-    cfg = CaptionConfig(model=args.model, prompt=args.prompt, count=args.count, retries=0, sampling={"max_tokens": args.max_tokens})
+    cfg = CaptionConfig(
+        model=args.model, prompt=args.prompt, count=args.count, retries=0, sampling={"max_tokens": args.max_tokens}
+    )
     engine = load_engine(cfg)
     prompt = load_prompt(cfg.prompt)
-    picked = select_clips(pd.read_parquet(args.ingest_dir / "clips.parquet"), cfg)
+    picked = select_clips(IngestFolder(args.ingest_dir).clips(), cfg)
     media = []
     for shard, group in picked.groupby("shard"):
-        media += [clip_media(s, cfg.frames) for _, s in shard_samples(args.ingest_dir / "shards" / shard, set(group["clip_id"]))]
+        media += [
+            clip_media(s, cfg.frames)
+            for _, s in shard_samples(IngestFolder(args.ingest_dir).shards_dir / shard, set(group["clip_id"]))
+        ]
     requests = [Request(m.clip_id, prompt.messages(), m, 0) for m in media]
     schema = json_schema(prompt.limits)
     engine.generate(requests[:2], schema)  # warm-up: first-batch compilation and caches
@@ -62,11 +66,17 @@ def main() -> None:
 
     def rate(runs):
         seconds, tokens = min(runs)
-        return {"seconds": round(seconds, 2), "clips_per_s": round(len(requests) / seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+        return {
+            "seconds": round(seconds, 2),
+            "clips_per_s": round(len(requests) / seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
+        }
 
     result = {"machine": platform.processor() or platform.machine(), "model": cfg.model, "clips": len(requests),
               "vllm_alone": rate(bare), "pipeline": rate(piped)}
-    result["pipeline_vs_vllm_clips_per_s"] = round(result["pipeline"]["clips_per_s"] / result["vllm_alone"]["clips_per_s"], 3)
+    result["pipeline_vs_vllm_clips_per_s"] = round(
+        result["pipeline"]["clips_per_s"] / result["vllm_alone"]["clips_per_s"], 3
+    )
     print(json.dumps(result, indent=1))
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from vaemo.artifacts import IngestFolder
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import shard_urls
 from vaemo.data.samples import choose_window, decode_video
 
 
 def samples(ingest_dir: Path) -> list[dict]:
-    return list(wds.DataPipeline(wds.SimpleShardList(shard_urls(ingest_dir)), wds.tarfile_to_samples()))
+    return list(wds.DataPipeline(wds.SimpleShardList(IngestFolder(ingest_dir).shard_urls()), wds.tarfile_to_samples()))
 
 
 def pyav_window(data: bytes, start_seed: int, cfg: DataConfig) -> np.ndarray:
@@ -76,7 +76,9 @@ def main() -> None:
     else:
         result["torchcodec_ms_first_call"], result["torchcodec_ms_per_window"] = 1000 * first, 1000 * seconds
         result["torchcodec_over_pyav"] = result["torchcodec_ms_per_window"] / result["pyav_ms_per_window"]
-        result["same_frames_mean_abs_diff"] = float(np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(reference, frames)]))
+        result["same_frames_mean_abs_diff"] = float(
+            np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(reference, frames, strict=True)])
+        )
     print(json.dumps(result, indent=1))
 
 

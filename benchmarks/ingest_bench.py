@@ -48,6 +48,7 @@ import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from vaemo.artifacts import IngestFolder
 from vaemo.config import IngestConfig, load_settings
 from vaemo.ingest import face, media, shards, voice
 from vaemo.ingest.adapters import scan_corpus
@@ -67,11 +68,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("source", type=Path, help="folder of videos")
     p.add_argument("--dataset", default="generic", help="dataset adapter (default: %(default)s)")
     p.add_argument("--out", type=Path, help="write the full report as JSON here")
-    p.add_argument("--cores", type=int, default=1, help="pin to cores 0..N-1 and use N torch threads (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=1, help="repeat every measurement, keep the fastest (default: %(default)s)")
-    p.add_argument("--config", type=Path, default=REPO / "pipelines.yaml", help="stages.ingest settings (default: the project's pipelines.yaml; defaults if absent)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one IngestConfig field, e.g. --set detect_every=20 (repeatable)")
-    p.add_argument("--with-flow", action="store_true", help="also time a full `vaemo ingest` (Prefect + Dask, one worker) as a subprocess")
+    p.add_argument(
+        "--cores", type=int, default=1, help="pin to cores 0..N-1 and use N torch threads (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, help="repeat every measurement, keep the fastest (default: %(default)s)"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "pipelines.yaml",
+        help="stages.ingest settings (default: the project's pipelines.yaml; defaults if absent)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one IngestConfig field, e.g. --set detect_every=20 (repeatable)",
+    )
+    p.add_argument(
+        "--with-flow",
+        action="store_true",
+        help="also time a full `vaemo ingest` (Prefect + Dask, one worker) as a subprocess",
+    )
     args = p.parse_args(argv)
     available = len(os.sched_getaffinity(0))
     if not 1 <= args.cores <= available:
@@ -105,8 +126,17 @@ def load_config(path: Path, overrides: list[str], cores: int, videos: int) -> In
 
 
 def machine_info(cores: list[int]) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "unknown")
-    ffmpeg_line = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    ffmpeg_line = subprocess.run(
+        ["ffmpeg", "-version"], capture_output=True, text=True, check=False
+    ).stdout.splitlines()[:1]
     return {
         "cpu": cpu,
         "cpus_on_machine": os.cpu_count(),
@@ -183,7 +213,9 @@ def detection_size(size: tuple[int, int], cfg: IngestConfig) -> tuple[int, int]:
     return round(width * scale), round(height * scale)
 
 
-def decode_only(source: Path, record, info: media.ProbeInfo, size: tuple[int, int], cfg: IngestConfig) -> tuple[dict, np.ndarray]:
+def decode_only(
+    source: Path, record, info: media.ProbeInfo, size: tuple[int, int], cfg: IngestConfig
+) -> tuple[dict, np.ndarray]:
     """Decode the whole file as the ingest does (frames + 16 kHz mono audio); return timings and frames."""
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     result = {"audio_s": 0.0}
@@ -220,7 +252,7 @@ def measure_video(source: Path, video: dict, cfg: IngestConfig) -> dict:
         decoded, frames = decode_only(source, record, info, size, cfg)
     except media.MediaError as exc:
         return {**row, "error": f"{exc.status}: {exc.reason}"}
-    row.update(decoded, decode_size="%dx%d" % size, detect_size="%dx%d" % detection_size(size, cfg))
+    row.update(decoded, decode_size="{}x{}".format(*size), detect_size="{}x{}".format(*detection_size(size, cfg)))
     row.update(mtcnn_speed(frames, cfg))
     return row
 
@@ -252,12 +284,28 @@ def flow_wall_time(source: Path, dataset: str, cfg: IngestConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="vaemo-bench-flow-") as tmp:
         work = Path(tmp)
         config = work / "pipelines.yaml"
-        config.write_text(yaml.safe_dump({"work_dir": str(work), "dask": {"workers": 1}, "stages": {"ingest": cfg.model_dump()}}))
-        command = [str(Path(sys.executable).parent / "vaemo"), "--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", dataset, "--out", str(work / "out"), "--workers", "1"]
+        config.write_text(
+            yaml.safe_dump({"work_dir": str(work), "dask": {"workers": 1}, "stages": {"ingest": cfg.model_dump()}})
+        )
+        command = [
+            str(Path(sys.executable).parent / "vaemo"),
+            "--config",
+            str(config),
+            "--work-dir",
+            str(work),
+            "ingest",
+            str(source),
+            "--dataset",
+            dataset,
+            "--out",
+            str(work / "out"),
+            "--workers",
+            "1",
+        ]
         begin = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - begin
-        stats_file = work / "out" / "stats.json"
+        stats_file = IngestFolder(work / "out") / IngestFolder.STATS
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     return {
         "wall_s": seconds,
@@ -276,7 +324,10 @@ def stage_split(run: dict, hash_s: float) -> list[dict]:
     """Seconds and share of the end-to-end ingest per stage; 'other' is planning, shard commit, parquet."""
     seconds = {"hash": hash_s, **{s: run["stages"].get(s, 0.0) for s in STAGES if s != "hash"}}
     seconds["other"] = run["total_s"] - sum(seconds.values())
-    return [{"stage": s, "seconds": round(v, 3), "percent": round(100.0 * v / run["total_s"], 1)} for s, v in seconds.items()]
+    return [
+        {"stage": s, "seconds": round(v, 3), "percent": round(100.0 * v / run["total_s"], 1)}
+        for s, v in seconds.items()
+    ]
 
 
 def summarise(rows: list[dict], run: dict, cfg: IngestConfig) -> dict:
@@ -327,30 +378,87 @@ def markdown(report: dict) -> str:
         f"Models were loaded and called once before timing: silero-VAD {w['vad_load_and_first_call_s']:.2f} s, "
         f"MTCNN {w['mtcnn_load_and_first_call_s']:.2f} s ({w['mtcnn_frame_sizes']} frame sizes). "
         "The ingest ran in-process (no Prefect, no Dask); a full `vaemo ingest` adds a fixed start-up "
-        "cost (Prefect server, Dask cluster, MLflow, model loads in the worker), measured separately with `--with-flow`.",
+        "cost (Prefect server, Dask cluster, MLflow, model loads in the worker), measured separately with "
+        "`--with-flow`.",
         "## Summary",
         table(
-            ["videos", "clips", "source s", "decode-only s", "ingest s", "ingest / decode-only", "batches only / decode-only", "target", "realtime x (ingest)", "realtime x (decode-only)", "MTCNN ms/frame"],
-            [[s["videos"], s["clips"], fmt(s["source_seconds"], 1), fmt(s["decode_only_s"]), fmt(s["ingest_s"]), f"{s['ratio_ingest_to_decode']}x", f"{s['ratio_batches_to_decode']}x", f"<= {s['target_ratio']}x", s["realtime_factor"], s["decode_only_realtime_factor"], s["mtcnn_ms_per_frame"]]],
+            [
+                "videos",
+                "clips",
+                "source s",
+                "decode-only s",
+                "ingest s",
+                "ingest / decode-only",
+                "batches only / decode-only",
+                "target",
+                "realtime x (ingest)",
+                "realtime x (decode-only)",
+                "MTCNN ms/frame",
+            ],
+            [
+                [
+                    s["videos"],
+                    s["clips"],
+                    fmt(s["source_seconds"], 1),
+                    fmt(s["decode_only_s"]),
+                    fmt(s["ingest_s"]),
+                    f"{s['ratio_ingest_to_decode']}x",
+                    f"{s['ratio_batches_to_decode']}x",
+                    f"<= {s['target_ratio']}x",
+                    s["realtime_factor"],
+                    s["decode_only_realtime_factor"],
+                    s["mtcnn_ms_per_frame"],
+                ]
+            ],
         ),
         f"Statuses: {s['status_counts']}. Ingest phases: plan {report['ingest']['plan_s']:.2f} s, "
         f"batches {report['ingest']['batches_s']:.2f} s, finalize {report['ingest']['finalize_s']:.2f} s.",
         "## Where the ingest time goes",
-        table(["stage", "seconds", "% of ingest"], [[r["stage"], fmt(r["seconds"], 3), fmt(r["percent"], 1)] for r in report["stages"]]),
+        table(
+            ["stage", "seconds", "% of ingest"],
+            [[r["stage"], fmt(r["seconds"], 3), fmt(r["percent"], 1)] for r in report["stages"]],
+        ),
         "`hash` is timed on its own (it runs inside planning); `detect` is the whole face step (MTCNN on every "
         "`detect_every`-th frame, track linking, and the crop + resize of every frame); `other` is the rest of "
         "planning, shard commit and the parquet files.",
         "## Per video",
         table(
-            ["video", "source", "s", "status", "clips", "decode size", "decode-only s (audio+video)", "ingest s", "ingest / decode", f"MTCNN frames (every {s['detect_every']})", "detect size", "MTCNN ms/frame"],
             [
-                [r["path"], r.get("source_size"), fmt(r.get("duration"), 1), r.get("status", r.get("error")), r.get("n_clips"), r.get("decode_size"),
-                 f"{fmt(r.get('decode_s'), 3)} ({fmt(r.get('audio_s'), 3)}+{fmt(r.get('video_s'), 3)})" if "decode_s" in r else None,
-                 fmt(r.get("ingest_s"), 3), fmt(r.get("ratio")), r.get("detect_frames"), r.get("detect_size"), fmt(r.get("detect_ms_per_frame"), 1)]
+                "video",
+                "source",
+                "s",
+                "status",
+                "clips",
+                "decode size",
+                "decode-only s (audio+video)",
+                "ingest s",
+                "ingest / decode",
+                f"MTCNN frames (every {s['detect_every']})",
+                "detect size",
+                "MTCNN ms/frame",
+            ],
+            [
+                [
+                    r["path"],
+                    r.get("source_size"),
+                    fmt(r.get("duration"), 1),
+                    r.get("status", r.get("error")),
+                    r.get("n_clips"),
+                    r.get("decode_size"),
+                    f"{fmt(r.get('decode_s'), 3)} ({fmt(r.get('audio_s'), 3)}+{fmt(r.get('video_s'), 3)})"
+                    if "decode_s" in r
+                    else None,
+                    fmt(r.get("ingest_s"), 3),
+                    fmt(r.get("ratio")),
+                    r.get("detect_frames"),
+                    r.get("detect_size"),
+                    fmt(r.get("detect_ms_per_frame"), 1),
+                ]
                 for r in report["per_video"]
             ],
         ),
-        "Per-video ingest seconds come from the batch marker (process + write of that video; hashing and planning are not in it).",
+        "Per-video ingest seconds come from the batch marker (process + write of that video; hashing and planning "
+        "are not in it).",
     ]
     if report.get("flow"):
         f = report["flow"]
@@ -359,7 +467,8 @@ def markdown(report: dict) -> str:
             f"`{f['command']}`: {f['wall_s']:.2f} s wall (exit {f['returncode']}), "
             f"{f['wall_s'] - s['ingest_s']:.2f} s more than the in-process ingest; the ingest run inside it "
             f"(IngestRun open to finalize, batches on the Dask worker) took {fmt(f['run_s'])} s, so start-up and "
-            f"shut-down of Prefect, Dask and MLflow took about {fmt(f['wall_s'] - f['run_s'] if f['run_s'] else None)} s. "
+            "shut-down of Prefect, Dask and MLflow took about "
+            f"{fmt(f['wall_s'] - f['run_s'] if f['run_s'] else None)} s. "
             "All of it ran on the same pinned cores. Stages on the worker: "
             + ", ".join(f"{k} {v:.2f} s" for k, v in f["stages"].items())
             + f" (sum {sum(f['stages'].values()):.2f} s; in-process: {sum(report['ingest_stages'].values()):.2f} s).",
@@ -392,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeat):
             bar.set_description(f"decode-only + MTCNN ({repeat + 1}/{args.repeat})")
             for video in videos:
-                best_rows[video["video_id"]] = keep_fastest(best_rows.get(video["video_id"]), measure_video(args.source, video, cfg), "decode_s")
+                best_rows[video["video_id"]] = keep_fastest(
+                    best_rows.get(video["video_id"]), measure_video(args.source, video, cfg), "decode_s"
+                )
                 bar.update()
             bar.set_description(f"hashing ({repeat + 1}/{args.repeat})")
             hash_s = time_hashing(args.source, videos)
@@ -432,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         "per_video": rows,
         "flow": flow,
         "notes": [
-            "ingest ran in-process (IngestRun + run_batch + finalize), no Prefect, no Dask; the orchestration adds a fixed start-up cost, measured by --with-flow",
+            "ingest ran in-process (IngestRun + run_batch + finalize), no Prefect, no Dask; the orchestration adds a "
+            "fixed start-up cost, measured by --with-flow",
             "models were loaded and called once before timing; their load times are in warm_up",
             "ffmpeg children inherit the CPU affinity and size their thread pools to it",
         ],

@@ -45,7 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ingest_dir", type=Path, help="an ingest output folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--settings", type=Path, default=SETTINGS, help="a pipelines file whose stages.pretrain is used")
+    parser.add_argument(
+        "--settings", type=Path, default=SETTINGS, help="a pipelines file whose stages.pretrain is used"
+    )
     parser.add_argument("--out", type=Path, help="where the runs go (default: a new temporary folder)")
     args = parser.parse_args()
     base = load_settings(args.settings).stages.pretrain
@@ -57,10 +59,17 @@ def main() -> None:
         begin = time.perf_counter()
         metrics = pretrain(args.ingest_dir, out / f"seed-{seed}", base.model_copy(update={"seed": seed}))
         row = rows[seed] = judged(metrics, time.perf_counter() - begin)
-        print(f"{seed:>4}  {row['minutes']:>7}  {row['loss_first']:>10} -> {row['loss_last']:<9}  {row['loss_ratio']:>5}"
-              f"  {row['av_retrieval_top1']:>5}  {row['times_chance']:>8}  {row['passed']}", flush=True)
+        print(
+            f"{seed:>4}  {row['minutes']:>7}  {row['loss_first']:>10} -> {row['loss_last']:<9}  {row['loss_ratio']:>5}"
+            f"  {row['av_retrieval_top1']:>5}  {row['times_chance']:>8}  {row['passed']}",
+            flush=True,
+        )
     summary = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load": os.getloadavg()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "load": os.getloadavg(),
+        },
         "settings": base.model_dump(mode="json"),
         "targets": {"max_loss_ratio": MAX_LOSS_RATIO, "min_times_chance": MIN_TIMES_CHANCE},
         "seeds": rows,

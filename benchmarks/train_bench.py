@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from vaemo.artifacts import IngestFolder
 from vaemo.config import PretrainConfig
-from vaemo.data.loader import make_loader, shard_urls
+from vaemo.data.loader import make_loader
 from vaemo.model import av
 from vaemo.train.loop import optimizer_for
 from vaemo.train.pretrain import data_config, model_config
@@ -80,8 +81,12 @@ def training_samples_per_second(cfg: PretrainConfig, steps: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
-    out = {"samples_per_second": cfg.batch_size * steps / seconds, "seconds_per_step": seconds / steps, "compiled": compiled,
-           "warm_up_seconds": warm_up}
+    out = {
+        "samples_per_second": cfg.batch_size * steps / seconds,
+        "seconds_per_step": seconds / steps,
+        "compiled": compiled,
+        "warm_up_seconds": warm_up,
+    }
     if device.type == "cuda":
         out["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         flops_per_sample = 3 * av.model_info(model.cfg)["pretrain_gflops"] * 1e9  # forward + backward
@@ -106,14 +111,21 @@ def main() -> None:
     cfg = PretrainConfig(model=args.model, batch_size=args.batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        },
         "model": args.model,
         "batch_size": args.batch_size,
         "train": training_samples_per_second(cfg, args.steps, device, compiled=args.compile),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
     if args.ingest_dir:
-        clips = loader_clips_per_second(shard_urls(args.ingest_dir), cfg, clips=max(2, args.steps // 2) * args.batch_size)
+        clips = loader_clips_per_second(
+            IngestFolder(args.ingest_dir).shard_urls(), cfg, clips=max(2, args.steps // 2) * args.batch_size
+        )
         result["loader_clips_per_second_per_worker"] = clips
         result["workers_needed_to_feed_the_model"] = result["train"]["samples_per_second"] / clips
     print(json.dumps(result, indent=1))

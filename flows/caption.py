@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
-from flows.common import gpu_stage_run
+from flows.common import gpu_stage_run, vaemo_flow
 from vaemo import tracking
+from vaemo.artifacts import IngestFolder, TableVersion
 from vaemo.caption.engines import load_engine
-from vaemo.caption.run import CaptionRun
+from vaemo.caption.run import CaptionRun, check_settings
 from vaemo.config import CaptionConfig, TrackingConfig
-from vaemo.ingest.run import shard_set_digest
-from vaemo.ingest.shards import load_markers
 
 
 @task(cache_policy=NONE)
@@ -25,7 +28,12 @@ def caption_shard(run: CaptionRun, shard: str, clip_ids: list[str]) -> dict:
     return run.caption_shard(shard, clip_ids, load_engine(run.cfg))
 
 
-@flow(name="caption", log_prints=True)
+def check(shards: str, settings: CaptionConfig, **_) -> None:
+    IngestFolder(shards).shard_urls()
+    check_settings(settings)
+
+
+@vaemo_flow("caption", check)
 def caption_flow(
     shards: str,
     db: str,
@@ -37,14 +45,16 @@ def caption_flow(
 ) -> dict:
     """Describe the selected clips of an ingest folder with a multimodal LLM; rows land in ``db``."""
     logger = get_run_logger()
-    digest = shard_set_digest(load_markers(Path(shards)))
+    ingest = IngestFolder(shards)
     params = {"shards": shards, "db": db, "force": force, "caption": settings.model_dump(mode="json")}
     start = time.perf_counter()
     with gpu_stage_run("caption", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (mlrun, _):
-        tracking.log_dataset("shards", Path(shards) / "shards", digest, context="input")
+        tracking.log_shards(ingest, "input")
         with CaptionRun(shards, db, settings, force) as run:
             tracking.log_files([run.prompt.path], artifact_path="prompt")
-            tracking.log_params({"prompt_version": run.prompt_version, "prompt_digest": run.prompt.digest, "model_key": run.model})
+            tracking.log_params(
+                {"prompt_version": run.prompt_version, "prompt_digest": run.prompt.digest, "model_key": run.model}
+            )
             plan = run.plan()
             logger.info("%d clips selected, %d already described, %d to describe in %d shard(s)",
                         len(plan.selected), plan.already_stored, plan.clips_todo, len(plan.todo))
@@ -59,18 +69,31 @@ def caption_flow(
                     logger.info("%s: %s", shard, counts)
             summary = run.finalize(plan, time.perf_counter() - start)
             sample = run.sample_rows()
-        tracking.log_metrics_flat({k: summary[k] for k in ("selected", "captioned_now", "already_stored", "generated_tokens")})
+        tracking.log_metrics_flat(
+            {k: summary[k] for k in ("selected", "captioned_now", "already_stored", "generated_tokens")}
+        )
         tracking.log_metrics_flat(summary["status_counts"], "status.")
-        tracking.log_metrics_flat({k: summary[k] for k in ("clips_per_second", "tokens_per_second") if summary[k] is not None})
-        tracking.log_lancedb("captions", Path(db), summary["table"], summary["tag"], summary["version"], context="output")
+        tracking.log_metrics_flat(
+            {k: summary[k] for k in ("clips_per_second", "tokens_per_second") if summary[k] is not None}
+        )
+        tracking.log_table_version(
+            "captions", TableVersion(db, summary["table"], summary["tag"], summary["version"]), context="output"
+        )
         tracking.log_json(summary, "caption_summary.json")
         if not sample.empty:
             tracking.log_table(sample.astype(str), "caption_samples.json")
             create_table_artifact(key="caption-samples", table=sample.astype(str).to_dict(orient="records"),
                                   description="descriptions written by this run")
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items()))
-        create_markdown_artifact(key="caption-report", markdown=(
-            f"# Captions `{summary['prompt_version']}` by `{summary['model']}`\n\n{summary['selected']} clips selected "
-            f"({counts}); {summary['captioned_now']} described now. LanceDB `{db}` table `{summary['table']}`, "
-            f"tag `{summary['tag']}` (version {summary['version']}); MLflow run `{mlrun.info.run_id}`."))
-        return {**summary, "mlflow_run_id": mlrun.info.run_id}
+        line = (
+            f"caption done: {summary['selected']} clips selected ({counts}), {summary['captioned_now']} described now; "
+            f"LanceDB {db} table {summary['table']} tag {summary['tag']}; MLflow run {mlrun.info.run_id}"
+        )
+        create_markdown_artifact(
+            key="caption-report",
+            markdown=(
+                f"# Captions `{summary['prompt_version']}` by `{summary['model']}`\n\n{line} (version "
+                f"{summary['version']})."
+            ),
+        )
+        return {**summary, "mlflow_run_id": mlrun.info.run_id, "summary": line}

@@ -1,8 +1,9 @@
-"""The ``vaemo`` command. Each subcommand runs the matching Prefect flow.
+"""The ``vaemo`` command: parse the arguments, run the matching flow (or library call), print its summary.
 
 Prefect and MLflow keep their state in the work directory (``./vaemo-work`` by default), so a
 fresh checkout runs without any server: Prefect starts a temporary one unless PREFECT_API_URL is
-set.
+set. Exit codes: 0 done; 1 did not complete (some work failed; or a bug, whose traceback is
+printed and logged); 2 refused, with one line that says what to fix.
 """
 
 from __future__ import annotations
@@ -10,592 +11,290 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from contextlib import contextmanager
+import time
+import traceback
+import types
+import typing
+from importlib import import_module
 from pathlib import Path
 
-DEFAULT_CONFIG = "pipelines.yaml"
+from flows.environment import log_to, prepare, run_flow
+from vaemo.config import DatasetName, Settings, load_settings, with_overrides
+from vaemo.errors import ConfigError, VaemoError
+from vaemo.registry import MODALITIES, MODEL_PRESETS
+
+DEFAULT_CONFIG, DEFAULT_WORK_DIR = "pipelines.yaml", "vaemo-work"
 
 
-def _environment(work_dir: Path) -> None:
-    """Set before Prefect is imported: its settings are read once."""
-    os.environ.setdefault("PREFECT_HOME", str((work_dir / "prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server migrates its database on first start; a busy machine needs more than 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: the
-    # temporary server of a later command can then expire the slot of a command that was killed.
-    os.environ.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
-
-
-@contextmanager
-def prefect_api():
-    """Use PREFECT_API_URL when set; else one temporary local server for this command.
-
-    Prefect would start its temporary server lazily in every process, so each Dask worker would
-    boot its own; exporting one URL before the cluster starts lets all of them share it.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        # Send buffered logs and events while the server is still up; afterwards they would be
-        # retried against a closed port at interpreter exit.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
-        del os.environ["PREFECT_API_URL"]
-        server.stop()
-
-
-def _settings(args):
-    from vaemo.config import Settings, load_settings
-
-    path = Path(args.config)
-    if path.exists():
-        settings = load_settings(path)
-    elif args.config != DEFAULT_CONFIG:
-        from vaemo.config import ConfigError
-
+def settings_of(args, required: bool = False, prefect: bool = False):
+    """The pipelines file's settings (``--config``; the defaults when it is absent and not ``required``) with the
+    command line's work dir and Dask options; this command's log file; Prefect's environment when it will run."""
+    path = Path(args.config or DEFAULT_CONFIG)
+    if not path.exists() and (args.config or required):
         raise ConfigError(f"{path}: configuration file not found")
-    else:
-        settings = Settings()
+    settings = load_settings(path) if path.exists() else Settings()
     if args.work_dir:
         settings.work_dir = Path(args.work_dir)
-    if getattr(args, "workers", None):
-        settings.dask.workers = args.workers
-    if getattr(args, "dask_address", None):
-        settings.dask.address = args.dask_address
+    for option, field in (("workers", "workers"), ("dask_address", "address")):
+        if getattr(args, option, None):
+            setattr(settings.dask, field, getattr(args, option))
+    args.log = log_to(Path(settings.work_dir) / "logs" / f"vaemo-{args.command}.log")
+    if prefect:
+        prepare(settings.work_dir)
     return settings
 
 
-def _run_stage_flow(name: str, stage_flow, project, **params) -> dict | None:
-    """Run a stage flow against the Prefect API: its result, or None after saying why it did not complete."""
-    with prefect_api():
-        state = stage_flow(**params, work_dir=str(project.work_dir), tracking_cfg=project.tracking, return_state=True)
-    if not state.is_completed():
-        print(f"vaemo: {name} did not complete: {state.message}", file=sys.stderr)
-        return None
-    return state.result()
+SETTING = "setting:"  # the destination prefix of options that replace a stage's settings for one run
 
 
-def run_ingest(settings, source: Path, out: Path, dataset: str, labels: Path | None) -> int:
-    """Run the ingest flow; return a process exit code (0 ok, 1 some batches failed, 2 refused)."""
-    _environment(settings.work_dir)
-    from vaemo.ingest.adapters import scan_corpus
-    from vaemo.ingest.media import require_ffmpeg
+def stage_params(args, stage: str) -> tuple:
+    """The settings, and what every stage flow takes: the stage's settings (the command line's options replace the
+    file's values for this run), the work dir and tracking; then Prefect's environment is set."""
+    settings = settings_of(args)
+    given = {k.removeprefix(SETTING): v for k, v in vars(args).items() if k.startswith(SETTING) and v is not None}
+    if given.get("fraction") is not None:
+        given["count"] = None  # the command line's size wins over the file's
+    cfg = with_overrides(getattr(settings.stages, stage), given, "command line")
+    prepare(settings.work_dir)
+    return settings, {"settings": cfg, "work_dir": str(settings.work_dir), "tracking_cfg": settings.tracking}
 
-    require_ffmpeg()
-    records = scan_corpus(source, dataset, labels)  # a clear error before any flow starts
-    print(f"vaemo: {len(records)} videos under {source} ({dataset})")
 
-    from flows.ingest import ingest_flow, parallelism, task_runner
-
-    with prefect_api():
-        state = ingest_flow.with_options(task_runner=task_runner(settings.dask))(
-            source=str(source),
-            out=str(out),
-            dataset=dataset,
-            labels=str(labels) if labels else None,
-            work_dir=str(settings.work_dir),
-            ingest=settings.stages.ingest,
-            tracking_cfg=settings.tracking,
-            workers=parallelism(settings.dask),
-            return_state=True,
-        )
-    if state.is_completed():
-        stats = state.result()
-        counts = ", ".join(f"{k} {v}" for k, v in stats["status_counts"].items())
-        print(f"vaemo: ingest done: {stats['clips']} clips in {stats['shards']} shards under {out} ({counts})")
-        return 0
-    print(f"vaemo: ingest did not complete: {state.message}", file=sys.stderr)
-    return 1 if "batches failed" in (state.message or "") else 2
+def flow_of(name: str):
+    """A flow, imported once Prefect's environment is set (``settings_of(prefect=True)``)."""
+    module, _, attribute = name.partition(":")
+    return getattr(import_module(f"flows.{module}"), attribute)
 
 
 def cmd_ingest(args) -> int:
-    settings = _settings(args)
-    return run_ingest(settings, Path(args.source), Path(args.out), args.dataset, Path(args.labels) if args.labels else None)
-
-
-def run_pretrain(settings, shards: Path, out: Path, cfg, resume: bool) -> int:
-    """Run the pretrain flow; return a process exit code."""
-    _environment(settings.work_dir)
-    from vaemo.data.loader import shard_urls
-
-    shard_urls(shards)  # a clear error before any flow starts
-    from flows.pretrain import pretrain_flow
-
-    metrics = _run_stage_flow("pretrain", pretrain_flow, settings, shards=str(shards), out=str(out), settings=cfg, resume=resume)
-    if metrics is None:
-        return 1
-    print(f"vaemo: pretrain done: loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}, video->audio top-1 "
-          f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {out}, "
-          f"MLflow run {metrics['mlflow_run_id']}")
-    return 0
+    settings, params = stage_params(args, "ingest")
+    return run_flow(flow_of("ingest:on_cluster")(settings.dask), source=args.source, out=args.out,
+                    dataset=args.dataset, labels=args.labels, workers=settings.dask.parallelism(), **params)
 
 
 def cmd_pretrain(args) -> int:
-    settings = _settings(args)
-    updates = {"model": args.model_config, "steps": args.steps, "processes": args.processes}
-    cfg = settings.stages.pretrain.model_validate({**settings.stages.pretrain.model_dump(), **{k: v for k, v in updates.items() if v}})
-    return run_pretrain(settings, Path(args.shards), Path(args.out), cfg, args.resume)
-
-
-def cmd_model_info(args) -> int:
-    from vaemo.model import av
-
-    info = av.model_info(av.config_for(args.model_config))
-    print(f"model {info['name']}")
-    for part, count in info["params"].items():
-        print(f"  params.{part:<18} {count:>12,}")
-    for key, value in info.items():
-        if key.endswith("gflops"):
-            print(f"  {key:<25} {value:>10.2f}")
-    print(f"  tokens: {info['tokens']}")
-    return 0
-
-
-def cmd_embed(args) -> int:
-    import numpy as np
-
-    from vaemo.embed import encode
-
-    vectors = encode(Path(args.source), Path(args.model), args.modality, batch_size=args.batch_size)
-    if not vectors:
-        print(f"vaemo: error: no clip of {args.source} could be embedded", file=sys.stderr)
-        return 2
-    ids = sorted(vectors)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, clip_id=np.array(ids), embedding=np.stack([vectors[i] for i in ids]))
-    print(f"vaemo: {len(ids)} {args.modality} embeddings of size {len(vectors[ids[0]])} written to {out}")
-    return 0
-
-
-def run_evaluate(settings, model: Path, data: Path, out: Path, cfg) -> int:
-    """Run the evaluate flow; return a process exit code."""
-    _environment(settings.work_dir)
-    from vaemo.eval import prepare
-
-    plan = prepare(model, data, cfg).plan  # a clear error before any flow starts
-    print(f"vaemo: {cfg.protocol} {cfg.mode} ({cfg.modality} input) on {len(plan.clips)} labelled clips: {plan.rule}")
-    from flows.evaluate import evaluate_flow
-
-    result = _run_stage_flow("evaluate", evaluate_flow, settings, model=str(model), data=str(data), out=str(out),
-                             settings=cfg)
-    if result is None:
-        return 1
-    best, last = result["mean"]["best_val"], result["mean"]["last"]
-    print(f"vaemo: evaluate done over {result['folds']} folds: UAR {100 * best['uar']:.2f} ± {100 * best['uar_std']:.2f} % "
-          f"(best on validation), {100 * last['uar']:.2f} ± {100 * last['uar_std']:.2f} % (last epoch); WAR "
-          f"{100 * best['war']:.2f} / {100 * last['war']:.2f} %; chance UAR {100 * result['chance_uar']:.2f} %; "
-          f"{out / 'results.json'}, {out / 'report.md'}; MLflow run {result['mlflow_run_id']}")
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    if args.folds is not None and args.folds < 2:
-        raise ValueError(f"--folds must be at least 2 (one fold to test, the others to train on), got {args.folds}")
-    settings = _settings(args)
-    base = settings.stages.evaluate
-    updates = {"protocol": args.protocol, "mode": args.mode, "folds": args.folds, "modality": args.modality}
-    cfg = base.model_validate({**base.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
-    return run_evaluate(settings, Path(args.model), Path(args.data), Path(args.out), cfg)
-
-
-def run_caption(settings, shards: Path, db: Path, cfg, force: bool) -> int:
-    """Run the caption flow; return a process exit code."""
-    _environment(settings.work_dir)
-    from vaemo.caption.engines import resolve_model
-    from vaemo.caption.prompt import load_prompt
-    from vaemo.data.loader import shard_urls
-
-    shard_urls(shards)  # clear errors before any flow starts
-    resolve_model(cfg.model)
-    load_prompt(cfg.prompt)
-    from flows.caption import caption_flow
-
-    summary = _run_stage_flow("caption", caption_flow, settings, shards=str(shards), db=str(db), settings=cfg, force=force)
-    if summary is None:
-        return 1
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_counts"].items()))
-    print(f"vaemo: caption done: {summary['selected']} clips selected ({counts}), {summary['captioned_now']} described now; "
-          f"LanceDB {db} table {summary['table']} tag {summary['tag']}; MLflow run {summary['mlflow_run_id']}")
-    return 0
+    _, params = stage_params(args, "pretrain")
+    return run_flow(flow_of("pretrain:pretrain_flow"), shards=args.shards, out=args.out, resume=args.resume,
+                    **params)
 
 
 def cmd_caption(args) -> int:
-    settings = _settings(args)
-    updates = {k: v for k, v in {"engine": args.engine, "model": args.model, "prompt": args.prompt, "count": args.count}.items() if v}
-    if args.fraction:
-        updates.update(count=None, fraction=args.fraction)  # the command line's size wins over the file's
-    cfg = settings.stages.caption.model_validate({**settings.stages.caption.model_dump(), **updates})
-    return run_caption(settings, Path(args.shards), Path(args.db), cfg, args.force)
-
-
-def run_align(settings, shards: Path, db: Path, init: Path, out: Path, cfg, resume: bool) -> int:
-    """Run the align flow; return a process exit code."""
-    _environment(settings.work_dir)
-    from vaemo.align.data import load_captions
-    from vaemo.align.train import load_stage1
-    from vaemo.data.loader import shard_urls
-
-    shard_urls(shards)  # clear errors before any flow starts
-    load_stage1(init)
-    captions = load_captions(db, shards, cfg)
-    print(f"vaemo: {captions.counts['captions_ok']} captioned clips from {db} tag {captions.tag} (version {captions.version}), "
-          f"{captions.counts['captions_skipped']} skipped: status not ok")
-    from flows.align import align_flow
-
-    m = _run_stage_flow("align", align_flow, settings, shards=str(shards), db=str(db), init=str(init), out=str(out),
-                        settings=cfg, resume=resume)
-    if m is None:
-        return 1
-    print(f"vaemo: align done: loss {m['loss_first']:.4f} -> {m['loss_last']:.4f} (global {m['global_first']:.4f} -> "
-          f"{m['global_last']:.4f}, modality {m['modality_first']:.4f} -> {m['modality_last']:.4f}); AV->description top-1 "
-          f"{m['text_retrieval_top1']:.3f} (before {m.get('init_text_retrieval_top1', float('nan')):.3f}, chance {m['text_retrieval_chance']:.3f}) "
-          f"on {m['text_retrieval_clips']} captioned clips; model in {out}, MLflow run {m['mlflow_run_id']}")
-    return 0
+    _, params = stage_params(args, "caption")
+    return run_flow(flow_of("caption:caption_flow"), shards=args.shards, db=args.db, force=args.force, **params)
 
 
 def cmd_align(args) -> int:
-    settings = _settings(args)
-    base = settings.stages.align
-    updates = {"steps": args.steps, "processes": args.processes, "caption_tag": args.caption_tag, "trainable": args.trainable}
-    cfg = base.model_validate({**base.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
-    return run_align(settings, Path(args.shards), Path(args.db), Path(args.init), Path(args.out), cfg, args.resume)
+    _, params = stage_params(args, "align")
+    return run_flow(flow_of("align:align_flow"), shards=args.shards, db=args.db, init=args.init, out=args.out,
+                    resume=args.resume, **params)
 
 
-def cmd_zeroshot(args) -> int:
-    from vaemo.eval.zeroshot import score_clips
-
-    frame = score_clips(Path(args.source), Path(args.model), args.labels.split(","), templates=args.template,
-                        modality=args.modality, batch_size=args.batch_size)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".json":
-        out.write_text(frame.to_json(orient="records", indent=1))
-    else:
-        frame.to_csv(out, index=False)
-    counts = ", ".join(f"{k} {v}" for k, v in frame["predicted"].value_counts().items())
-    print(f"vaemo: {len(frame)} clips scored against {args.labels} ({counts}); probabilities in {out}")
-    return 0
-
-
-def cmd_search(args) -> int:
-    from vaemo.align.search import search
-
-    found, tag = search(Path(args.db), args.text, args.k, tag=args.tag, table_name=args.table, modality=args.modality)
-    print(f"vaemo: {len(found)} nearest clips to {args.text!r} ({args.modality}, run {tag}):")
-    for rank, row in enumerate(found.itertuples(), 1):
-        about = " ".join(f"{k}={getattr(row, k)}" for k in ("dataset", "speaker", "label", "emotion") if isinstance(getattr(row, k), str))
-        print(f"{rank:>3}  {row.score:+.4f}  {row.clip_id}  {row.source if isinstance(row.source, str) else ''}  {about}")
-    return 0
-
-
-def cmd_dev_tiny_mllm(args) -> int:
-    from vaemo.caption.tiny import WARNING, build_tiny_mllm
-
-    out = build_tiny_mllm(Path(args.out))
-    print(f"vaemo: tiny Qwen2.5-Omni thinker written to {out} ({WARNING})")
-    return 0
-
-
-def run_pipeline(settings, name: str) -> int:
-    """Run the ``vaemo_pipeline`` flow for one named pipeline; return a process exit code."""
-    _environment(settings.work_dir)
-    from flows.pipeline import layout, preflight, vaemo_pipeline
-
-    preflight(settings, name)  # clear errors before a Prefect server starts
-    with prefect_api():
-        state = vaemo_pipeline(pipeline=name, settings=settings, return_state=True)
-    if not state.is_completed():
-        print(f"vaemo: pipeline {name} did not complete: {state.message}", file=sys.stderr)
-        return 1
-    result = state.result()
-    children = ", ".join(f"{stage} {run_id}" + (" (skipped)" if stage in result["skipped"] else "") for stage, run_id in result["children"].items())
-    print(f"vaemo: pipeline {name} done: MLflow run {result['mlflow_run_id']} (Prefect flow run {result['flow_run_id']}); "
-          f"stages: {children}")
-    outputs = layout(settings.work_dir, name)
-    print(f"vaemo: look at the MLflow run {result['mlflow_run_id']} in {settings.mlflow_uri()} (`vaemo ui` serves it), "
-          f"`vaemo lineage {result['mlflow_run_id']}`, and the outputs in {outputs['root']}:")
-    for what, path in (("shards", outputs["corpora"]), ("Stage 1 model", outputs["pretrain"]), ("LanceDB captions", outputs["caption"]),
-                       ("Stage 2 model", outputs["align"]), ("evaluation report", outputs["evaluate"] / "report.md")):
-        if path.exists():
-            print(f"  {what}: {path}")
-    return 0
-
-
-def _pipelines_file_settings(args):
-    from vaemo.config import load_settings
-
-    settings = load_settings(Path(args.pipelines_file))
-    if args.work_dir:
-        settings.work_dir = Path(args.work_dir)
-    if getattr(args, "workers", None):
-        settings.dask.workers = args.workers
-    return settings
+def cmd_evaluate(args) -> int:
+    _, params = stage_params(args, "evaluate")
+    return run_flow(flow_of("evaluate:evaluate_flow"), model=args.model_dir, data=args.data, out=args.out, **params)
 
 
 def cmd_run(args) -> int:
-    return run_pipeline(_pipelines_file_settings(args), args.pipeline)
+    settings = settings_of(args, required=True, prefect=True)  # before any flow is imported
+    return run_flow(flow_of("pipeline:vaemo_pipeline"), f"pipeline {args.pipeline}", pipeline=args.pipeline,
+                    settings=settings)
 
 
 def cmd_serve(args) -> int:
-    """Serve the deployments of a pipelines.yaml until Ctrl-C: flow runs triggered in the UI or by schedules run here."""
-    from vaemo.config import ConfigError
-
-    settings = _pipelines_file_settings(args)
-    if not settings.pipelines:
-        raise ConfigError(f"{args.pipelines_file}: no pipelines to serve")
-    _environment(settings.work_dir)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise ConfigError("vaemo serve needs a running Prefect server: start `vaemo ui` and export the PREFECT_API_URL it "
-                          "prints, or set PREFECT_API_URL to your server's API (http://HOST:4200/api)")
-    from prefect import serve
-
-    from flows.serve import deployments
-
-    served = deployments(settings)
-    schedules = {name: spec.schedule for name, spec in settings.pipelines.items() if spec.schedule}
-    print(f"vaemo: serving {', '.join(f'{d.flow_name}/{d.name}' for d in served)} on {os.environ['PREFECT_API_URL']}"
-          + (f"; schedules (UTC): {schedules}" if schedules else "") + "; Ctrl-C stops", flush=True)
-    try:
-        serve(*served, print_starting_message=False)
-    except KeyboardInterrupt:
-        print("vaemo: stopped serving (scheduled runs are paused until the next `vaemo serve`)")
-    return 0
+    settings = settings_of(args, required=True, prefect=True)
+    return flow_of("serve:serve_pipelines")(settings, args.config or DEFAULT_CONFIG)
 
 
 def cmd_ui(args) -> int:
-    """A Prefect server and an MLflow server over the work directory, until Ctrl-C."""
-    import signal
-    import time
-    from urllib.parse import urlparse
+    settings = settings_of(args, prefect=True)
+    return import_module("vaemo.servers").run_local_servers(settings, args.host, args.prefect_port, args.mlflow_port)
 
-    from vaemo.config import DEFAULT_MLFLOW_UI
-    from vaemo.servers import local_servers, start_all, stop_all
 
-    settings = _settings(args)
-    _environment(settings.work_dir)
-    mlflow_port = args.mlflow_port or urlparse(settings.tracking.ui_url or DEFAULT_MLFLOW_UI).port
-    servers = local_servers(settings.work_dir, settings.mlflow_uri(), args.host, args.prefect_port, mlflow_port)
+# The commands below are library calls without a flow: each returns the text to print (exit 0).
 
-    def stop_on_sigterm(*_):
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    print(f"vaemo: starting the Prefect and MLflow servers (logs in {settings.work_dir / 'logs'})", flush=True)
-    try:
-        start_all(servers)
-        prefect, mlflow = servers
-        print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
-        print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "
-              "Ctrl-C stops both", flush=True)
-        while all(server.running() for server in servers):
-            time.sleep(1)
-        stopped = next(server for server in servers if not server.running())
-        print(f"vaemo: error: the {stopped.name} server stopped (log {stopped.log}):\n{stopped.log_tail()}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("vaemo: stopping the servers", flush=True)
-        return 0
-    finally:
-        stop_all(servers)
+def cmd_model_info(args) -> str:
+    from vaemo.model import av
+
+    return av.describe(av.model_info(av.config_for(args.preset)))
+
+
+def cmd_embed(args) -> str:
+    from vaemo.embed import write_embeddings
+
+    return "vaemo: " + write_embeddings(Path(args.source), Path(args.model_dir), Path(args.out), args.modality,
+                                        args.batch_size)
+
+
+def cmd_zeroshot(args) -> str:
+    from vaemo.eval.zeroshot import write_scores
+
+    return "vaemo: " + write_scores(Path(args.source), Path(args.model_dir), args.labels.split(","), Path(args.out),
+                                    args.template, args.modality, args.batch_size)
+
+
+def cmd_search(args) -> str:
+    from vaemo.align.search import describe, search
+
+    found, tag = search(Path(args.db), args.text, args.k, tag=args.tag, table_name=args.table, modality=args.modality)
+    return describe(found, tag, args.text, args.modality)
+
+
+def cmd_lineage(args) -> str:
+    from vaemo.lineage import chain, format_chain
+
+    return format_chain(chain(args.run_id, settings_of(args).mlflow_uri()))
+
+
+def cmd_config(args) -> str:
+    settings, source = settings_of(args, required=True), args.config or DEFAULT_CONFIG
+    settings.check_corpus_paths(source=source)
+    return f"{source}: valid ({len(settings.corpora)} corpora, {len(settings.pipelines)} pipelines)"
+
+
+def cmd_dev_tiny_mllm(args) -> str:
+    from vaemo.caption.tiny import WARNING, build_tiny_mllm
+
+    return f"vaemo: tiny Qwen2.5-Omni thinker written to {build_tiny_mllm(Path(args.out))} ({WARNING})"
 
 
 def cmd_dev_demo_inputs(args) -> int:
-    """The demo pipeline's inputs, made once: a labelled talking-face corpus and the tiny captioning model."""
-    from flows.pipeline import stage_settings
-    from vaemo import synth
-    from vaemo.caption.tiny import WARNING, build_tiny_mllm
-    from vaemo.config import ConfigError
+    from vaemo.synth import demo_inputs
 
-    settings = _settings(args)
-    if "demo" not in settings.pipelines or not settings.pipelines["demo"].corpora:
-        raise ConfigError(f"{args.config}: no `demo` pipeline")
-    spec = settings.pipelines["demo"]
-    corpus = settings.corpora[spec.corpora[0]]
-    if corpus.labels != corpus.path / "labels.csv":
-        raise ConfigError(f"{args.config}: the demo corpus needs `labels: {corpus.path / 'labels.csv'}` (the generated labels)")
-    if not corpus.labels.is_file():
-        print(f"vaemo: generating a labelled demo corpus in {corpus.path} (3 speakers x 3 emotions x 2 clips)", flush=True)
-        synth.labelled_corpus(corpus.path, classes=3, speakers=3, clips_per_class=2, seed=0)
-    model = Path(stage_settings(settings, spec, "caption").model)
-    if not (model / "config.json").is_file():
-        build_tiny_mllm(model)
-        print(f"vaemo: tiny captioning model written to {model} ({WARNING})")
-    print(f"vaemo: demo inputs ready; next: vaemo run {args.config} --pipeline demo")
-    return 0
-
-
-def cmd_lineage(args) -> int:
-    from vaemo.lineage import chain, format_chain
-
-    settings = _settings(args)
-    print(format_chain(chain(args.run_id, settings.mlflow_uri())))
-    return 0
-
-
-def cmd_config(args) -> int:
-    settings = _settings(args)
-    settings.check_corpus_paths(source=args.config)
-    print(f"{args.config}: valid ({len(settings.corpora)} corpora, {len(settings.pipelines)} pipelines)")
+    for line in demo_inputs(settings_of(args, required=True), args.config or DEFAULT_CONFIG):
+        print(f"vaemo: {line}", flush=True)
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    from vaemo.config import DatasetName
+    from vaemo.config import AlignConfig, CaptionConfig, EvaluateConfig, PretrainConfig
 
-    datasets = list(DatasetName.__args__)
-    top = argparse.ArgumentParser(prog="vaemo", description="Audio-visual emotion representation learning pipeline.")
-    top.add_argument("--config", default=DEFAULT_CONFIG, help="pipelines.yaml with stage settings (default: %(default)s if present)")
-    top.add_argument("--work-dir", help="where MLflow, Prefect and outputs live (default: from the config, else ./vaemo-work)")
-    sub = top.add_subparsers(dest="command", required=True)
+    # --config and --work-dir before or after the command's name (after it, they win); absent unless given.
+    shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    shared.add_argument("--config", help=f"the pipelines file with the stage settings (default: ./{DEFAULT_CONFIG})")
+    shared.add_argument("--work-dir", help=f"where outputs, MLflow and Prefect live (default: the file's, else "
+                                           f"./{DEFAULT_WORK_DIR})")
+    top = argparse.ArgumentParser(prog="vaemo", description="Audio-visual emotion representation learning pipeline.",
+                                  parents=[shared])
+    commands = top.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="cut a video corpus into face + voice WebDataset shards")
-    ingest.add_argument("source", help="corpus folder")
-    ingest.add_argument("--dataset", choices=datasets, default="auto")
-    ingest.add_argument("--out", required=True, help="output folder (shards/, manifest.parquet, stats.json)")
-    ingest.add_argument("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW)")
-    ingest.add_argument("--workers", type=int, help="local Dask worker processes")
-    ingest.add_argument("--dask-address", help="use an existing Dask scheduler instead of a local cluster")
-    ingest.set_defaults(func=cmd_ingest)
+    def command(name: str, func, about: str, *options: tuple, within=commands) -> None:
+        one = within.add_parser(name, help=about, description=about, parents=[shared])
+        for flags, kwargs in options:
+            one.add_argument(*flags, **kwargs)
+        one.set_defaults(func=func)
 
-    pretrain = sub.add_parser("pretrain", help="Stage 1: pre-train the unified AV encoder on ingest shards")
-    pretrain.add_argument("--shards", required=True, help="an ingest output folder")
-    pretrain.add_argument("--config", dest="model_config", choices=["tiny", "small", "base"], help="model size (default: from pipelines.yaml)")
-    pretrain.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, checkpoints/, metrics.json")
-    pretrain.add_argument("--steps", type=int)
-    pretrain.add_argument("--processes", type=int, help="processes on this node (torchrun/DDP when more than 1)")
-    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    pretrain.set_defaults(func=cmd_pretrain)
+    def opt(*flags: str, **kwargs) -> tuple:
+        return flags, kwargs
 
-    info = sub.add_parser("model-info", help="parameters per part and GFLOPs per clip")
-    info.add_argument("--config", dest="model_config", choices=["tiny", "small", "base"], default="tiny")
-    info.set_defaults(func=cmd_model_info)
+    def setting(model, name: str, flag: str | None = None, **extra) -> tuple:
+        """An option that replaces one setting for this run: its type, choices and help come from the setting."""
+        field = model.model_fields[name]
+        union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        kind = next(a for a in typing.get_args(field.annotation) if a is not type(None)) if union else field.annotation
+        choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+        default = "" if extra.get("required") else f" (default: from --config, else {field.default})"
+        return opt(flag or f"--{name.replace('_', '-')}", dest=SETTING + name, type=str if choices else kind,
+                   choices=choices, help=f"{field.description}{default}".replace("%", "%%"), **extra)
 
-    embed = sub.add_parser("embed", help="clip embeddings of a video, a folder of videos, or an ingest folder")
-    embed.add_argument("source")
-    embed.add_argument("--model", required=True, help="a model folder (model.safetensors + config.json)")
-    embed.add_argument("--out", required=True, help="an .npz file with clip_id and embedding arrays")
-    embed.add_argument("--modality", choices=["av", "video", "audio"], default="av")
-    embed.add_argument("--batch-size", type=int, default=8)
-    embed.set_defaults(func=cmd_embed)
+    modality = opt("--modality", choices=list(MODALITIES), default="av", help="joint (av) or one stream's input "
+                   "(default: %(default)s)")
+    batch = opt("--batch-size", type=int, default=8, help="clips per batch (default: %(default)s)")
+    resume = opt("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    shards = opt("--shards", required=True, help="an ingest output folder")
+    model = opt("--model", dest="model_dir", required=True, help="a model folder (Stage 1 or Stage 2)")
+    video_source = opt("source", help="a video file, a folder of videos or an ingest folder")
+    presets = list(MODEL_PRESETS.names)
 
-    evaluate = sub.add_parser("evaluate", help="benchmark evaluation: folds, probe / fine-tune / zero-shot, UAR/WAR, report")
-    evaluate.add_argument("--model", required=True, help="a model folder (model.safetensors + config.json)")
-    evaluate.add_argument("--data", required=True, help="an ingest output folder of a labelled corpus")
-    evaluate.add_argument("--protocol", required=True, choices=["crema-d", "mafw", "ravdess", "dfew", "generic"])
-    evaluate.add_argument("--mode", required=True, choices=["probe", "finetune", "zeroshot"],
-                          help="linear probe on frozen features, full fine-tuning, or zero-shot (Stage 2 models)")
-    evaluate.add_argument("--out", required=True, help="output folder: results.json, report.md, PNG figures, folds/")
-    evaluate.add_argument("--folds", type=int, help="K folds (default: the protocol's official folds; see README)")
-    evaluate.add_argument("--modality", choices=["av", "video", "audio"], help="input (default: from pipelines.yaml, else av)")
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    caption = sub.add_parser("caption", help="chain-of-thought affective descriptions of a subset of clips, into LanceDB")
-    caption.add_argument("--shards", required=True, help="an ingest output folder")
-    caption.add_argument("--db", required=True, help="LanceDB folder (table: captions)")
-    caption.add_argument("--engine", choices=["vllm", "transformers"], help="default: from pipelines.yaml (vllm)")
-    caption.add_argument("--model", help="a local model folder or a hub id in the local Hugging Face cache")
-    caption.add_argument("--prompt", help="a bundled prompt name or a prompt YAML file (default: cot-v1)")
-    size = caption.add_mutually_exclusive_group()
-    size.add_argument("--count", type=int, help="clips to describe")
-    size.add_argument("--fraction", type=float, help="share of the eligible clips to describe")
-    caption.add_argument("--force", action="store_true", help="describe the selected clips again, replacing stored rows")
-    caption.set_defaults(func=cmd_caption)
-
-    align = sub.add_parser("align", help="Stage 2: align the Stage 1 AV space with the captions (dual-path contrastive)")
-    align.add_argument("--shards", required=True, help="an ingest output folder")
-    align.add_argument("--db", required=True, help="LanceDB folder with the captions table; clip_embeddings is written there")
-    align.add_argument("--init", required=True, help="the Stage 1 model folder (the --out of `vaemo pretrain`)")
-    align.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, text heads, text_alignment.json, metrics.json")
-    align.add_argument("--steps", type=int)
-    align.add_argument("--caption-tag", help="captions table version tag to read (default: the newest caption run's)")
-    align.add_argument("--trainable", choices=["all", "heads", "last_k"], help="what trains besides the text heads (default: from pipelines.yaml)")
-    align.add_argument("--processes", type=int, help="processes on this node (torchrun/DDP when more than 1)")
-    align.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    align.set_defaults(func=cmd_align)
-
-    zeroshot = sub.add_parser("zeroshot", help="per-clip emotion probabilities from text prompts, with a Stage 2 model")
-    zeroshot.add_argument("source", help="a video file, a folder of videos, or an ingest folder")
-    zeroshot.add_argument("--model", required=True, help="a Stage 2 (aligned) model folder")
-    zeroshot.add_argument("--labels", required=True, help="comma-separated labels, e.g. angry,happy,sad")
-    zeroshot.add_argument("--template", action="append", help="prompt template with {label}; repeatable (default: the model's)")
-    zeroshot.add_argument("--modality", choices=["av", "video", "audio"], default="av")
-    zeroshot.add_argument("--out", default="zeroshot.csv", help="CSV (or .json) of clip_id, predicted, p_<label>... (default: %(default)s)")
-    zeroshot.add_argument("--batch-size", type=int, default=8)
-    zeroshot.set_defaults(func=cmd_zeroshot)
-
-    search = sub.add_parser("search", help="the clips nearest to a text, from the clip embeddings written by `vaemo align`")
-    search.add_argument("--db", required=True, help="the LanceDB folder given to `vaemo align`")
-    search.add_argument("--text", required=True, help='e.g. "a trembling voice and a tense face"')
-    search.add_argument("--k", type=int, default=5)
-    search.add_argument("--modality", choices=["av", "video", "audio"], default="av", help="fused embedding, or one stream's")
-    search.add_argument("--tag", help="an align run's tag (default: the newest)")
-    search.add_argument("--table", default="clip_embeddings")
-    search.set_defaults(func=cmd_search)
-
-    dev = sub.add_parser("dev", help="tools for tests, demos and install checks")
-    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
-    tiny = dev_sub.add_parser("tiny-mllm", help="build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)")
-    tiny.add_argument("out", help="folder to write the model to")
-    tiny.set_defaults(func=cmd_dev_tiny_mllm)
-    demo_inputs = dev_sub.add_parser("demo-inputs", help="generate the demo pipeline's corpus and tiny captioning model (once)")
-    demo_inputs.set_defaults(func=cmd_dev_demo_inputs)
-
-    run = sub.add_parser("run", help="run a named pipeline of a pipelines.yaml (ingest -> pretrain -> caption -> align -> evaluate)")
-    run.add_argument("pipelines_file", help="a pipelines.yaml")
-    run.add_argument("--pipeline", required=True, help="a name under `pipelines:`")
-    run.add_argument("--workers", type=int, help="local Dask worker processes for ingest")
-    run.set_defaults(func=cmd_run)
-
-    serve = sub.add_parser("serve", help="serve a pipelines.yaml as Prefect deployments (UI triggers, schedules, new corpora)")
-    serve.add_argument("pipelines_file", help="a pipelines.yaml")
-    serve.set_defaults(func=cmd_serve)
-
-    ui = sub.add_parser("ui", help="start a local Prefect server and an MLflow server; Ctrl-C stops both")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    ui.add_argument("--prefect-port", type=int, default=4200, help="default: %(default)s")
-    ui.add_argument("--mlflow-port", type=int, help="default: the port of tracking.ui_url, else 5000")
-    ui.set_defaults(func=cmd_ui)
-
-    lineage = sub.add_parser("lineage", help="walk an MLflow run back to its shards, captions and models")
-    lineage.add_argument("run_id", help="an MLflow run id (an evaluation run, or any stage's)")
-    lineage.set_defaults(func=cmd_lineage)
-
-    config = sub.add_parser("config", help="validate a pipelines.yaml")
-    config.set_defaults(func=cmd_config)
+    command("ingest", cmd_ingest, "cut a video corpus into face + voice WebDataset shards",
+            opt("source", help="corpus folder"), opt("--out", required=True, help="the ingest output folder to write"),
+            opt("--dataset", choices=list(DatasetName.__args__), default="auto", help="naming rule (default: guessed)"),
+            opt("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW)"),
+            opt("--workers", type=int, help="local Dask worker processes (default: from --config, else 2)"),
+            opt("--dask-address", help="an existing Dask scheduler instead of a local cluster"))
+    command("pretrain", cmd_pretrain, "Stage 1: pre-train the unified AV encoder on ingest shards", shards,
+            opt("--out", required=True, help="the model folder to write (with checkpoints)"),
+            setting(PretrainConfig, "model", "--preset"), setting(PretrainConfig, "steps"),
+            setting(PretrainConfig, "processes"), resume)
+    command("model-info", cmd_model_info, "parameters per part and GFLOPs per clip of a model preset",
+            opt("--preset", choices=presets, default="tiny", help="model size (default: %(default)s)"))
+    command("embed", cmd_embed, "clip embeddings of a video, a folder of videos, or an ingest folder", video_source,
+            model, opt("--out", required=True, help="an .npz file with clip_id and embedding arrays"), modality, batch)
+    command("evaluate", cmd_evaluate, "benchmark evaluation: folds, probe / fine-tune / zero-shot, UAR/WAR, report",
+            model, opt("--data", required=True, help="an ingest output folder of a labelled corpus"),
+            setting(EvaluateConfig, "protocol", required=True), setting(EvaluateConfig, "mode", required=True),
+            opt("--out", required=True, help="output folder: results, report, figures, fold files"),
+            setting(EvaluateConfig, "folds"), setting(EvaluateConfig, "modality"))
+    command("caption", cmd_caption, "chain-of-thought affective descriptions of a subset of clips into LanceDB", shards,
+            opt("--db", required=True, help="LanceDB folder (table: captions)"),
+            *(setting(CaptionConfig, name) for name in ("engine", "model", "prompt", "count", "fraction")),
+            opt("--force", action="store_true", help="describe the selected clips again, replacing stored rows"))
+    command("align", cmd_align, "Stage 2: align the Stage 1 AV space with the captions (dual-path contrastive)", shards,
+            opt("--db", required=True, help="LanceDB folder with the captions table; clip embeddings go there too"),
+            opt("--init", required=True, help="the Stage 1 model folder (the --out of `vaemo pretrain`)"),
+            opt("--out", required=True, help="the Stage 2 model folder to write"),
+            *(setting(AlignConfig, name) for name in ("steps", "caption_tag", "trainable", "processes")), resume)
+    command("zeroshot", cmd_zeroshot, "per-clip emotion probabilities from text prompts, with a Stage 2 model",
+            video_source, opt("--model", dest="model_dir", required=True, help="a Stage 2 (aligned) model folder"),
+            opt("--labels", required=True, help="comma-separated labels, e.g. angry,happy,sad"),
+            opt("--template", action="append", help="prompt template with {label}; repeatable (default: the model's)"),
+            opt("--out", default="zeroshot.csv", help="CSV (or .json): clip_id, predicted, p_<label>... (default: "
+                                                       "%(default)s)"), modality, batch)
+    command("search", cmd_search, "the clips nearest to a text, from the clip embeddings written by `vaemo align`",
+            opt("--db", required=True, help="the LanceDB folder given to `vaemo align`"),
+            opt("--text", required=True, help='e.g. "a trembling voice and a tense face"'),
+            opt("--k", type=int, default=5, help="clips to show (default: %(default)s)"), modality,
+            opt("--tag", help="an align run's tag (default: the newest)"),
+            opt("--table", default="clip_embeddings", help="default: %(default)s"))
+    tools = commands.add_parser("dev", help="tools for tests, demos and install checks").add_subparsers(
+        dest="dev_command", required=True)
+    command("tiny-mllm", cmd_dev_tiny_mllm, "build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)",
+            opt("out", help="folder to write the model to"), within=tools)
+    command("demo-inputs", cmd_dev_demo_inputs, "generate the demo pipeline's corpus and tiny captioning model (once)",
+            within=tools)
+    command("run", cmd_run, "run a named pipeline of the pipelines file: its stages in order, each skipped when done",
+            opt("--pipeline", required=True, help="a name under `pipelines:`"),
+            opt("--workers", type=int, help="local Dask worker processes for ingest (default: from --config)"))
+    command("serve", cmd_serve, "serve the pipelines file as Prefect deployments (UI triggers, schedules, new corpora)")
+    command("ui", cmd_ui, "start a local Prefect server and an MLflow server; Ctrl-C stops both",
+            opt("--host", default="127.0.0.1", help="address to bind (default: %(default)s)"),
+            opt("--prefect-port", type=int, default=4200, help="default: %(default)s"),
+            opt("--mlflow-port", type=int, help="default: the port of tracking.ui_url, else 5000"))
+    command("lineage", cmd_lineage, "walk an MLflow run back to its shards, captions and models",
+            opt("run_id", help="an MLflow run id (an evaluation run, or any stage's)"))
+    command("config", cmd_config, "validate the pipelines file")
     return top
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser().parse_args(argv)
-    from vaemo.config import ConfigError
-    from vaemo.ingest.adapters import CorpusError
+    for name in ("config", "work_dir"):  # absent unless given, before or after the command
+        setattr(args, name, getattr(args, name, None))
+    args.log = Path(args.work_dir or DEFAULT_WORK_DIR) / "logs" / f"vaemo-{args.command}.log"  # until settings say
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     try:
-        return args.func(args)
-    except (ConfigError, CorpusError, RuntimeError, OSError, ValueError) as exc:
+        done = args.func(args)
+        if isinstance(done, str):
+            print(done)
+        return 0 if isinstance(done, str) else done
+    except VaemoError as exc:
         print(f"vaemo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaemo: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: its traceback, printed and logged, exit 1
+        traceback.print_exc()
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.log, "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} vaemo {' '.join(sys.argv[1:])}\n"
+                      f"{traceback.format_exc()}\n")
+        print(f"vaemo: internal error in `vaemo {args.command}` (a bug, not a problem of the input); the traceback "
+              f"is also in {args.log}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

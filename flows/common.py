@@ -1,24 +1,30 @@
 """Small pieces every stage flow shares: run tags for lineage, the stage's MLflow run with its link in
-Prefect, and the one-GPU-stage-at-a-time slot."""
+Prefect, refusals as failed states, and the one-GPU-stage-at-a-time slot."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Failed
 
 from vaemo import tracking
+from vaemo.artifacts import ModelFolder
 from vaemo.config import TrackingConfig
+from vaemo.errors import VaemoError
+from vaemo.tracking import Tag
 
 GPU_SLOT = "gpu"
 # A holder renews its lease while it runs; a killed holder's slot frees once the lease expires.
@@ -28,10 +34,39 @@ GPU_LEASE_SECONDS = 60
 def flow_run_tags() -> dict[str, str]:
     """Tags that tie an MLflow run to the Prefect flow run that made it."""
     flow_run = get_run_context().flow_run
-    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": flow_run.name}
+    tags = {Tag.FLOW_RUN_ID: str(flow_run.id), Tag.FLOW_RUN_NAME: flow_run.name}
     if flow_run.deployment_id:
-        tags["prefect.deployment_id"] = str(flow_run.deployment_id)
+        tags[Tag.DEPLOYMENT_ID] = str(flow_run.deployment_id)
     return tags
+
+
+def vaemo_flow(name: str, check=None):
+    """Decorate a stage's flow function: ``check(**parameters)`` refuses what cannot work (a VaemoError) before
+    any work, and the command line runs it too before it starts a Prefect server (``flow.fn.check``). A refusal
+    ends the flow Failed with its one line, and with the error as its data, so the command line can tell a
+    refusal (exit 2) from a bug (a traceback)."""
+
+    def decorate(flow_function):
+        signature = inspect.signature(flow_function, eval_str=True)
+
+        @functools.wraps(flow_function)
+        def run(*args, **kwargs):
+            try:
+                if check:
+                    bound = signature.bind(*args, **kwargs)
+                    bound.apply_defaults()
+                    check(**bound.arguments)
+                return flow_function(*args, **kwargs)
+            except VaemoError as exc:
+                get_run_logger().error("%s", exc)
+                return Failed(message=str(exc), data=exc)
+
+        # Prefect builds the parameters' schema from the signature, its annotations resolved where the flow is.
+        run.__signature__ = signature
+        run.check = check  # beside the function, which Flow.with_options keeps
+        return flow(name=name, log_prints=True)(run)
+
+    return decorate
 
 
 def _release_expired_leases(client, limit_id) -> int:
@@ -86,14 +121,25 @@ def gpu_slot():
 
 
 @contextmanager
-def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None, system_metrics: bool = False):
+def stage_run(
+    stage: str,
+    work_dir: str,
+    tracking_cfg: TrackingConfig,
+    params: dict,
+    tags: dict | None = None,
+    system_metrics: bool = False,
+):
     """One MLflow run for a stage flow, tied to the flow run by tags and by a link artifact in Prefect."""
     work = Path(work_dir)
     uri = tracking_cfg.uri(work)
     with tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
                             tags={**flow_run_tags(), **(tags or {})}, system_metrics=system_metrics) as run:
-        create_link_artifact(key=f"{stage}-mlflow-run", link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
-                             link_text=f"MLflow run {run.info.run_id} ({stage})", description=f"The {stage} stage's MLflow run")
+        create_link_artifact(
+            key=f"{stage}-mlflow-run",
+            link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
+            link_text=f"MLflow run {run.info.run_id} ({stage})",
+            description=f"The {stage} stage's MLflow run",
+        )
         yield run, uri
 
 
@@ -112,11 +158,25 @@ def torchrun(module: str, settings, out: str, args: list[str], mlflow_uri: str, 
 
     The settings travel as a JSON file in ``out``; the ranks log into the flow's MLflow run.
     """
-    settings_file = Path(out) / "torchrun-request.json"
+    settings_file = ModelFolder(out).settings_file("torchrun-request")
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(settings.model_dump_json())
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.processes}",
-        "-m", module, *args, "--out", out, "--settings", str(settings_file), "--mlflow-uri", mlflow_uri, "--mlflow-run-id", run_id,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={settings.processes}",
+        "-m",
+        module,
+        *args,
+        "--out",
+        out,
+        "--settings",
+        str(settings_file),
+        "--mlflow-uri",
+        mlflow_uri,
+        "--mlflow-run-id",
+        run_id,
     ] + (["--resume"] if resume else [])
     subprocess.run(command, check=True)

@@ -5,30 +5,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
-from flows.common import gpu_stage_run
+from flows.common import gpu_stage_run, vaemo_flow
 from vaemo import tracking
+from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import EvaluateConfig, TrackingConfig
 from vaemo.eval import REPORT, RESULTS, prepare
 from vaemo.eval import evaluate as run_evaluation
 from vaemo.eval.run import PREDICTIONS
-from vaemo.ingest.run import shard_set_digest
-from vaemo.ingest.shards import load_markers
-
-
-def log_model_input(model: Path, tracking_uri: str) -> str | None:
-    """The evaluated model folder as an input (context "model"): the digest of its files, and its logged model id
-    (Stage 1 or Stage 2) when the folder names one in this store, so lineage can walk back from here."""
-    from flows.align import folder_digest
-
-    digest = folder_digest(model)
-    model_id = tracking.read_model_record(model, tracking_uri)
-    tracking.log_dataset("model", model, digest, context="model", extra_tags={"vaemo.model_id": model_id} if model_id else None)
-    tracking.set_tags({"vaemo.input.model.digest": digest, "vaemo.input.model.dir": str(model.resolve()),
-                       **({"vaemo.input.model.model_id": model_id} if model_id else {})})
-    return model_id
+from vaemo.tracking import Tag
 
 
 def _metric_name(label: str) -> str:
@@ -49,7 +41,22 @@ def _table(results: dict) -> list[dict]:
     return rows
 
 
-@flow(name="evaluate", log_prints=True)
+def summary(results: dict, out: str, run_id: str) -> str:
+    best, last = results["mean"]["best_val"], results["mean"]["last"]
+    return (
+        f"evaluate done over {len(results['folds'])} folds: UAR {100 * best['uar']:.2f} ± "
+        f"{100 * best['uar_std']:.2f} % "
+        f"(best on validation), {100 * last['uar']:.2f} ± {100 * last['uar_std']:.2f} % (last epoch); WAR "
+        f"{100 * best['war']:.2f} / {100 * last['war']:.2f} %; chance UAR {100 * results['chance_uar']:.2f} %; "
+        f"{Path(out) / RESULTS}, {Path(out) / REPORT}; MLflow run {run_id}"
+    )
+
+
+def check(model: str, data: str, settings: EvaluateConfig, **_) -> None:
+    prepare(Path(model), Path(data), settings)
+
+
+@vaemo_flow("evaluate", check)
 def evaluate_flow(
     model: str,
     data: str,
@@ -63,11 +70,20 @@ def evaluate_flow(
     logger = get_run_logger()
     prepared = prepare(Path(model), Path(data), settings)
     plan = prepared.plan
-    params = {"model": model, "data": data, "out": out, "evaluate": settings.model_dump(mode="json"), "fold_rule": plan.rule}
-    tags = {"vaemo.protocol": settings.protocol, "vaemo.mode": settings.mode, "vaemo.modality": settings.modality}
-    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, {**tags, **tracking.child_tags(parent_run_id)}) as (run, uri):
-        tracking.log_dataset("shards", Path(data) / "shards", shard_set_digest(load_markers(Path(data))), context="evaluation")
-        log_model_input(Path(model), uri)
+    params = {
+        "model": model,
+        "data": data,
+        "out": out,
+        "evaluate": settings.model_dump(mode="json"),
+        "fold_rule": plan.rule,
+    }
+    tags = {Tag.PROTOCOL: settings.protocol, Tag.MODE: settings.mode, Tag.MODALITY: settings.modality}
+    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, {**tags, **tracking.child_tags(parent_run_id)}) as (
+        run,
+        uri,
+    ):
+        tracking.log_shards(IngestFolder(data), "evaluation")
+        tracking.log_model_input(ModelFolder(model), "model", "model", "model", Tag.MODEL_ID, uri)
         logger.info("%s %s on %s (%s input): %s, %d labelled clips, classes %s", settings.protocol, settings.mode, data,
                     settings.modality, plan.rule, len(plan.clips), ", ".join(plan.classes))
         progress = create_progress_artifact(progress=0.0, key="evaluate-progress", description="Share of folds done")
@@ -84,8 +100,10 @@ def evaluate_flow(
         def on_fold(fold: int, folds: int, entry: dict) -> None:
             tracking.log_history(uri, run.info.run_id, history, f"fold{fold}.")
             history.clear()
-            tracking.log_metrics_flat({rule: {k: entry[rule][k] for k in ("uar", "war", "macro_f1")} for rule in ("last", "best_val")},
-                                      f"fold{fold}.test.")
+            tracking.log_metrics_flat(
+                {rule: {k: entry[rule][k] for k in ("uar", "war", "macro_f1")} for rule in ("last", "best_val")},
+                f"fold{fold}.test.",
+            )
             update_progress_artifact(progress, progress=100.0 * fold / folds)
             logger.info("fold %d/%d: UAR %.2f %% (best_val), %.2f %% (last)", fold, folds,
                         100 * entry["best_val"]["uar"], 100 * entry["last"]["uar"])
@@ -93,16 +111,26 @@ def evaluate_flow(
         results = run_evaluation(prepared, Path(out), on_epoch=on_epoch, on_fold=on_fold)
         for rule in ("last", "best_val"):
             mean = results["mean"][rule]
-            tracking.log_metrics_flat({k: mean[k] for k in ("uar", "uar_std", "war", "war_std", "macro_f1", "macro_f1_std")}, f"{rule}.")
+            tracking.log_metrics_flat(
+                {k: mean[k] for k in ("uar", "uar_std", "war", "war_std", "macro_f1", "macro_f1_std")}, f"{rule}."
+            )
             recall = {_metric_name(k): v for k, v in mean["per_class_recall"].items() if v is not None}
             tracking.log_metrics_flat({"per_class_recall": recall}, f"{rule}.")
-        tracking.log_metrics_flat({"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"]})
+        tracking.log_metrics_flat(
+            {"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"]}
+        )
         outputs = Path(out)
-        tracking.log_files([outputs / RESULTS, outputs / REPORT, outputs / PREDICTIONS] + [outputs / name for name in results["figures"]])
+        tracking.log_files(
+            [outputs / RESULTS, outputs / REPORT, outputs / PREDICTIONS]
+            + [outputs / name for name in results["figures"]]
+        )
         tracking.log_files([outputs / name for name in results["fold_files"]], artifact_path="folds")
-        create_table_artifact(key="evaluate-results", table=_table(results),
-                              description=f"{settings.protocol} {settings.mode} ({settings.modality}): per fold and mean, %")
+        create_table_artifact(
+            key="evaluate-results",
+            table=_table(results),
+            description=f"{settings.protocol} {settings.mode} ({settings.modality}): per fold and mean, %",
+        )
         create_markdown_artifact(key="evaluate-report", markdown=(outputs / REPORT).read_text(encoding="utf-8"),
                                  description="Evaluation report")
         return {"mean": results["mean"], "chance_uar": results["chance_uar"], "folds": len(results["folds"]),
-                "out": out, "mlflow_run_id": run.info.run_id}
+                "out": out, "mlflow_run_id": run.info.run_id, "summary": summary(results, out, run.info.run_id)}

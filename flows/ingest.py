@@ -5,20 +5,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 
-from flows.common import stage_run
+from flows.common import stage_run, vaemo_flow
 from vaemo import tracking
+from vaemo.artifacts import IngestFolder
 from vaemo.config import DaskConfig, IngestConfig, TrackingConfig
 from vaemo.ingest import shards
-from vaemo.ingest.adapters import CorpusError
-from vaemo.ingest.run import IngestBusy, IngestRun, SettingsChanged
+from vaemo.ingest.run import IngestRun, check_source
 
 
 @task(name="ingest-batch", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
@@ -27,12 +32,13 @@ def ingest_batch(batch: shards.BatchSpec, out_dir: str, cfg: IngestConfig) -> di
     statuses: dict[str, int] = {}
     for video in marker["videos"]:
         statuses[video["status"]] = statuses.get(video["status"], 0) + 1
-    return {"batch_id": marker["batch_id"], "videos": len(marker["videos"]), "clips": sum(v["n_clips"] for v in marker["videos"]), "statuses": statuses, "seconds": marker["seconds"]}
-
-
-def parallelism(dask: DaskConfig) -> int:
-    """Workers a plan should keep busy; an external cluster's size is unknown, so batches stay whole."""
-    return 1 if dask.address else dask.workers
+    return {
+        "batch_id": marker["batch_id"],
+        "videos": len(marker["videos"]),
+        "clips": sum(v["n_clips"] for v in marker["videos"]),
+        "statuses": statuses,
+        "seconds": marker["seconds"],
+    }
 
 
 def task_runner(dask: DaskConfig) -> DaskTaskRunner:
@@ -41,7 +47,24 @@ def task_runner(dask: DaskConfig) -> DaskTaskRunner:
     # A local cluster's scheduler and nannies log their shutdown at INFO, including a harmless
     # "comm closed" traceback when a worker's last message races the close; errors stay visible.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": dask.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": dask.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def on_cluster(dask: DaskConfig):
+    """The ingest flow with its batches on ``dask``'s cluster."""
+    return ingest_flow.with_options(task_runner=task_runner(dask))
+
+
+def summary(stats: dict, out: str) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in stats["status_counts"].items())
+    return f"ingest done: {stats['clips']} clips in {stats['shards']} shards under {out} ({counts})"
 
 
 def _markdown(stats: dict, out_dir: str, run_id: str) -> str:
@@ -57,45 +80,60 @@ def _markdown(stats: dict, out_dir: str, run_id: str) -> str:
     )
 
 
-@flow(name="ingest", log_prints=True)
+def check(source: str, dataset: str, labels: str | None, **_) -> None:
+    check_source(Path(source), dataset, Path(labels) if labels else None)
+
+
+@vaemo_flow("ingest", check)
 def ingest_flow(
     source: str,
     out: str,
     dataset: str = "auto",
     labels: str | None = None,
     work_dir: str = "vaemo-work",
-    ingest: IngestConfig = IngestConfig(),
+    settings: IngestConfig = IngestConfig(),
     tracking_cfg: TrackingConfig = TrackingConfig(),
     workers: int = 1,
     parent_run_id: str | None = None,
 ):
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
-    params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": ingest.model_dump()}
+    folder = IngestFolder(out)
+    params = {"source": source, "out": out, "dataset": dataset, "labels": labels, "ingest": settings.model_dump()}
     with stage_run("ingest", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, _):
-        try:
-            with IngestRun(Path(source), Path(out), dataset, ingest, Path(labels) if labels else None) as ingest_run:
-                plan = ingest_run.plan(parallelism=workers)
-                if plan.removed:
-                    logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
-                logger.info("%d videos found, %d already ingested, %d to process in %d batches", len(plan.records), plan.skipped, plan.pending_videos, len(plan.batches))
-                failed = _run_batches(plan, out, ingest)
-                stats = ingest_run.finalize(plan, failed)
-        except (CorpusError, IngestBusy, SettingsChanged) as exc:
-            tracking.fail_run(str(exc))
-            return Failed(message=str(exc))
+        with IngestRun(Path(source), folder.path, dataset, settings, Path(labels) if labels else None) as ingest_run:
+            plan = ingest_run.plan(parallelism=workers)
+            if plan.removed:
+                logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
+            logger.info(
+                "%d videos found, %d already ingested, %d to process in %d batches",
+                len(plan.records),
+                plan.skipped,
+                plan.pending_videos,
+                len(plan.batches),
+            )
+            failed = _run_batches(plan, out, settings)
+            stats = ingest_run.finalize(plan, failed)
         tracking.log_metrics_flat({k: v for k, v in stats.items() if k != "last_run"})
         tracking.log_metrics_flat(stats["last_run"], "last_run.")
-        tracking.log_json(stats, "stats.json")
-        tracking.log_json(ingest.model_dump(), "ingest_config.json")
-        tracking.log_files([Path(out) / "manifest.parquet", Path(out) / "clips.parquet"])
-        tracking.log_dataset("shards", Path(out) / "shards", stats["shard_set_digest"], context="output", extra_tags={"clips": str(stats["clips"])})
-        create_table_artifact(key="ingest-stats", table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()], description="Videos per status")
-        create_markdown_artifact(key="ingest-report", markdown=_markdown(stats, out, run.info.run_id), description="Ingest summary")
+        tracking.log_json(stats, folder.STATS)
+        tracking.log_json(settings.model_dump(), "ingest_config.json")
+        tracking.log_files([folder / folder.MANIFEST, folder / folder.CLIPS])
+        tracking.log_shards(folder, "output", stats["shard_set_digest"], extra_tags={"clips": str(stats["clips"])})
+        create_table_artifact(
+            key="ingest-stats",
+            table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()],
+            description="Videos per status",
+        )
+        create_markdown_artifact(
+            key="ingest-report", markdown=_markdown(stats, out, run.info.run_id), description="Ingest summary"
+        )
         if failed:
-            message = f"{len(failed)} batches failed; their videos are 'pending' in the manifest and a re-run resumes them"
+            message = (
+                f"{len(failed)} batches failed; their videos are 'pending' in the manifest and a re-run resumes them"
+            )
             return Failed(message=message, data=stats)
-        return {**stats, "mlflow_run_id": run.info.run_id}
+        return {**stats, "mlflow_run_id": run.info.run_id, "summary": summary(stats, out)}
 
 
 def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vaemo.ingest.adapters import DATASETS, VIDEO_EXTENSIONS, CorpusError, detect_dataset, scan_corpus
+from vaemo.errors import CorpusError
+from vaemo.ingest.adapters import VIDEO_EXTENSIONS, detect_dataset, scan_corpus
 from vaemo.ingest.records import SourceRecord
+from vaemo.registry import DATASETS
 
 
 def touch(root: Path, *paths: str) -> None:
@@ -279,7 +281,7 @@ def test_detection(tmp_path: Path, make, dataset: str) -> None:
 
 
 def test_public_constants() -> None:
-    assert set(DATASETS) == {"generic", "ravdess", "crema-d", "mafw", "dfew", "voxceleb2"}
+    assert set(DATASETS.names) == {"generic", "ravdess", "crema-d", "mafw", "dfew", "voxceleb2"}
     assert {".mp4", ".flv", ".ts"} <= VIDEO_EXTENSIONS and all(ext == ext.lower() for ext in VIDEO_EXTENSIONS)
 
 

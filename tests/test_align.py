@@ -22,12 +22,20 @@ from vaemo import store
 from vaemo.align.data import AlignDataError, load_captions
 from vaemo.align.model import AlignedAV, set_trainable
 from vaemo.align.train import align
+from vaemo.artifacts import ModelFolder
 from vaemo.config import AlignConfig
+from vaemo.errors import ArtifactError, ConfigError
 from vaemo.model import av
 
 TIMEOUT = 600
 CLIPS = 12
-FAST = {"num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100, "embeddings_table": None, "retrieval_before": False}
+FAST = {
+    "num_workers": 0,
+    "warmup_steps": 1,
+    "checkpoint_every": 100,
+    "embeddings_table": None,
+    "retrieval_before": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +69,20 @@ def write_captions(db: Path, rows: list[dict]) -> str:
     encoder = text_encoder()
     full = []
     for row in rows:
-        row = {"prompt_version": "hand-v1", "model": "hand", "status": "ok", "text_encoder": encoder.name, "emotion": "calm", **row}
+        row = {
+            "prompt_version": "hand-v1",
+            "model": "hand",
+            "status": "ok",
+            "text_encoder": encoder.name,
+            "emotion": "calm",
+            **row,
+        }
         if row["status"] == "ok":
-            for field, column in (("description", "description_vec"), ("facial_cues", "facial_vec"), ("vocal_cues", "vocal_vec")):
+            for field, column in (
+                ("description", "description_vec"),
+                ("facial_cues", "facial_vec"),
+                ("vocal_cues", "vocal_vec"),
+            ):
                 row[column] = encoder.encode([row[field]])[0].tolist()
         full.append(row)
     with store.writer_lock(db, store.CAPTIONS):
@@ -74,7 +93,20 @@ def write_captions(db: Path, rows: list[dict]) -> str:
     return tag
 
 
-WORDS = ["furious", "joyful", "tearful", "calm", "anxious", "bored", "surprised", "disgusted", "proud", "shy", "tense", "sleepy"]
+WORDS = [
+    "furious",
+    "joyful",
+    "tearful",
+    "calm",
+    "anxious",
+    "bored",
+    "surprised",
+    "disgusted",
+    "proud",
+    "shy",
+    "tense",
+    "sleepy",
+]
 
 
 def hand_rows(ids: list[str], cue_words: list[str] | None = None) -> list[dict]:
@@ -97,8 +129,10 @@ def test_trainable_parts_are_a_config_value():
     last = set_trainable(model, "last_k", last_k=1)
     assert 0 < last["encoder"] < set_trainable(model, "all")["encoder"]
     assert set_trainable(model, "all", reconstruction=True)["decoder"] > 0
-    assert not any(p.requires_grad for n, p in model.av.named_parameters() if n.startswith(("video_proj", "audio_proj")))
-    with pytest.raises(ValueError, match="last_k=9 exceeds the 4 shared encoder blocks"):
+    assert not any(
+        p.requires_grad for n, p in model.av.named_parameters() if n.startswith(("video_proj", "audio_proj"))
+    )
+    with pytest.raises(ConfigError, match="last_k=9 exceeds the 4 shared encoder blocks"):
         set_trainable(model, "last_k", last_k=9)
 
 
@@ -110,8 +144,8 @@ def log_stage1(work: Path, folder: Path) -> str:
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     with tracking.stage_run("pretrain", tracking_uri=uri, experiment="vaemo", work_dir=work) as run:
-        model_id = tracking.log_model_files("stage1", [folder / av.WEIGHTS_FILE, folder / av.CONFIG_FILE])
-        tracking.write_model_record(folder, model_id, run.info.run_id, uri)
+        model_id = tracking.log_model_files("stage1", ModelFolder(folder).model_files())
+        ModelFolder(folder).write_record(model_id, run.info.run_id, uri)
     return model_id
 
 
@@ -120,8 +154,13 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     from vaemo.config import CaptionConfig
 
     db, work, out = tmp_path / "db", tmp_path / "work", tmp_path / "aligned"
-    summary = caption(ingested, db, CaptionConfig(engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=CLIPS,
-                                                  sampling={"max_tokens": 256}))
+    summary = caption(
+        ingested,
+        db,
+        CaptionConfig(
+            engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=CLIPS, sampling={"max_tokens": 256}
+        ),
+    )
     ok = summary["status_counts"].get("ok", 0)
     assert ok >= 10, summary["status_counts"]  # the short prompt lets the random model finish its JSON
     init = tmp_path / "stage1"
@@ -129,17 +168,59 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     stage1_id = log_stage1(work, init)
 
     env = cli_env(work)
-    refused = subprocess.run(vaemo_command("--work-dir", str(work), "align", "--shards", str(ingested), "--db", str(db),
-                                           "--init", str(tmp_path), "--out", str(out)), capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    refused = subprocess.run(
+        vaemo_command(
+            "--work-dir",
+            str(work),
+            "align",
+            "--shards",
+            str(ingested),
+            "--db",
+            str(db),
+            "--init",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines() == [f"vaemo: error: --init {tmp_path} is not a model folder: it needs config.json and "
-                                                   "model.safetensors (the --out folder of `vaemo pretrain`)"]
+    assert refused.stderr.strip().splitlines() == [
+        f"vaemo: error: --init {tmp_path} is not a model folder: it needs config.json and "
+        "model.safetensors (the --out folder of `vaemo pretrain`)"
+    ]
 
     config = tmp_path / "pipelines.yaml"
-    config.write_text("stages:\n  align:\n    batch_size: 12\n    lr: 0.003\n    warmup_steps: 2\n    num_workers: 0\n    checkpoint_every: 6\n")
-    done = subprocess.run(vaemo_command("--config", str(config), "--work-dir", str(work), "align", "--shards", str(ingested),
-                                        "--db", str(db), "--init", str(init), "--out", str(out), "--steps", "12"),
-                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    config.write_text(
+        "stages:\n  align:\n    batch_size: 12\n    lr: 0.003\n    warmup_steps: 2\n    num_workers: 0\n    "
+        "checkpoint_every: 6\n"
+    )
+    done = subprocess.run(
+        vaemo_command(
+            "--config",
+            str(config),
+            "--work-dir",
+            str(work),
+            "align",
+            "--shards",
+            str(ingested),
+            "--db",
+            str(db),
+            "--init",
+            str(init),
+            "--out",
+            str(out),
+            "--steps",
+            "12",
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"loss_first", "loss_last", "text_retrieval_top1", "text_retrieval_chance"} <= set(metrics)
@@ -149,12 +230,18 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     assert metrics["text_retrieval_top1"] > metrics["init_text_retrieval_top1"]
     assert metrics["loss_last"] < metrics["loss_first"] and metrics["captions"]["text_vectors_embedded_now"] == 0
     alignment = json.loads((out / "text_alignment.json").read_text())
-    assert alignment["text_encoder"] == "all-MiniLM-L6-v2" and alignment["text_dim"] == 384 and alignment["captions"]["tag"] == summary["tag"]
+    assert (
+        alignment["text_encoder"] == "all-MiniLM-L6-v2"
+        and alignment["text_dim"] == 384
+        and alignment["captions"]["tag"] == summary["tag"]
+    )
     assert av.load(out).cfg.name == "tiny"  # still a Stage 1 folder for probing and fine-tuning
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step-00000006.pt", "step-00000012.pt"]
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["vaemo"], filter_string="tags.`vaemo.stage` = 'align'", output_format="list")[0]
+    run = mlflow.search_runs(
+        experiment_names=["vaemo"], filter_string="tags.`vaemo.stage` = 'align'", output_format="list"
+    )[0]
     assert run.info.status == "FINISHED" and run.data.params["caption_tag"] == summary["tag"]
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert {"shards", "captions", "stage1_model"} <= set(inputs)
@@ -169,19 +256,35 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     assert model.tags["vaemo.stage1.model_id"] == stage1_id and model.tags["vaemo.captions.tag"] == summary["tag"]
     assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} == {
         "model.safetensors", "config.json", "text_heads.safetensors", "text_alignment.json"}
-    outputs = [d for d in run.inputs.dataset_inputs if any(t.key == "mlflow.data.context" and t.value == "output" for t in d.tags)]
+    outputs = [
+        d
+        for d in run.inputs.dataset_inputs
+        if any(t.key == "mlflow.data.context" and t.value == "output" for t in d.tags)
+    ]
     assert [d.dataset.name for d in outputs] == ["clip_embeddings"]
 
-    found = subprocess.run(vaemo_command("search", "--db", str(db), "--text", "a trembling voice and a tense face", "--k", "3"),
-                           capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    found = subprocess.run(
+        vaemo_command("search", "--db", str(db), "--text", "a trembling voice and a tense face", "--k", "3"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
     assert found.returncode == 0, found.stderr[-3000:]
     lines = [line for line in found.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3 and len({line.split()[2] for line in lines}) == 3
     assert {line.split()[2] for line in lines} <= set(clip_ids(ingested))
 
     scores = tmp_path / "zeroshot.csv"
-    zs = subprocess.run(vaemo_command("zeroshot", str(ingested), "--model", str(out), "--labels", "angry,happy,sad", "--out", str(scores)),
-                        capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    zs = subprocess.run(
+        vaemo_command(
+            "zeroshot", str(ingested), "--model", str(out), "--labels", "angry,happy,sad", "--out", str(scores)
+        ),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
     assert zs.returncode == 0, zs.stderr[-3000:]
     table = pd.read_csv(scores)
     assert list(table.columns) == ["clip_id", "predicted", "p_angry", "p_happy", "p_sad"] and len(table) == CLIPS
@@ -190,7 +293,9 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     assert (table["predicted"] == np.array(["angry", "happy", "sad"])[probs.argmax(axis=1)]).all()
     refused = subprocess.run(vaemo_command("zeroshot", str(ingested), "--model", str(init), "--labels", "angry,happy"),
                              capture_output=True, text=True, env=env, timeout=TIMEOUT)
-    assert refused.returncode == 2 and refused.stderr.startswith(f"vaemo: error: {init} is not a Stage 2 (text-aligned) model")
+    assert refused.returncode == 2 and refused.stderr.startswith(
+        f"vaemo: error: {init} is not a Stage 2 (text-aligned) model"
+    )
 
 
 # ---- the modality path, pinned versions, skipped captions ------------------------------------
@@ -210,7 +315,9 @@ def test_modality_path_reads_the_cue_texts_of_the_pinned_version(ingested, stage
     for tag in (first, second):
         metrics = align(ingested, db, stage1, tmp_path / tag, cfg.model_copy(update={"caption_tag": tag}))
         assert metrics["captions"]["tag"] == tag and metrics["captions_ok"] == 5 and metrics["captions_skipped"] == 1
-        assert metrics["captions"]["captions_skipped_by_status"] == {"failed": 1} and metrics["text_retrieval_clips"] == 5
+        assert (
+            metrics["captions"]["captions_skipped_by_status"] == {"failed": 1} and metrics["text_retrieval_clips"] == 5
+        )
         runs[tag] = step_log(tmp_path / tag)[1]
     assert runs[first]["global"] == pytest.approx(runs[second]["global"], rel=1e-6, abs=1e-7)
     assert abs(runs[first]["modality"] - runs[second]["modality"]) > 1e-3
@@ -218,7 +325,7 @@ def test_modality_path_reads_the_cue_texts_of_the_pinned_version(ingested, stage
     assert abs(runs[first]["modality_audio"] - runs[second]["modality_audio"]) > 1e-4
     # The newest caption tag is the default pin; an unknown tag or no ok caption is a clear refusal.
     assert load_captions(db, ingested, AlignConfig()).tag == second
-    with pytest.raises(AlignDataError, match="has no tag 'nope'"):
+    with pytest.raises(ArtifactError, match="has no tag 'nope'"):
         load_captions(db, ingested, AlignConfig(caption_tag="nope"))
     failed = write_captions(tmp_path / "bad", [{**r, "status": "failed"} for r in rows])
     with pytest.raises(AlignDataError, match=f"no ok caption in .* at tag '{failed}'.*failed 6"):
@@ -234,7 +341,9 @@ class Stop(Exception):
 def test_interrupted_alignment_resumes_on_the_same_curve_with_reconstruction(ingested, stage1, tmp_path):
     db = tmp_path / "db"
     write_captions(db, hand_rows(clip_ids(ingested)[:6]))  # the other 6 clips feed the reconstruction term
-    cfg = AlignConfig(steps=3, batch_size=3, trainable="last_k", last_k=1, rec_weight=0.1, **{**FAST, "checkpoint_every": 2})
+    cfg = AlignConfig(
+        steps=3, batch_size=3, trainable="last_k", last_k=1, rec_weight=0.1, **{**FAST, "checkpoint_every": 2}
+    )
     whole = align(ingested, db, stage1, tmp_path / "whole", cfg)
     assert whole["reconstruction"].startswith("on 6 uncaptioned clips") and "rec_first" in whole
     assert whole["trainable_params"]["decoder"] > 0
@@ -254,5 +363,7 @@ def test_interrupted_alignment_resumes_on_the_same_curve_with_reconstruction(ing
     for step in (3,):
         for key in ("loss", "global", "modality", "rec"):
             assert again[step][key] == pytest.approx(reference[step][key], rel=1e-4, abs=1e-5), (step, key)
-    digests = [json.loads((d / "ranks" / "rank-0.json").read_text())["weights_sha256"] for d in (tmp_path / "whole", out)]
+    digests = [
+        json.loads((d / "ranks" / "rank-0.json").read_text())["weights_sha256"] for d in (tmp_path / "whole", out)
+    ]
     assert digests[0] == digests[1]

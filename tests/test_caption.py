@@ -19,17 +19,23 @@ import lancedb
 import mlflow
 import pandas as pd
 import pytest
-
 from conftest import cli_env, vaemo_command
+
 from vaemo import store
 from vaemo.caption.engines import EngineError, Generation, resolve_model
 from vaemo.caption.prompt import FIELDS, PromptError, json_schema, load_prompt, parse_reply
-from vaemo.caption.run import CaptionRun, caption
+from vaemo.caption.run import caption
 from vaemo.caption.select import SelectionError, select_clips
 from vaemo.config import CaptionConfig
 
-GOOD = {"facial_cues": "raised brows, wide eyes", "vocal_cues": "high pitch, fast tempo", "reasoning": "both signal arousal",
-        "emotion": "fear", "intensity": "high", "description": "The speaker looks and sounds frightened."}
+GOOD = {
+    "facial_cues": "raised brows, wide eyes",
+    "vocal_cues": "high pitch, fast tempo",
+    "reasoning": "both signal arousal",
+    "emotion": "fear",
+    "intensity": "high",
+    "description": "The speaker looks and sounds frightened.",
+}
 LIMITS = load_prompt("cot-v1").limits
 
 
@@ -68,7 +74,12 @@ def test_a_prompt_extends_another_and_its_digest_covers_both(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("extends: base.yaml\nversion: c1\nlimits: {reasoning: 30}\n")
     first = load_prompt(str(child))
-    assert (first.version, first.system, first.limits["reasoning"], first.limits["description"]) == ("c1", "look", 30, 1000)
+    assert (first.version, first.system, first.limits["reasoning"], first.limits["description"]) == (
+        "c1",
+        "look",
+        30,
+        1000,
+    )
     base.write_text("version: b1\nsystem: look closely\nuser: describe\nrepair: fix {reason}\n")
     second = load_prompt(str(child))
     assert second.system == "look closely" and second.digest != first.digest
@@ -144,8 +155,15 @@ def test_selection_never_touches_excluded_test_folds_or_clips(tmp_path):
 def test_one_writer_per_table(tmp_path):
     with store.writer_lock(tmp_path, "captions"):
         probe = subprocess.run(
-            [sys.executable, "-c", f"from vaemo import store\nwith store.writer_lock({str(tmp_path)!r}, 'captions'): pass"],
-            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+            [
+                sys.executable,
+                "-c",
+                f"from vaemo import store\nwith store.writer_lock({str(tmp_path)!r}, 'captions'): pass",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
+        )
         assert probe.returncode != 0 and "is being written by pid" in probe.stderr
 
 
@@ -247,7 +265,9 @@ def test_unreadable_clip_is_recorded_and_the_shard_goes_on(shards, tmp_path):
 def test_vllm_generation_is_stored_once_and_reruns_skip(shards, tiny_mllm, short_prompt, tmp_path):
     """Real vLLM (CPU build) multimodal generation: face frames + voice, structured JSON output."""
     db = tmp_path / "db"
-    cfg = CaptionConfig(engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=3, sampling={"max_tokens": 256})
+    cfg = CaptionConfig(
+        engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=3, sampling={"max_tokens": 256}
+    )
     first = caption(shards, db, cfg)
     rows = _rows(db)
     assert len(rows) == 3 and rows["clip_id"].is_unique and first["captioned_now"] == 3
@@ -274,7 +294,9 @@ def test_transformers_engine_runs_the_same_path(shards, tiny_mllm, tmp_path):
     summary = caption(shards, tmp_path / "db", cfg)
     row = _rows(tmp_path / "db").iloc[0]
     assert summary["selected"] == 1 and row.engine == "transformers" and row.attempts in (1, 2)
-    assert row.status == "ok" or (row.attempts == 2 and "no usable reply" in row.reason and len(json.loads(row.failures)) == 2)
+    assert row.status == "ok" or (
+        row.attempts == 2 and "no usable reply" in row.reason and len(json.loads(row.failures)) == 2
+    )
 
 
 def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, short_prompt, tmp_path):
@@ -295,7 +317,9 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
         if stored:
             break
         time.sleep(0.2)
-    assert stored and first.poll() is None, "the first run ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
+    assert stored and first.poll() is None, (
+        "the first run ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
@@ -305,17 +329,38 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     assert len(rows) == 3 and rows["clip_id"].is_unique
     assert f"{3 - stored} described now" in done.stdout
 
-    refused = subprocess.run(vaemo_command("--work-dir", str(work), "caption", "--shards", str(shards), "--db", str(db),
-                                           "--model", str(tmp_path / "nowhere")), env=env, capture_output=True, text=True)
+    refused = subprocess.run(
+        vaemo_command(
+            "--work-dir",
+            str(work),
+            "caption",
+            "--shards",
+            str(shards),
+            "--db",
+            str(db),
+            "--model",
+            str(tmp_path / "nowhere"),
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "vaemo: error: model" in refused.stderr and "Traceback" not in refused.stderr
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["vaemo"], output_format="list", filter_string="attributes.status = 'FINISHED'")
+    runs = mlflow.search_runs(
+        experiment_names=["vaemo"], output_format="list", filter_string="attributes.status = 'FINISHED'"
+    )
     run = runs[0]
     assert run.data.tags["vaemo.stage"] == "caption" and run.data.params["prompt_version"] == "cot-v1-short"
-    assert run.data.metrics["selected"] == 3 and sum(v for k, v in run.data.metrics.items() if k.startswith("status.")) == 3
+    assert (
+        run.data.metrics["selected"] == 3
+        and sum(v for k, v in run.data.metrics.items() if k.startswith("status.")) == 3
+    )
     # MLflow keeps datasets as run inputs; the context tells the shards read from the captions written.
-    contexts = {d.dataset.name: {t.key: t.value for t in d.tags}.get("mlflow.data.context") for d in run.inputs.dataset_inputs}
+    contexts = {
+        d.dataset.name: {t.key: t.value for t in d.tags}.get("mlflow.data.context") for d in run.inputs.dataset_inputs
+    }
     assert contexts == {"shards": "input", "captions": "output"}
     tag, version = run.data.tags["vaemo.output.captions.digest"].split("@v")
     table = lancedb.connect(str(db)).open_table("captions")

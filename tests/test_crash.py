@@ -17,11 +17,24 @@ TIMEOUT = 600
 
 
 def start(work: Path, source: Path, config: Path) -> subprocess.Popen:
-    args = vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", "generic", "--out", str(work / "out"))
+    args = vaemo_command(
+        "--config",
+        str(config),
+        "--work-dir",
+        str(work),
+        "ingest",
+        str(source),
+        "--dataset",
+        "generic",
+        "--out",
+        str(work / "out"),
+    )
     # A session of its own, so the kill reaches the Dask workers and the Prefect server too.
     log_path = work.parent / f"run-{time.monotonic_ns()}.log"  # read when a run ends early
     with open(log_path, "w") as log:
-        process = subprocess.Popen(args, env=cli_env(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            args, env=cli_env(work), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     process.log_path = log_path
     return process
 
@@ -60,8 +73,22 @@ def test_killed_runs_resume_without_losing_or_duplicating_clips(corpus, bad_case
     )
 
     final = subprocess.run(
-        vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", "generic", "--out", str(out)),
-        env=cli_env(work), capture_output=True, text=True, timeout=TIMEOUT,
+        vaemo_command(
+            "--config",
+            str(config),
+            "--work-dir",
+            str(work),
+            "ingest",
+            str(source),
+            "--dataset",
+            "generic",
+            "--out",
+            str(out),
+        ),
+        env=cli_env(work),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert final.returncode == 0, final.stderr[-3000:]
     stats = json.loads((out / "stats.json").read_text())
@@ -69,7 +96,9 @@ def test_killed_runs_resume_without_losing_or_duplicating_clips(corpus, bad_case
     assert len(manifest) == len(list(source.iterdir())) and "pending" not in set(manifest["status"])
     assert stats["last_run"]["skipped_videos"] >= committed + 1  # earlier work was kept, not redone
 
-    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False)]
+    keys = [
+        s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False)
+    ]
     assert len(keys) == len(set(keys)), "a clip was written twice"
     expected = set(pd.read_parquet(out / "clips.parquet")["clip_id"])
     assert set(keys) == expected and len(keys) == manifest["n_clips"].sum() == stats["clips"]

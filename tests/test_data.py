@@ -14,8 +14,10 @@ import webdataset as wds
 from pydantic import ValidationError
 from torchaudio.compliance import kaldi
 
-from vaemo.data import DataConfig, choose_window, count_samples, load_sample, make_loader, shard_urls
+from vaemo.artifacts import IngestFolder
+from vaemo.data import DataConfig, choose_window, count_samples, load_sample, make_loader
 from vaemo.data.samples import decode_audio, decode_video, window_frames, window_waveform
+from vaemo.errors import ArtifactError
 from vaemo.ingest import media
 
 CFG = DataConfig()
@@ -25,7 +27,7 @@ WINDOW_ONLY = DataConfig(crop_scale=None, flip_p=0.0, freq_mask=0, time_mask=0)
 
 @pytest.fixture(scope="module")
 def urls(shards) -> list[str]:
-    return shard_urls(shards)
+    return IngestFolder(shards).shard_urls()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,12 @@ def clip_sample(key: str, frames: np.ndarray, audio: np.ndarray, fps: float = 25
         media.encode_video(frames, fps, 18, "veryfast", out, 60)
         video = out.read_bytes()
     meta = {"clip_id": key, "fps": fps, "frames": len(frames), "start": 0.0, "end": len(frames) / fps}
-    return {"__key__": key, "mp4": video, "flac": media.encode_audio(audio, 16000, "flac", 60), "json": json.dumps(meta).encode()}
+    return {
+        "__key__": key,
+        "mp4": video,
+        "flac": media.encode_audio(audio, 16000, "flac", 60),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 # --- shard listing and configuration -------------------------------------------------------------
@@ -58,11 +65,11 @@ def clip_sample(key: str, frames: np.ndarray, audio: np.ndarray, fps: float = 25
 def test_shard_urls_lists_committed_shards_and_explains_an_empty_folder(shards, urls, tmp_path):
     assert urls == sorted(urls) and len(urls) == 3 and all(u.endswith(".tar") for u in urls)
     assert count_samples(urls) == 3
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        shard_urls(tmp_path)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        IngestFolder(tmp_path).shard_urls()
     (tmp_path / "shards").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .tar files"):
-        shard_urls(tmp_path)
+    with pytest.raises(ArtifactError, match="no .tar files"):
+        IngestFolder(tmp_path).shard_urls()
 
 
 def test_config_is_strict_and_keeps_audio_and_video_windows_equal():
@@ -121,7 +128,9 @@ def test_video_and_audio_onsets_agree_through_real_encoding():
     frames = np.full((n, 192, 192, 3), 30, np.uint8)
     frames[onset:] = 220
     t = np.arange(n * 640) / 16000
-    audio = np.where(t >= onset / fps, 0.5 * np.sin(2 * np.pi * 440 * t), 1e-3 * np.sin(2 * np.pi * 97 * t)).astype(np.float32)
+    audio = np.where(t >= onset / fps, 0.5 * np.sin(2 * np.pi * 440 * t), 1e-3 * np.sin(2 * np.pi * 97 * t)).astype(
+        np.float32
+    )
     sample = clip_sample("sync_clip", frames, audio)
     rng = np.random.default_rng(3)
     for _ in range(6):
@@ -183,8 +192,18 @@ def test_short_clips_loop_both_modalities_instead_of_zero_padding(raw):
 def test_corrupt_samples_are_skipped_counted_and_never_swapped(raw, tmp_path):
     good, other = raw[0], raw[1]
     bad = [
-        {**other, "__key__": "bad_mp4", "mp4": b"\x00garbage" * 100, "json": json.dumps({"clip_id": "bad_mp4"}).encode()},
-        {**other, "__key__": "bad_flac", "flac": b"fLaC-not-really" * 10, "json": json.dumps({"clip_id": "bad_flac"}).encode()},
+        {
+            **other,
+            "__key__": "bad_mp4",
+            "mp4": b"\x00garbage" * 100,
+            "json": json.dumps({"clip_id": "bad_mp4"}).encode(),
+        },
+        {
+            **other,
+            "__key__": "bad_flac",
+            "flac": b"fLaC-not-really" * 10,
+            "json": json.dumps({"clip_id": "bad_flac"}).encode(),
+        },
         {**other, "__key__": "bad_json", "json": b"{not json"},
         {**other, "__key__": "wrong_json"},  # its json names another clip
     ]
@@ -217,7 +236,9 @@ def test_corrupt_samples_are_skipped_counted_and_never_swapped(raw, tmp_path):
 @pytest.mark.timeout(120)
 def test_fewer_shards_than_workers_resamples_instead_of_hanging(urls, raw, caplog):
     with caplog.at_level(logging.WARNING, logger="vaemo.data.loader"):
-        loader = make_loader(urls[:1], CFG, train=True, seed=1, epoch_samples=8, batch_size=2, num_workers=2, timeout=60)
+        loader = make_loader(
+            urls[:1], CFG, train=True, seed=1, epoch_samples=8, batch_size=2, num_workers=2, timeout=60
+        )
     assert "resampling shards" in caplog.text
     batches = list(loader)
     # 8 samples over 2 readers: 4 each, 2 batches of 2 each.

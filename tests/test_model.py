@@ -9,11 +9,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+from vaemo.errors import ConfigError, ModelError
 from vaemo.model import (
-    CONFIGS,
-    AVConfig,
     AVMAE,
-    CheckpointError,
+    AVConfig,
     config_for,
     info_nce,
     load,
@@ -28,6 +27,9 @@ from vaemo.model import (
     unpatchify_video,
 )
 from vaemo.model.av import _normalise_patches
+from vaemo.registry import MODEL_PRESETS
+
+CONFIGS = MODEL_PRESETS.loaded()
 
 B = 2
 
@@ -95,7 +97,7 @@ def test_config_json_round_trip_and_unknown_keys():
         AVConfig.model_validate({"name": "x", "dimm": 3})
     with pytest.raises(ValidationError, match="multiple of heads"):
         config_for("tiny", heads=5)
-    with pytest.raises(KeyError, match="tiny"):
+    with pytest.raises(ConfigError, match="unknown model preset 'huge'; choose one of tiny, small, base"):
         config_for("huge")
 
 
@@ -282,7 +284,7 @@ def test_load_names_missing_and_unexpected_keys(tiny, tmp_path):
     state = load_file(str(folder / "model.safetensors"))
     state["norm.weight_renamed"] = state.pop("norm.weight")
     save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelError) as err:
         load(folder)
     message = str(err.value)
     assert "missing keys: norm.weight" in message and "unexpected keys: norm.weight_renamed" in message
@@ -291,9 +293,9 @@ def test_load_names_missing_and_unexpected_keys(tiny, tmp_path):
 def test_load_refuses_a_checkpoint_of_another_size(tiny, tmp_path):
     folder = save(tiny, tmp_path / "ckpt")
     (folder / "config.json").write_text(config_for("tiny", decoder_dim=32).model_dump_json())
-    with pytest.raises(CheckpointError, match=r"wrong shapes: .*decoder_embed\.weight \(64, 128\) != \(32, 128\)"):
+    with pytest.raises(ModelError, match=r"wrong shapes: .*decoder_embed\.weight \(64, 128\) != \(32, 128\)"):
         load(folder)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelError, match="nowhere is not a model folder: it needs config.json and model.safetensors"):
         load(tmp_path / "nowhere")
 
 

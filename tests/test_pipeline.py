@@ -1,5 +1,6 @@
 """`vaemo run pipelines.yaml --pipeline NAME`: all five stages as subflows of one flow, one MLflow parent run with a
-child run per stage, skipping on a re-run, and `vaemo lineage` from the evaluation back to shards, captions and Stage 1."""
+child run per stage, skipping on a re-run, and `vaemo lineage` from the evaluation back to shards, captions and
+Stage 1."""
 
 from __future__ import annotations
 
@@ -26,29 +27,61 @@ def labelled_source(tmp_path_factory) -> tuple[Path, Path]:
     return source, labels
 
 
-def write_config(path: Path, work: Path, source: Path, labels: Path, tiny_mllm: Path, short_prompt: Path, folds: int) -> Path:
+def write_config(
+    path: Path, work: Path, source: Path, labels: Path, tiny_mllm: Path, short_prompt: Path, folds: int
+) -> Path:
     config = {
         "work_dir": str(work),
         "dask": {"workers": 1},
         "corpora": {"labelled": {"path": str(source), "dataset": "generic", "labels": str(labels)}},
         "stages": {
             "ingest": {"videos_per_batch": 12},
-            "pretrain": {"steps": 2, "batch_size": 4, "num_workers": 0, "warmup_steps": 1, "eval_clips": 4, "checkpoint_every": 100},
-            "caption": {"engine": "vllm", "model": str(tiny_mllm), "prompt": str(short_prompt), "count": 4,
-                        "sampling": {"max_tokens": 256}},
-            "align": {"steps": 2, "batch_size": 2, "num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100,
-                      "embeddings_table": None, "retrieval_before": False},
+            "pretrain": {
+                "steps": 2,
+                "batch_size": 4,
+                "num_workers": 0,
+                "warmup_steps": 1,
+                "eval_clips": 4,
+                "checkpoint_every": 100,
+            },
+            "caption": {
+                "engine": "vllm",
+                "model": str(tiny_mllm),
+                "prompt": str(short_prompt),
+                "count": 4,
+                "sampling": {"max_tokens": 256},
+            },
+            "align": {
+                "steps": 2,
+                "batch_size": 2,
+                "num_workers": 0,
+                "warmup_steps": 1,
+                "checkpoint_every": 100,
+                "embeddings_table": None,
+                "retrieval_before": False,
+            },
             "evaluate": {"tsne_clips": 0, "probe": {"epochs": 5}},
         },
-        "pipelines": {"full": {"corpora": ["labelled"], "stages": ["ingest", "pretrain", "caption", "align", "evaluate"],
-                               "stage_overrides": {"evaluate": {"folds": folds}}}},
+        "pipelines": {
+            "full": {
+                "corpora": ["labelled"],
+                "stages": ["ingest", "pretrain", "caption", "align", "evaluate"],
+                "stage_overrides": {"evaluate": {"folds": folds}},
+            }
+        },
     }
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 
 
 def run_pipeline(config: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(vaemo_command("run", str(config), "--pipeline", "full"), capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    return subprocess.run(
+        vaemo_command("run", "--config", str(config), "--pipeline", "full"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
 
 
 def children(client: mlflow.MlflowClient, parent: str) -> dict[str, mlflow.entities.Run]:
@@ -71,20 +104,30 @@ def test_pipeline_fails_resumes_skips_and_walks_lineage(labelled_source, tiny_ml
     root = work / "pipelines" / "full"
 
     # 1. Five folds over three speakers: evaluation fails after the other stages ran.
-    failing = run_pipeline(write_config(tmp_path / "failing.yaml", work, source, labels, tiny_mllm, short_prompt, folds=5), env)
+    failing = run_pipeline(
+        write_config(tmp_path / "failing.yaml", work, source, labels, tiny_mllm, short_prompt, folds=5), env
+    )
     assert failing.returncode == 1, failing.stdout[-4000:] + failing.stderr[-4000:]
     assert "vaemo: pipeline full did not complete: stage evaluate failed" in failing.stderr
     experiment = client.get_experiment_by_name("vaemo")
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`vaemo.stage` = 'pipeline'")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
     failed_parent = parents[0]
-    assert failed_parent.data.tags["vaemo.failed_stage"] == "evaluate" and failed_parent.data.tags["prefect.flow_run_id"]
+    assert (
+        failed_parent.data.tags["vaemo.failed_stage"] == "evaluate" and failed_parent.data.tags["prefect.flow_run_id"]
+    )
     assert "prefect.deployment" in failed_parent.data.tags
     runs = children(client, failed_parent.info.run_id)
     assert sorted(runs) == STAGES, sorted(runs)
     assert runs["evaluate"].info.status == "FAILED" and "speakers" in runs["evaluate"].data.tags["vaemo.error"]
-    assert all(runs[s].info.status == "FINISHED" and runs[s].data.tags.get("vaemo.skipped") != "true" for s in STAGES if s != "evaluate")
-    assert all((root / part / "stage.json").is_file() for part in ("corpora/labelled", "stage1", "captions-db", "stage2"))
+    assert all(
+        runs[s].info.status == "FINISHED" and runs[s].data.tags.get("vaemo.skipped") != "true"
+        for s in STAGES
+        if s != "evaluate"
+    )
+    assert all(
+        (root / part / "stage.json").is_file() for part in ("corpora/labelled", "stage1", "captions-db", "stage2")
+    )
     assert not (root / "eval" / "stage.json").exists()
     shards = sorted((root / "corpora" / "labelled" / "shards").glob("*.tar"))
     stamps = {p.name: p.stat().st_mtime_ns for p in shards}
@@ -115,7 +158,13 @@ def test_pipeline_fails_resumes_skips_and_walks_lineage(labelled_source, tiny_ml
     captions_tag = json.loads((root / "captions-db" / "stage.json").read_text())["result"]["tag"]
     stage1_id = runs["pretrain"].data.tags["vaemo.output.model.stage1"]
     for run_id in (second["evaluate"].info.run_id, third["evaluate"].info.run_id):
-        shown = subprocess.run(vaemo_command("--work-dir", str(work), "lineage", run_id), capture_output=True, text=True, env=env, timeout=120)
+        shown = subprocess.run(
+            vaemo_command("--work-dir", str(work), "lineage", run_id),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
         out = shown.stdout
         assert shard_digest in out and captions_tag in out and stage1_id in out, out

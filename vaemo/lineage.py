@@ -1,8 +1,8 @@
 """Walk an MLflow run back to what made its inputs: shards, captions, Stage 1 / Stage 2 models.
 
-Every stage logs its inputs as datasets with content digests (``vaemo.digest``) and its outputs as
-run tags (``vaemo.output.<name>.digest``) or logged models (``vaemo.output.model.<name>``), so a
-run's inputs lead to the runs that produced them, without reading any tensor.
+Every stage logs its inputs as datasets with content digests (``Tag.DIGEST``) and its outputs as
+run tags (``Tag.output_digest``) or logged models (``Tag.output_model``), so a run's inputs lead to
+the runs that produced them, without reading any tensor (the keys: ``vaemo.tracking.Tag``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import mlflow
 from mlflow.exceptions import MlflowException
 
-CONTEXT_TAG = "mlflow.data.context"
+from vaemo.tracking import CONTEXT_TAG, Tag
 
 
 @dataclass
@@ -42,9 +42,13 @@ def _input_tags(dataset_input) -> dict[str, str]:
 
 def _producer_by_tag(client: mlflow.MlflowClient, experiment_ids: list[str], key: str, value: str) -> str | None:
     """The oldest finished, not-skipped run whose tag ``key`` is ``value`` (the run that made that output)."""
-    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{key}` = '{value}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=50)
-    runs = [r for r in runs if r.data.tags.get("vaemo.skipped") != "true"]
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{key}` = '{value}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50,
+    )
+    runs = [r for r in runs if r.data.tags.get(Tag.SKIPPED) != "true"]
     return runs[0].info.run_id if runs else None
 
 
@@ -53,7 +57,11 @@ def _model_link(client: mlflow.MlflowClient, name: str, context: str, model_id: 
         model = client.get_logged_model(model_id)
     except MlflowException:
         return Link(name, context, digest, {"model_id": model_id, "note": "logged model not in this store"})
-    detail = {"model_id": model_id, "logged_model": model.name, **{k: v for k, v in model.tags.items() if k.startswith("vaemo.")}}
+    detail = {
+        "model_id": model_id,
+        "logged_model": model.name,
+        **{k: v for k, v in model.tags.items() if k.startswith(Tag.PREFIX)},
+    }
     return Link(name, context, digest, detail, producer=model.source_run_id)
 
 
@@ -66,30 +74,31 @@ def node(client: mlflow.MlflowClient, run_id: str) -> Node:
     for item in run.inputs.dataset_inputs:
         itags = _input_tags(item)
         context = itags.get(CONTEXT_TAG, "")
-        digest = itags.get("vaemo.digest", item.dataset.digest)
+        digest = itags.get(Tag.DIGEST, item.dataset.digest)
         name = item.dataset.name
         if context == "output":
             continue
         if name == "shards":
             links.append(Link(name, context, digest, {"uri": item.dataset.source},
-                              _producer_by_tag(client, experiments, "vaemo.output.shards.digest", digest)))
-        elif "vaemo.lancedb.tag" in itags:
-            detail = {"uri": item.dataset.source, "table": itags.get("vaemo.lancedb.table"), "tag": itags["vaemo.lancedb.tag"],
-                      "version": itags.get("vaemo.lancedb.version")}
-            links.append(Link(name, context, digest, detail, _producer_by_tag(client, experiments, f"vaemo.output.{name}.digest", digest)))
-        elif itags.get("vaemo.stage1.model_id") or itags.get("vaemo.model_id"):
-            links.append(_model_link(client, name, context, itags.get("vaemo.stage1.model_id") or itags["vaemo.model_id"], digest))
+                              _producer_by_tag(client, experiments, Tag.output_digest("shards"), digest)))
+        elif Tag.LANCEDB_TAG in itags:
+            detail = {"uri": item.dataset.source, "table": itags.get(Tag.LANCEDB_TABLE), "tag": itags[Tag.LANCEDB_TAG],
+                      "version": itags.get(Tag.LANCEDB_VERSION)}
+            producer = _producer_by_tag(client, experiments, Tag.output_digest(name), digest)
+            links.append(Link(name, context, digest, detail, producer))
+        elif model_id := itags.get(Tag.STAGE1_MODEL_ID) or itags.get(Tag.MODEL_ID):
+            links.append(_model_link(client, name, context, model_id, digest))
         else:
             links.append(Link(name, context, digest, {"uri": item.dataset.source}))
-    outputs = {k[len("vaemo.output."):]: v for k, v in tags.items() if k.startswith("vaemo.output.")}
-    return Node(run_id, tags.get("vaemo.stage", "?"), run.info.status, tags.get("vaemo.skipped") == "true", links, outputs)
+    outputs = {k.removeprefix(Tag.OUTPUT): v for k, v in tags.items() if k.startswith(Tag.OUTPUT)}
+    return Node(run_id, tags.get(Tag.STAGE, "?"), run.info.status, tags.get(Tag.SKIPPED) == "true", links, outputs)
 
 
 def chain(run_id: str, tracking_uri: str | None = None) -> list[Node]:
     """The run and, breadth-first, every run that produced one of its inputs (each once)."""
     client = mlflow.MlflowClient(tracking_uri)
     start = client.get_run(run_id)
-    reused = start.data.tags.get("vaemo.skipped.reused_run_id")
+    reused = start.data.tags.get(Tag.REUSED_RUN)
     nodes: list[Node] = []
     seen: set[str] = set()
     queue = [run_id] + ([reused] if reused else [])
@@ -112,7 +121,9 @@ def format_chain(nodes: list[Node]) -> str:
         for link in found.inputs:
             detail = ", ".join(f"{k}={v}" for k, v in link.detail.items() if v)
             made = f" <- {link.producer}" if link.producer else ""
-            lines.append(f"  input {link.name} ({link.context}) digest {link.digest}{' ' + detail if detail else ''}{made}")
+            lines.append(
+                f"  input {link.name} ({link.context}) digest {link.digest}{' ' + detail if detail else ''}{made}"
+            )
         for name, value in sorted(found.outputs.items()):
             lines.append(f"  output {name} {value}")
     return "\n".join(lines)

@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from vaemo.errors import BusyError
 
-class Busy(RuntimeError):
+
+class Busy(BusyError):
     def __init__(self, path: Path, holder: str):
         super().__init__(f"{path} is held by {holder}")
         self.path, self.holder = path, holder

@@ -18,10 +18,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vaemo.errors import ToolError
+
 START_TIMEOUT_SECONDS = 240  # the Prefect server migrates its database on first start; slow on a busy laptop
 
 
-class ServerError(RuntimeError):
+class ServerError(ToolError):
     pass
 
 
@@ -43,8 +45,14 @@ class Server:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, **self.env}, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
 
     def healthy(self) -> bool:
         try:
@@ -92,14 +100,50 @@ def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int,
     logs = Path(work_dir) / "logs"
     artifacts = (Path(work_dir) / "mlartifacts").resolve().as_uri()
     return [
-        Server("Prefect", host, prefect_port, "/api/health",
-               [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port), "--analytics-off"],
-               logs / "prefect-server.log",
-               # the browser UI asks this address for its data; by default it assumes port 4200
-               {"PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"}),
-        Server("MLflow", host, mlflow_port, "/health",
-               [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_uri, "--default-artifact-root", artifacts,
-                "--host", host, "--port", str(mlflow_port), "--workers", "1"], logs / "mlflow-server.log"),
+        Server(
+            "Prefect",
+            host,
+            prefect_port,
+            "/api/health",
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                host,
+                "--port",
+                str(prefect_port),
+                "--analytics-off",
+            ],
+            logs / "prefect-server.log",
+            # the browser UI asks this address for its data; by default it assumes port 4200
+            {"PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"},
+        ),
+        Server(
+            "MLflow",
+            host,
+            mlflow_port,
+            "/health",
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                mlflow_uri,
+                "--default-artifact-root",
+                artifacts,
+                "--host",
+                host,
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+            logs / "mlflow-server.log",
+        ),
     ]
 
 
@@ -116,7 +160,9 @@ def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> 
         while waiting:
             for server in list(waiting):
                 if not server.running():
-                    raise ServerError(f"the {server.name} server stopped while starting (log {server.log}):\n{server.log_tail()}")
+                    raise ServerError(
+                        f"the {server.name} server stopped while starting (log {server.log}):\n{server.log_tail()}"
+                    )
                 if server.healthy():
                     waiting.remove(server)
             if waiting and time.monotonic() > deadline:
@@ -131,3 +177,38 @@ def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> 
 def stop_all(servers: list[Server]) -> None:
     for server in servers:
         server.stop()
+
+
+def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int | None) -> int:
+    """``vaemo ui``: both servers until Ctrl-C or SIGTERM (exit 0), or until one of them stops (exit 1)."""
+    from urllib.parse import urlparse
+
+    from vaemo.config import DEFAULT_MLFLOW_UI
+
+    mlflow_port = mlflow_port or urlparse(settings.tracking.ui_url or DEFAULT_MLFLOW_UI).port
+    servers = local_servers(settings.work_dir, settings.mlflow_uri(), host, prefect_port, mlflow_port)
+
+    def stop_on_sigterm(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    print(f"vaemo: starting the Prefect and MLflow servers (logs in {Path(settings.work_dir) / 'logs'})", flush=True)
+    try:
+        start_all(servers)
+        prefect, mlflow = servers
+        print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
+        print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "
+              "Ctrl-C stops both", flush=True)
+        while all(server.running() for server in servers):
+            time.sleep(1)
+        stopped = next(server for server in servers if not server.running())
+        print(
+            f"vaemo: error: the {stopped.name} server stopped (log {stopped.log}):\n{stopped.log_tail()}",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("vaemo: stopping the servers", flush=True)
+        return 0
+    finally:
+        stop_all(servers)

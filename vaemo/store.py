@@ -19,6 +19,7 @@ import lancedb
 import pyarrow as pa
 
 from vaemo import locks
+from vaemo.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ CAPTIONS = "captions"
 CAPTION_KEYS = ["clip_id", "prompt_version", "model"]
 
 
-class StoreError(RuntimeError):
+class StoreError(ArtifactError):
     pass
 
 
@@ -60,7 +61,9 @@ def writer_lock(db_dir: str | os.PathLike, table: str):
     try:
         handle = locks.acquire(Path(db_dir) / f".{table}.writer.lock")
     except locks.Busy as busy:
-        raise StoreError(f"table {table!r} in {db_dir} is being written by {busy.holder}; wait for it to finish") from None
+        raise StoreError(
+            f"table {table!r} in {db_dir} is being written by {busy.holder}; wait for it to finish"
+        ) from None
     try:
         yield
     finally:
@@ -72,19 +75,26 @@ def open_captions(db, dim: int):
     table = db.create_table(CAPTIONS, schema=captions_schema(dim), exist_ok=True)
     found = table.schema.field("description_vec").type.list_size
     if found != dim:
-        raise StoreError(f"table {CAPTIONS!r} holds {found}-d text embeddings, the configured text encoder gives {dim}-d; "
-                         "use another --db or the encoder the table was made with")
+        raise StoreError(
+            f"table {CAPTIONS!r} holds {found}-d text embeddings, the configured text encoder gives {dim}-d; "
+            "use another --db or the encoder the table was made with"
+        )
     return table
 
 
 def existing_keys(table, prompt_version: str, model: str) -> set[str]:
     """Clip ids that already have a row for this prompt version and model."""
     table.checkout_latest()
-    rows = table.search().where(f"prompt_version = {_quote(prompt_version)} AND model = {_quote(model)}").select(["clip_id"]).to_arrow()
+    rows = (
+        table.search()
+        .where(f"prompt_version = {quote(prompt_version)} AND model = {quote(model)}")
+        .select(["clip_id"])
+        .to_arrow()
+    )
     return set(rows.column("clip_id").to_pylist())
 
 
-def _quote(value: str) -> str:
+def quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -94,7 +104,12 @@ def upsert(table, rows: pa.Table, keys: list[str]):
     Rows without a vector (failed captions) keep it null; LanceDB would otherwise reject the batch.
     """
     table.checkout_latest()
-    return table.merge_insert(keys).when_matched_update_all().when_not_matched_insert_all().execute(rows, on_bad_vectors="null")
+    return (
+        table.merge_insert(keys)
+        .when_matched_update_all()
+        .when_not_matched_insert_all()
+        .execute(rows, on_bad_vectors="null")
+    )
 
 
 def new_run_tag(stage: str) -> str:

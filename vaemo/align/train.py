@@ -29,35 +29,34 @@ import numpy as np
 import torch
 
 from vaemo.align.data import AlignDataError, CaptionSet, load_captions
-from vaemo.align.model import PATHS, AlignedAV, AlignmentError, save_aligned, set_trainable
+from vaemo.align.model import PATHS, AlignedAV, save_aligned, set_trainable
 from vaemo.align.search import write_clip_embeddings
+from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import AlignConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader, shard_urls
+from vaemo.data.loader import make_loader
 from vaemo.model import av
-from vaemo.train.loop import StepLogger, entry_point, init_distributed, read_step_log, run_summary, train, weights_digest
-from vaemo.train.pretrain import _mean_fraction, single_process
+from vaemo.train.loop import (
+    StepLogger,
+    edge_mean,
+    entry_point,
+    init_distributed,
+    read_step_log,
+    run_summary,
+    single_process,
+    train,
+    weights_digest,
+    write_rank_record,
+)
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-SETTINGS = "align.json"
 LOSS_KEYS = ("loss", "global", "modality", "modality_video", "modality_audio", "rec")
 
 
-def load_stage1(folder: str | Path) -> av.AVMAE:
-    """The Stage 1 model to start from; a clear AlignmentError for anything that is not a model folder."""
-    folder = Path(folder)
-    if not (folder / av.CONFIG_FILE).is_file() or not (folder / av.WEIGHTS_FILE).is_file():
-        raise AlignmentError(f"--init {folder} is not a model folder: it needs {av.CONFIG_FILE} and {av.WEIGHTS_FILE} "
-                             "(the --out folder of `vaemo pretrain`)")
-    try:
-        return av.load(folder)
-    except av.CheckpointError as err:
-        raise AlignmentError(f"--init {folder}: {err}") from None
-
-
-def make_objective(captions: CaptionSet, cfg: AlignConfig) -> Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]:
+def make_objective(
+    captions: CaptionSet, cfg: AlignConfig
+) -> Callable[[torch.nn.Module, dict], dict[str, torch.Tensor]]:
     """The dual-path loss for a batch of captioned clips (joined with their cached text vectors by clip_id)."""
     index = {clip: i for i, clip in enumerate(captions.clip_ids)}
     vectors = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in captions.vectors.items()}
@@ -90,7 +89,7 @@ def _endless(make: Callable[[int], Iterable[dict]]) -> Iterator[dict]:
                 found = True
                 yield batch
         if not found:
-            raise RuntimeError("no clip without a caption could be decoded for the reconstruction term")
+            raise AlignDataError("no clip without a caption could be decoded for the reconstruction term")
         k += 1
 
 
@@ -114,7 +113,9 @@ def embed_clips(model: AlignedAV, urls: list[str], data: DataConfig, batch_size:
     model.eval()
     device = next(model.parameters()).device
     ids, parts = [], {key: [] for key in PATHS}
-    for batch in make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids):
+    for batch in make_loader(
+        urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids
+    ):
         if not batch["clip_id"]:
             continue
         out = model.encode(video=batch["video"].to(device), audio=batch["audio"].to(device), unimodal=True)
@@ -136,11 +137,14 @@ def text_retrieval(ids: list[str], embeddings: dict[str, np.ndarray], captions: 
     present = [i for i, clip in enumerate(captions.clip_ids) if clip in where]
     n = len(present)
     if n == 0:
-        raise RuntimeError("none of the captioned clips could be decoded for the retrieval metric")
+        raise AlignDataError("none of the captioned clips could be decoded for the retrieval metric")
     rows = [where[captions.clip_ids[i]] for i in present]
     result = {}
-    for key, field, name in (("joint", "description", "text_retrieval_top1"), ("video", "facial_cues", "video_facial_top1"),
-                             ("audio", "vocal_cues", "audio_vocal_top1")):
+    for key, field, name in (
+        ("joint", "description", "text_retrieval_top1"),
+        ("video", "facial_cues", "video_facial_top1"),
+        ("audio", "vocal_cues", "audio_vocal_top1"),
+    ):
         clips = embeddings[key][rows]
         texts = captions.vectors[field][present]
         best = (clips @ texts.T).argmax(axis=1)
@@ -165,13 +169,13 @@ def _reconstruction(cfg: AlignConfig, captions: CaptionSet, world: int) -> tuple
 
 def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path, cfg: AlignConfig, *,
           resume: bool = False, log_step: StepLogger | None = None) -> dict:
-    """Train; save the aligned model (``model.safetensors`` + ``config.json`` + text heads +
-    ``text_alignment.json``) and ``metrics.json`` into ``out``; write the clip-embeddings table; return the metrics."""
+    """Train; save the aligned model and its metrics into the model folder ``out``; write the clip-embeddings
+    table; return the metrics."""
     env = init_distributed()
     shards, out, init = Path(shards), Path(out), Path(init)
-    urls = shard_urls(shards)
+    urls = IngestFolder(shards).shard_urls()
     captions = load_captions(db, shards, cfg)
-    stage1 = load_stage1(init)
+    stage1 = av.load(init)
     data = cfg.data.for_model(stage1.cfg)
     rec, rec_note = _reconstruction(cfg, captions, env.world)
     torch.manual_seed(cfg.seed)  # the same heads on every rank and in every re-run
@@ -181,9 +185,14 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
     trainable = set_trainable(model, cfg.trainable, cfg.last_k, reconstruction=rec)
     batch_size = min(cfg.batch_size, len(captions.clip_ids) // env.world)
     if batch_size < 2:
-        raise AlignDataError(f"{len(captions.clip_ids)} captioned clips for {env.world} process(es): a contrastive batch needs 2 per process")
+        raise AlignDataError(
+            f"{len(captions.clip_ids)} captioned clips for {env.world} process(es): a contrastive batch needs 2 per "
+            "process"
+        )
     if batch_size < cfg.batch_size:
-        log.warning("batch size %d lowered to %d: only %d captioned clips", cfg.batch_size, batch_size, len(captions.clip_ids))
+        log.warning(
+            "batch size %d lowered to %d: only %d captioned clips", cfg.batch_size, batch_size, len(captions.clip_ids)
+        )
     rec_size = max(1, min(batch_size, len(captions.uncaptioned) // env.world))
 
     before = {}
@@ -203,27 +212,34 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
             num_workers=cfg.num_workers, clip_ids=captions.uncaptioned))
 
     seen: list[str] = []
-    result = train(model, make_objective(captions, cfg), batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)
-    ranks = out / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    (ranks / f"rank-{env.rank}.json").write_text(json.dumps({"clips_seen": seen, "weights_sha256": weights_digest(model)}))
+    result = train(
+        model, make_objective(captions, cfg), batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen
+    )
+    write_rank_record(out, env.rank, seen, model)
     if env.world > 1:
         torch.distributed.barrier()
     if not env.main:
         return {}
 
     with single_process():
-        ids, emb = embed_clips(model, urls, data, batch_size, cfg.num_workers, None if cfg.embeddings_table else captions.clip_ids)
+        ids, emb = embed_clips(
+            model, urls, data, batch_size, cfg.num_workers, None if cfg.embeddings_table else captions.clip_ids
+        )
     retrieval = text_retrieval(ids, emb, captions)
-    info = {"text_encoder": captions.text_encoder, "prompt_templates": list(cfg.prompt_templates), "init": str(init.resolve()),
-            "captions": captions.summary(), "trainable": cfg.trainable}
+    info = {
+        "text_encoder": captions.text_encoder,
+        "prompt_templates": list(cfg.prompt_templates),
+        "init": str(init.resolve()),
+        "captions": captions.summary(),
+        "trainable": cfg.trainable,
+    }
     save_aligned(model, out, info)
     model_key = weights_digest(model)[:16]
     embeddings = (write_clip_embeddings(db, cfg.embeddings_table, shards, ids, emb, captions, model_key, out)
                   if cfg.embeddings_table else None)
     rows = read_step_log(out)
     metrics = {
-        **{f"{k}_{edge}": _mean_fraction([r[k] for r in rows if k in r], first=edge == "first")
+        **{f"{k}_{edge}": edge_mean([r[k] for r in rows if k in r], first=edge == "first")
            for k in LOSS_KEYS if any(k in r for r in rows) for edge in ("first", "last")},
         "steps": len(rows),
         **retrieval,
@@ -239,8 +255,9 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
         "model_key": model_key,
         **run_summary(result, env.world),
     }
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
-    (out / SETTINGS).write_text(cfg.model_dump_json(indent=1))
+    folder = ModelFolder(out)
+    (folder / folder.METRICS).write_text(json.dumps(metrics, indent=1))
+    folder.settings_file("align").write_text(cfg.model_dump_json(indent=1))
     return metrics
 
 
@@ -251,8 +268,13 @@ def _inputs(parser) -> None:
 
 
 main = entry_point(
-    "python -m vaemo.align.train", __doc__, AlignConfig, _inputs,
-    lambda args, cfg, log_step: align(args.shards, args.db, args.init, args.out, cfg, resume=args.resume, log_step=log_step),
+    "python -m vaemo.align.train",
+    __doc__,
+    AlignConfig,
+    _inputs,
+    lambda args, cfg, log_step: align(
+        args.shards, args.db, args.init, args.out, cfg, resume=args.resume, log_step=log_step
+    ),
 )
 
 

@@ -1,7 +1,8 @@
 """Captioning engines: vLLM's offline batched generation (default) and a transformers fallback.
 
-Both take the same requests (chat messages + one clip's frames and voice) and return the raw text;
-parsing, retries and storage are the same for both (vaemo.caption.run).
+Both implement :class:`CaptionEngine`: the same requests (chat messages + one clip's frames and
+voice) in, the raw text out; parsing, retries and storage are the same for both
+(vaemo.caption.run). Engines are named in ``vaemo.registry.ENGINES``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from vaemo.caption.inputs import SAMPLE_RATE, ClipMedia
 from vaemo.config import CaptionConfig
+from vaemo.errors import EngineError
+from vaemo.registry import ENGINES
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,18 @@ class Generation:
     prompt_tokens: int
     generated_tokens: int
     seconds: float  # this request's share of the batch's wall time
+
+
+class CaptionEngine(Protocol):
+    """What the captioning run needs of an engine, loaded once per process for one CaptionConfig."""
+
+    name: str
+
+    def __init__(self, cfg: CaptionConfig) -> None: ...
+
+    def generate(self, requests: list[Request], schema: dict) -> list[Generation]:
+        """One reply per request, in order; ``schema`` is the JSON schema replies must follow (where supported)."""
+        ...
 
 
 def resolve_model(model: str) -> Path:
@@ -88,7 +100,10 @@ class VLLMEngine:
 
         self.processor = AutoProcessor.from_pretrained(self.path)
         if on_gpu:
-            options = {"gpu_memory_utilization": cfg.gpu_memory_utilization, "tensor_parallel_size": cfg.tensor_parallel_size}
+            options = {
+                "gpu_memory_utilization": cfg.gpu_memory_utilization,
+                "tensor_parallel_size": cfg.tensor_parallel_size,
+            }
         else:
             # vLLM's CPU runner cannot rewind a seeded request's generator when a prefill is split
             # ("CPU Generator does not use offset"): prompts are prefilled whole instead.
@@ -107,12 +122,18 @@ class VLLMEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         s = self.cfg.sampling
-        inputs = [{
-            "prompt": _render(self.processor, r.messages),
-            "multi_modal_data": {"video": [(r.media.frames, {**r.media.video_metadata(), "do_sample_frames": False})], "audio": [(r.media.wave, SAMPLE_RATE)]},
-            # The voice is the video's own track: one VIDEO placeholder carries both (no AUDIO placeholder).
-            "mm_processor_kwargs": {"use_audio_in_video": True},
-        } for r in requests]
+        inputs = [
+            {
+                "prompt": _render(self.processor, r.messages),
+                "multi_modal_data": {
+                    "video": [(r.media.frames, {**r.media.video_metadata(), "do_sample_frames": False})],
+                    "audio": [(r.media.wave, SAMPLE_RATE)],
+                },
+                # The voice is the video's own track: one VIDEO placeholder carries both (no AUDIO placeholder).
+                "mm_processor_kwargs": {"use_audio_in_video": True},
+            }
+            for r in requests
+        ]
         params = [SamplingParams(
             temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, repetition_penalty=s.repetition_penalty,
             seed=r.seed(self.cfg.seed), structured_outputs=StructuredOutputsParams(json=schema),
@@ -120,7 +141,10 @@ class VLLMEngine:
         start = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         share = (time.perf_counter() - start) / max(1, len(requests))
-        return [Generation(o.outputs[0].text, len(o.prompt_token_ids or ()), len(o.outputs[0].token_ids), share) for o in outputs]
+        return [
+            Generation(o.outputs[0].text, len(o.prompt_token_ids or ()), len(o.outputs[0].token_ids), share)
+            for o in outputs
+        ]
 
 
 class TransformersEngine:
@@ -184,18 +208,15 @@ class TransformersEngine:
         return results
 
 
-ENGINES = {"vllm": VLLMEngine, "transformers": TransformersEngine}
+_loaded: dict[str, CaptionEngine] = {}
 
 
-_loaded: dict[str, VLLMEngine | TransformersEngine] = {}
-
-
-def load_engine(cfg: CaptionConfig) -> VLLMEngine | TransformersEngine:
+def load_engine(cfg: CaptionConfig) -> CaptionEngine:
     """The engine for these settings, loaded once per worker process (a new setting replaces it)."""
     key = cfg.model_dump_json()
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = ENGINES[cfg.engine](cfg)
+        _loaded[key] = ENGINES.load(cfg.engine)(cfg)
     return _loaded[key]
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from webdataset.tariterators import base_plus_ext

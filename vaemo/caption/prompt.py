@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vaemo.errors import ConfigError
+
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 LABEL_AWARE_SUFFIX = "+label"
 
@@ -30,7 +32,9 @@ class AffectiveDescription(BaseModel):
     facial_cues: str = Field(min_length=1, max_length=600, pattern=PLAIN)
     vocal_cues: str = Field(min_length=1, max_length=600, pattern=PLAIN)
     reasoning: str = Field(min_length=1, max_length=1200, pattern=PLAIN)
-    emotion: str = Field(min_length=2, max_length=24, pattern=r"^[a-z]+$", description="one lower-case word (open vocabulary)")
+    emotion: str = Field(
+        min_length=2, max_length=24, pattern=r"^[a-z]+$", description="one lower-case word (open vocabulary)"
+    )
     intensity: Literal["low", "medium", "high"]
     description: str = Field(min_length=1, max_length=1000, pattern=PLAIN)
 
@@ -83,7 +87,7 @@ class Prompt:
         ]
 
 
-class PromptError(ValueError):
+class PromptError(ConfigError):
     pass
 
 
@@ -98,7 +102,10 @@ def _read_prompt(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, bytes]
     """A prompt file's keys over those of the prompt it ``extends`` (by name or path), and the bytes of all of them."""
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml")))
-        raise PromptError(f"prompt {path.stem if path.parent == PROMPTS_DIR else str(path)!r} not found (bundled prompts: {known}; or give a path to a .yaml file)")
+        raise PromptError(
+            f"prompt {path.stem if path.parent == PROMPTS_DIR else str(path)!r} not found (bundled prompts: {known}; "
+            "or give a path to a .yaml file)"
+        )
     if path.resolve() in chain:
         raise PromptError(f"{path}: `extends` loops back to itself")
     raw = path.read_bytes()
@@ -127,9 +134,14 @@ def load_prompt(name_or_path: str) -> Prompt:
     if wrong:
         raise PromptError(f"{path}: limits {wrong} are not text fields with 1 to {caps} characters")
     return Prompt(
-        version=str(data["version"]), limits={**caps, **given}, system=data["system"].strip(), user=data["user"].strip(),
-        repair=data["repair"].strip(), label_hint=(data.get("label_hint") or "").strip(),
-        digest=hashlib.sha256(raw).hexdigest()[:16], path=path,
+        version=str(data["version"]),
+        limits={**caps, **given},
+        system=data["system"].strip(),
+        user=data["user"].strip(),
+        repair=data["repair"].strip(),
+        label_hint=(data.get("label_hint") or "").strip(),
+        digest=hashlib.sha256(raw).hexdigest()[:16],
+        path=path,
     )
 
 

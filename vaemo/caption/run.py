@@ -19,7 +19,8 @@ import pandas as pd
 import pyarrow as pa
 
 from vaemo import store
-from vaemo.caption.engines import Generation, Request
+from vaemo.artifacts import IngestFolder
+from vaemo.caption.engines import CaptionEngine, Generation, Request, resolve_model
 from vaemo.caption.inputs import ClipMedia, clip_media, shard_samples
 from vaemo.caption.prompt import LABEL_AWARE_SUFFIX, json_schema, load_prompt, parse_reply
 from vaemo.caption.select import select_clips
@@ -27,12 +28,11 @@ from vaemo.config import CaptionConfig
 from vaemo.data.samples import SampleError
 from vaemo.text import text_encoder
 
-CLIPS_FILE = "clips.parquet"
-SHARDS_DIR = "shards"
 
-
-class CaptionError(RuntimeError):
-    pass
+def check_settings(cfg: CaptionConfig) -> None:
+    """A clear error before any work when the captioning model or the prompt cannot be found."""
+    resolve_model(cfg.model)
+    load_prompt(cfg.prompt)
 
 
 def model_key(model: str) -> str:
@@ -62,7 +62,7 @@ class _Attempts:
 
 class CaptionRun:
     def __init__(self, shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False):
-        self.shards_dir, self.db_dir, self.cfg, self.force = Path(shards_dir), Path(db_dir), cfg, force
+        self.ingest, self.db_dir, self.cfg, self.force = IngestFolder(shards_dir), Path(db_dir), cfg, force
         self.prompt = load_prompt(cfg.prompt)
         self.prompt_version = self.prompt.version + (LABEL_AWARE_SUFFIX if cfg.label_aware else "")
         self.model = model_key(cfg.model)
@@ -73,10 +73,7 @@ class CaptionRun:
         self.generation_seconds = 0.0
 
     def __enter__(self) -> CaptionRun:
-        clips = self.shards_dir / CLIPS_FILE
-        if not clips.is_file():
-            raise CaptionError(f"{clips} not found: --shards must be the output folder of a finished ingest run")
-        self.clips = pd.read_parquet(clips)
+        self.clips = self.ingest.clips()
         self._lock = store.writer_lock(self.db_dir, store.CAPTIONS)
         self._lock.__enter__()
         try:
@@ -95,14 +92,16 @@ class CaptionRun:
         stored = set() if self.force else store.existing_keys(self.table, self.prompt_version, self.model)
         todo = selected[~selected["clip_id"].isin(stored)]
         self.selected = selected.set_index("clip_id", drop=False)
-        return Plan(selected, {s: list(g["clip_id"]) for s, g in todo.groupby("shard", sort=True)}, len(selected) - len(todo))
+        return Plan(
+            selected, {s: list(g["clip_id"]) for s, g in todo.groupby("shard", sort=True)}, len(selected) - len(todo)
+        )
 
     def _messages(self, clip_id: str) -> tuple[list[dict], bool]:
         label = self.selected.at[clip_id, "label"] if self.cfg.label_aware and "label" in self.selected else None
         hint = label if isinstance(label, str) and label else None
         return self.prompt.messages(hint), hint is not None
 
-    def _generate(self, engine, media: dict[str, ClipMedia]) -> dict[str, _Attempts]:
+    def _generate(self, engine: CaptionEngine, media: dict[str, ClipMedia]) -> dict[str, _Attempts]:
         """First prompt for every clip in one batch, then repair turns for the unusable replies, batched too."""
         first = {cid: self._messages(cid)[0] for cid in media}
         messages, history = dict(first), {cid: _Attempts() for cid in media}
@@ -110,9 +109,11 @@ class CaptionRun:
         for attempt in range(self.cfg.retries + 1):
             if not pending:
                 break
-            replies = engine.generate([Request(cid, messages[cid], media[cid], attempt) for cid in pending], self.schema)
+            replies = engine.generate(
+                [Request(cid, messages[cid], media[cid], attempt) for cid in pending], self.schema
+            )
             retry = []
-            for cid, reply in zip(pending, replies):
+            for cid, reply in zip(pending, replies, strict=True):
                 history[cid].generations.append(reply)
                 reason = parse_reply(reply.text, self.prompt.limits).reason
                 if reason:
@@ -122,10 +123,10 @@ class CaptionRun:
             pending = retry
         return history
 
-    def caption_shard(self, shard: str, clip_ids: list[str], engine) -> dict[str, int]:
+    def caption_shard(self, shard: str, clip_ids: list[str], engine: CaptionEngine) -> dict[str, int]:
         """Describe the given clips of one shard and store their rows; returns counts per status."""
         media, unreadable = {}, {}
-        path = self.shards_dir / SHARDS_DIR / shard
+        path = self.ingest.shards_dir / shard
         if path.is_file():
             for clip_id, sample in shard_samples(path, set(clip_ids)):
                 try:
@@ -144,15 +145,37 @@ class CaptionRun:
 
     def _row(self, clip_id: str, shard: str, attempts: _Attempts | None, unreadable: str | None) -> dict:
         meta = self.selected.loc[clip_id]
-        sampling = {**self.cfg.sampling.model_dump(), "seed": self.cfg.seed, "frames": self.cfg.frames, "retries": self.cfg.retries}
+        sampling = {
+            **self.cfg.sampling.model_dump(),
+            "seed": self.cfg.seed,
+            "frames": self.cfg.frames,
+            "retries": self.cfg.retries,
+        }
         row = {
-            "clip_id": clip_id, "prompt_version": self.prompt_version, "model": self.model, "engine": self.cfg.engine,
-            "label_aware": self._messages(clip_id)[1], "prompt_digest": self.prompt.digest, "sampling": json.dumps(sampling, sort_keys=True),
-            "shard": shard, "run_tag": self.tag, "created_at": dt.datetime.now(dt.UTC), "text_encoder": self.encoder.name,
+            "clip_id": clip_id,
+            "prompt_version": self.prompt_version,
+            "model": self.model,
+            "engine": self.cfg.engine,
+            "label_aware": self._messages(clip_id)[1],
+            "prompt_digest": self.prompt.digest,
+            "sampling": json.dumps(sampling, sort_keys=True),
+            "shard": shard,
+            "run_tag": self.tag,
+            "created_at": dt.datetime.now(dt.UTC),
+            "text_encoder": self.encoder.name,
             **{k: (None if pd.isna(meta.get(k)) else str(meta.get(k))) for k in ("dataset", "speaker", "label")},
         }
         if attempts is None:
-            return {**row, "status": "failed", "reason": unreadable, "attempts": 0, "failures": "[]", "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
+            return {
+                **row,
+                "status": "failed",
+                "reason": unreadable,
+                "attempts": 0,
+                "failures": "[]",
+                "prompt_tokens": 0,
+                "generated_tokens": 0,
+                "seconds": 0.0,
+            }
         last = attempts.generations[-1]
         parsed = parse_reply(last.text, self.prompt.limits)
         generated = sum(g.generated_tokens for g in attempts.generations)
@@ -160,19 +183,31 @@ class CaptionRun:
         self.tokens += generated
         self.generation_seconds += seconds
         row.update(
-            attempts=len(attempts.generations), raw_output=last.text, failures=json.dumps(attempts.failures),
-            prompt_tokens=sum(g.prompt_tokens for g in attempts.generations), generated_tokens=generated, seconds=seconds,
+            attempts=len(attempts.generations),
+            raw_output=last.text,
+            failures=json.dumps(attempts.failures),
+            prompt_tokens=sum(g.prompt_tokens for g in attempts.generations),
+            generated_tokens=generated,
+            seconds=seconds,
         )
         if parsed.reason:
-            return {**row, "status": "failed", "reason": f"no usable reply after {len(attempts.generations)} attempt(s); last: {parsed.reason}"}
+            return {
+                **row,
+                "status": "failed",
+                "reason": f"no usable reply after {len(attempts.generations)} attempt(s); last: {parsed.reason}",
+            }
         return {**row, "status": "ok", "reason": None, **parsed.description.model_dump()}
 
     def _embed(self, rows: list[dict]) -> None:
         """Text embeddings of the usable rows' description and cues, computed once, stored with the row."""
         ok = [r for r in rows if r["status"] == "ok"]
-        for field_name, column in (("description", "description_vec"), ("facial_cues", "facial_vec"), ("vocal_cues", "vocal_vec")):
+        for field_name, column in (
+            ("description", "description_vec"),
+            ("facial_cues", "facial_vec"),
+            ("vocal_cues", "vocal_vec"),
+        ):
             vectors = self.encoder.encode([r[field_name] for r in ok]) if ok else np.zeros((0, self.encoder.dim))
-            for row, vector in zip(ok, vectors):
+            for row, vector in zip(ok, vectors, strict=True):
                 row[column] = vector.tolist()
 
     def finalize(self, plan: Plan, seconds: float) -> dict:
@@ -180,28 +215,41 @@ class CaptionRun:
         version = store.tag_and_optimize(self.table, self.tag)
         ids = set(plan.selected["clip_id"])
         rows = self.table.search().where(
-            f"prompt_version = {store._quote(self.prompt_version)} AND model = {store._quote(self.model)}"
+            f"prompt_version = {store.quote(self.prompt_version)} AND model = {store.quote(self.model)}"
         ).select(["clip_id", "status"]).to_pandas()
         rows = rows[rows["clip_id"].isin(ids)]
         captioned = sum(self.written.values())
         return {
-            "db": str(self.db_dir), "table": store.CAPTIONS, "tag": self.tag, "version": version,
-            "prompt_version": self.prompt_version, "prompt_digest": self.prompt.digest, "model": self.model,
-            "selected": len(ids), "stored": len(rows), "captioned_now": captioned, "already_stored": plan.already_stored,
-            "status_counts": dict(Counter(rows["status"])), "written_counts": dict(self.written),
-            "generated_tokens": self.tokens, "seconds": round(seconds, 3),
+            "db": str(self.db_dir),
+            "table": store.CAPTIONS,
+            "tag": self.tag,
+            "version": version,
+            "prompt_version": self.prompt_version,
+            "prompt_digest": self.prompt.digest,
+            "model": self.model,
+            "selected": len(ids),
+            "stored": len(rows),
+            "captioned_now": captioned,
+            "already_stored": plan.already_stored,
+            "status_counts": dict(Counter(rows["status"])),
+            "written_counts": dict(self.written),
+            "generated_tokens": self.tokens,
+            "seconds": round(seconds, 3),
             "clips_per_second": round(captioned / seconds, 4) if seconds > 0 else None,
-            "tokens_per_second": round(self.tokens / self.generation_seconds, 2) if self.generation_seconds > 0 else None,
+            "tokens_per_second": round(self.tokens / self.generation_seconds, 2)
+            if self.generation_seconds > 0
+            else None,
         }
 
     def sample_rows(self, limit: int = 20) -> pd.DataFrame:
         """A few of this run's rows for people to read (MLflow table artifact, Prefect report)."""
         columns = ["clip_id", "status", "emotion", "intensity", "description", "reason"]
-        rows = self.table.search().where(f"run_tag = {store._quote(self.tag)}").select(columns).limit(limit).to_pandas()
+        rows = self.table.search().where(f"run_tag = {store.quote(self.tag)}").select(columns).limit(limit).to_pandas()
         return rows[columns]
 
 
-def caption(shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False, engine=None, on_shard=None) -> dict:
+def caption(shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False,
+            engine: CaptionEngine | None = None, on_shard=None) -> dict:
     """Run captioning without an orchestrator (library use); the `caption` flow does the same with tracking."""
     from vaemo.caption.engines import load_engine
 

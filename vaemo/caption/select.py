@@ -9,9 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from vaemo.config import CaptionConfig
+from vaemo.errors import ConfigError
 
 
-class SelectionError(ValueError):
+class SelectionError(ConfigError):
     pass
 
 

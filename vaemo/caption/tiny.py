@@ -157,7 +157,6 @@ def build_tiny_mllm(folder: str | os.PathLike, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
     from transformers.utils import logging as hf_logging
 
     out = Path(folder)

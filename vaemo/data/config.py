@@ -1,6 +1,6 @@
 """Settings of the training/evaluation data path: one window of face frames plus the voice of the same span.
 
-The defaults follow method.md ("Inputs", our design after HiCMAE): 16 frames with stride 4 at 25 fps
+The defaults follow docs/method.md ("Inputs", our design after HiCMAE): 16 frames with stride 4 at 25 fps
 (a 2.56 s window), 160x160 RGB with ImageNet mean/std, and a 128-bin Kaldi fbank of 256 frames over
 the same 2.56 s. The fbank normalisation (mean, std, whether std is doubled) belongs to the model
 config, because published checkpoints differ; the caller copies those three numbers in here.
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# AudioSet fbank statistics with the doubled std, the AudioMAE / HiCMAE convention (pipeline.md §4).
+# AudioSet fbank statistics with the doubled std, the AudioMAE / HiCMAE convention (docs/method.md, "Inputs").
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
 
 
@@ -23,7 +23,15 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # The fields a model's config fixes: its input contract and its audio normalisation.
-    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("frames", "image_size", "audio_frames", "mel_bins", "audio_mean", "audio_std", "audio_double_std")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "frames",
+        "image_size",
+        "audio_frames",
+        "mel_bins",
+        "audio_mean",
+        "audio_std",
+        "audio_double_std",
+    )
 
     def for_model(self, model_cfg) -> DataConfig:
         """This data path with the model's input contract and normalisation (any object with those fields)."""
@@ -72,9 +80,7 @@ class DataConfig(BaseModel):
     freq_mask: int = Field(48, ge=0, description="widest SpecAugment frequency mask in mel bins (0: off)")
     time_mask: int = Field(48, ge=0, description="widest SpecAugment time mask in fbank frames (0: off)")
 
-    # Loading
-    batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(4, ge=0)
+    # Loading (batch size and workers belong to the stage that loads: TrainConfig, EvaluateConfig)
     shuffle_buffer: int = Field(256, ge=0, description="samples held for shuffling in each worker (train)")
     max_av_mismatch_s: float = Field(
         0.1, ge=0, description="a clip whose audio and video durations differ by more is skipped as corrupt"
@@ -121,14 +127,15 @@ class DataConfig(BaseModel):
         """One string to log with a run, so a checkpoint is only ever fed features it was trained on."""
         edges = "snip" if self.snip_edges else "centred"
         return (
-            f"kaldi-fbank {self.mel_bins} bins {self.fbank_window_ms:g}/{self.fbank_shift_ms:g} ms {self.fbank_window_type} "
+            f"kaldi-fbank {self.mel_bins} bins {self.fbank_window_ms:g}/{self.fbank_shift_ms:g} ms "
+            f"{self.fbank_window_type} "
             f"{edges}, (x - {self.audio_mean:g}) / ({'2 x ' if self.audio_double_std else ''}{self.audio_std:g})"
         )
 
-    def readers(self, world_size: int, num_workers: int | None = None) -> int:
+    @staticmethod
+    def readers(world_size: int, num_workers: int) -> int:
         """Processes that read shards at the same time: ranks x DataLoader workers (the main process counts as one)."""
-        workers = self.num_workers if num_workers is None else num_workers
-        return world_size * max(workers, 1)
+        return world_size * max(num_workers, 1)
 
-    def per_reader(self, epoch_samples: int, world_size: int, num_workers: int | None = None) -> int:
+    def per_reader(self, epoch_samples: int, world_size: int, num_workers: int) -> int:
         return math.ceil(epoch_samples / self.readers(world_size, num_workers))

@@ -38,7 +38,6 @@ order is the same on every rank, so the split by rank stays a partition.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -59,8 +58,6 @@ from vaemo.data.samples import SampleError, load_sample
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR, MARKERS_DIR = "shards", "batches"
-
 
 @dataclass(frozen=True)
 class Skipped:
@@ -68,30 +65,6 @@ class Skipped:
 
     clip_id: str
     reason: str
-
-
-def shard_urls(ingest_dir: str | Path) -> list[str]:
-    """Sorted paths of the shards of an ingest folder (``DIR/shards/*.tar``).
-
-    When the folder has commit markers (``DIR/batches/*.json``), a shard that no marker lists is the
-    leftover of an interrupted commit: it is left out with a warning (the next ingest run removes it).
-    """
-    folder = Path(ingest_dir)
-    shards = sorted((folder / SHARDS_DIR).glob("*.tar"))
-    if not shards:
-        where = folder / SHARDS_DIR
-        why = "does not exist" if not where.is_dir() else "holds no .tar files"
-        raise FileNotFoundError(f"no shards to read: {where} {why}. Point to the output folder of an ingest run, or run the ingest first.")
-    markers = sorted((folder / MARKERS_DIR).glob("*.json"))
-    if markers:
-        listed = {s["name"] for m in markers for s in json.loads(m.read_text(encoding="utf-8")).get("shards", [])}
-        orphans = [p.name for p in shards if p.name not in listed]
-        if orphans:
-            log.warning("%d shard(s) in %s belong to no committed batch and are left out: %s", len(orphans), folder, ", ".join(orphans[:5]))
-        shards = [p for p in shards if p.name in listed]
-        if not shards:
-            raise FileNotFoundError(f"no committed shards in {folder / SHARDS_DIR}")
-    return [str(p) for p in shards]
 
 
 def count_samples(urls: Iterable[str]) -> int:
@@ -134,7 +107,10 @@ class _Context:
         """webdataset handler: record the unreadable shard (once per pass) and carry on with the next."""
         text = " ".join(str(a) for a in exn.args)
         named = re.search(r"name='([^']+)'", text)  # a member error names the stream, not the url
-        url = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), named and named.group(1)) or "?"
+        url = (
+            next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), named and named.group(1))
+            or "?"
+        )
         reason = f"shard read error: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
         log.warning("skipped %s: %s", url, reason)
         if url not in self.bad_shards:
@@ -229,7 +205,9 @@ def collate(samples: list[dict], skipped: list[Skipped], cfg: DataConfig) -> dic
         "video": video,
         "audio": audio,
         "clip_id": [s["clip_id"] for s in samples],
-        "window": torch.tensor([[s["window"].start, s["window"].end] for s in samples], dtype=torch.float64).reshape(-1, 2),
+        "window": torch.tensor([[s["window"].start, s["window"].end] for s in samples], dtype=torch.float64).reshape(
+            -1, 2
+        ),
         "skipped": len(skipped),
         "skipped_clips": [s.clip_id for s in skipped],
     }
@@ -280,14 +258,14 @@ def make_dataset(
     seed: int = 0,
     epoch_samples: int | None = None,
     batch_size: int | None = None,
-    num_workers: int | None = None,
+    num_workers: int = 0,
     clip_ids: Collection[str] | None = None,
 ) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
     Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}) and
-    :class:`Skipped` records in place of bad samples. ``num_workers`` (default cfg.num_workers) is
-    the DataLoader's, used to see whether every reader gets a shard. ``epoch_samples``: clips per
+    :class:`Skipped` records in place of bad samples. ``num_workers`` is the DataLoader's, used to
+    see whether every reader gets a shard. ``epoch_samples``: clips per
     epoch over all ranks and workers (training only); by default the natural pass over the shards,
     or, when the epoch must be fixed (resampled shards, DDP), the number of samples in the shards.
     ``clip_ids``: only these clips (e.g. one fold's training part); the others are passed over
@@ -295,21 +273,22 @@ def make_dataset(
     """
     urls = [str(u) for u in shard_urls]
     if not urls:
-        raise ValueError("no shard urls given")
-    workers = cfg.num_workers if num_workers is None else num_workers
+        raise ValueError("no shard urls given")  # callers get them from IngestFolder.shard_urls, never empty
     _rank, world, _, _ = pytorch_worker_info()
-    readers = cfg.readers(world, workers)
+    readers = cfg.readers(world, num_workers)
     resample = False
     if len(urls) < readers:
         if train:
             log.warning(
                 "%d shard(s) for %d readers (%d rank(s) x %d worker(s)): some would get no shard and fail or hang "
                 "(webdataset#188); resampling shards with a fixed epoch length instead",
-                len(urls), readers, world, max(workers, 1),
+                len(urls), readers, world, max(num_workers, 1),
             )
             resample = True
         else:
-            log.warning("%d shard(s) for %d readers: some readers stay idle; every clip is still read once", len(urls), readers)
+            log.warning(
+                "%d shard(s) for %d readers: some readers stay idle; every clip is still read once", len(urls), readers
+            )
     if train and epoch_samples is None and (resample or world > 1):
         epoch_samples = len(clip_ids) if clip_ids is not None else count_samples(urls)
 
@@ -327,7 +306,7 @@ def make_dataset(
         stages.append(_Batches(cfg, batch_size, partial=not train))
     dataset = wds.DataPipeline(*stages)
     if train and epoch_samples:
-        per_reader = cfg.per_reader(epoch_samples, world, workers)
+        per_reader = cfg.per_reader(epoch_samples, world, num_workers)
         dataset = dataset.with_epoch(math.ceil(per_reader / batch_size) if batch_size else per_reader)
     return dataset
 
@@ -339,8 +318,8 @@ def make_loader(
     train: bool,
     seed: int = 0,
     epoch_samples: int | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
+    batch_size: int,
+    num_workers: int = 0,
     clip_ids: Collection[str] | None = None,
     **loader_kwargs,
 ) -> DataLoader:
@@ -351,10 +330,8 @@ def make_loader(
     with a centred window and no augmentation. Extra keyword arguments go to the DataLoader
     (timeout, pin_memory, prefetch_factor, ...).
     """
-    size = batch_size or cfg.batch_size
-    workers = cfg.num_workers if num_workers is None else num_workers
-    dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=size,
-                           num_workers=workers, clip_ids=clip_ids)
+    dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=batch_size,
+                           num_workers=num_workers, clip_ids=clip_ids)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, generator=generator, **loader_kwargs)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=generator, **loader_kwargs)

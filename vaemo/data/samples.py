@@ -35,12 +35,16 @@ import torch.nn.functional as F
 from torchaudio.compliance import kaldi
 
 from vaemo.data.config import DataConfig
+from vaemo.errors import MediaError
 
 AUDIO_KEYS = ("flac", "wav")
 
 
-class SampleError(ValueError):
+class SampleError(MediaError):
     """The sample's bytes cannot give a window (undecodable media, bad json, mismatched parts)."""
+
+    def __init__(self, reason: str):
+        super().__init__("bad_sample", reason)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,11 @@ from tqdm import tqdm
 from vaemo.config import FinetuneConfig, TrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import make_loader
-from vaemo.embed import KEY
 from vaemo.eval.metrics import classification_metrics
 from vaemo.eval.probe import EpochLogger, HeadResult, Selector
 from vaemo.model import av
-from vaemo.train.loop import lr_factor
-
-ENCODER_ROOTS = ("video_embed", "audio_embed", "modality", "video_blocks", "audio_blocks", "blocks", "norm")
+from vaemo.registry import MODALITIES
+from vaemo.train.loop import autocast, lr_factor
 
 
 class Classifier(nn.Module):
@@ -48,7 +46,7 @@ class Classifier(nn.Module):
 
     def forward(self, video: Tensor | None, audio: Tensor | None) -> Tensor:
         features = self.encoder.encode(video=video, audio=audio, unimodal=self.modality != "av")
-        return self.head(self.head_norm(features[KEY[self.modality]]))
+        return self.head(self.head_norm(features[MODALITIES[self.modality]]))
 
 
 def load_classifier(model_dir: Path, n_classes: int, modality: str, drop_path: float) -> Classifier:
@@ -65,7 +63,7 @@ def layer_id(name: str, cfg: av.AVConfig) -> int | None:
     if parts[0] != "encoder":
         return cfg.depth + 1  # head_norm, head
     root = parts[1]
-    if root not in ENCODER_ROOTS:
+    if root not in av.ENCODER_ROOTS:
         return None  # decoder and contrastive heads take no part in classification
     if root in ("video_embed", "audio_embed", "modality"):
         return 0
@@ -148,8 +146,6 @@ def finetune_fold(
     steps_per_epoch = max(1, len(train) // batch_size)
     schedule = TrainConfig(steps=cfg.epochs * steps_per_epoch, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                            min_lr_ratio=cfg.min_lr_ratio)
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else (lambda: torch.autocast(device.type, enabled=False))
     rng = np.random.default_rng(seed)
     result, selector, step = HeadResult(), Selector(), 0
     y_val = np.array([label_of[c] for c in val])
@@ -158,7 +154,9 @@ def finetune_fold(
         begin, total, seen = time.perf_counter(), 0.0, 0
         loader = make_loader(urls, data, train=True, seed=seed * 1000 + epoch, batch_size=batch_size,
                              num_workers=num_workers, clip_ids=train)
-        for batch in tqdm(loader, desc=f"fine-tune epoch {epoch}/{cfg.epochs}", unit="batch", total=steps_per_epoch, leave=False):
+        for batch in tqdm(
+            loader, desc=f"fine-tune epoch {epoch}/{cfg.epochs}", unit="batch", total=steps_per_epoch, leave=False
+        ):
             if not batch["clip_id"]:
                 continue
             y = torch.tensor([label_of[c] for c in batch["clip_id"]], device=device)
@@ -173,7 +171,7 @@ def finetune_fold(
             factor = lr_factor(step, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * factor * group["lr_scale"]
-            with autocast():
+            with autocast(cfg.precision, device):
                 logits = model(video, audio)
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=1), dim=1).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -193,7 +191,9 @@ def finetune_fold(
                 row["val_uar"], row["val_war"] = scored["uar"], scored["war"]
                 selector.offer(epoch, row["val_uar"], row["val_loss"], lambda: copy.deepcopy(model.state_dict()))
         if not math.isfinite(row["train_loss"]):
-            raise FloatingPointError(f"fine-tuning diverged in epoch {epoch} (loss {row['train_loss']}); lower finetune.lr")
+            raise FloatingPointError(
+                f"fine-tuning diverged in epoch {epoch} (loss {row['train_loss']}); lower finetune.lr"
+            )
         result.history.append(row)
         if log_epoch:
             log_epoch(epoch, row)

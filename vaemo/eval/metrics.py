@@ -33,7 +33,9 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
     recall = np.where(present, hits / np.maximum(support, 1), np.nan)
     precision = np.where(predicted > 0, hits / np.maximum(predicted, 1), 0.0)
     denominator = precision + np.nan_to_num(recall)
-    f1 = np.where(denominator > 0, 2 * precision * np.nan_to_num(recall) / np.where(denominator > 0, denominator, 1), 0.0)
+    f1 = np.where(
+        denominator > 0, 2 * precision * np.nan_to_num(recall) / np.where(denominator > 0, denominator, 1), 0.0
+    )
     return {
         "uar": float(recall[present].mean()),
         "war": float(hits.sum() / len(y_true)),

@@ -30,7 +30,9 @@ def confusion_figure(matrix, classes: list[str], title: str):
     return fig
 
 
-def tsne_figure(features: np.ndarray, labels: list[str], classes: list[str], title: str, *, perplexity: float = 30.0, seed: int = 0):
+def tsne_figure(
+    features: np.ndarray, labels: list[str], classes: list[str], title: str, *, perplexity: float = 30.0, seed: int = 0
+):
     """t-SNE of standardised embeddings, one colour per class; perplexity is lowered for small sets."""
     from sklearn.manifold import TSNE
 
@@ -43,7 +45,9 @@ def tsne_figure(features: np.ndarray, labels: list[str], classes: list[str], tit
     for index, name in enumerate(classes):
         chosen = labels == name
         if chosen.any():
-            ax.scatter(points[chosen, 0], points[chosen, 1], s=14, alpha=0.8, color=colours(index % colours.N), label=name)
+            ax.scatter(
+                points[chosen, 0], points[chosen, 1], s=14, alpha=0.8, color=colours(index % colours.N), label=name
+            )
     ax.legend(fontsize=8, markerscale=1.5, loc="best")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -54,9 +58,11 @@ def tsne_figure(features: np.ndarray, labels: list[str], classes: list[str], tit
 
 def curves_figure(histories: dict[int, list[dict]], title: str):
     """Training loss and validation UAR per epoch, one line per fold."""
-    keys = [k for k in ("train_loss", "val_uar", "val_loss") if any(k in row for rows in histories.values() for row in rows)]
+    keys = [
+        k for k in ("train_loss", "val_uar", "val_loss") if any(k in row for rows in histories.values() for row in rows)
+    ]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         for fold, rows in sorted(histories.items()):
             points = [(r["epoch"], r[key]) for r in rows if key in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.2, label=f"fold {fold}")

@@ -1,6 +1,6 @@
 """Benchmark protocols: which clips, which classes, and deterministic folds with honest validation.
 
-A protocol (method.md, "Downstream protocols") fixes the class list and how clips are grouped
+A protocol (docs/method.md, "Downstream protocols") fixes the class list and how clips are grouped
 into folds. Every fold has a test part (used once, at the end) and a training part; validation is
 carved from the training part only, by holding out whole training speakers when the speakers are
 known (several of them), else by a stratified share of the training clips.
@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vaemo.artifacts import IngestFolder
+from vaemo.errors import ArtifactError, VaemoError
 from vaemo.ingest.adapters import cremad, dfew, mafw, ravdess
+from vaemo.registry import PROTOCOLS
 
-CLIPS_FILE = "clips.parquet"
 FOLDS_DIR = "folds"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(VaemoError):
     """The data or the model cannot be evaluated as asked; the message says why and what exists."""
 
 
@@ -39,22 +41,15 @@ class Protocol:
     description: str
 
 
-PROTOCOLS: dict[str, Protocol] = {
-    "crema-d": Protocol(
-        "crema-d", tuple(cremad.EMOTIONS.values()), cremad.FOLDS, "speaker-folds",
-        "6 classes, 5 subject-independent folds over 91 actors (18 per fold, 19 in the last)",
-    ),
-    "mafw": Protocol("mafw", mafw.EMOTIONS, 5, "split-files", "11 classes, the official 5 folds (single-label set)"),
-    "ravdess": Protocol(
-        "ravdess", ravdess.EMOTIONS, 6, "speaker-folds",
-        "8 classes, audio-visual speech files, 6 subject-independent folds of 4 actors",
-    ),
-    "dfew": Protocol("dfew", tuple(dfew.EMOTIONS.values()), 5, "split-files", "7 classes, the official 5 folds"),
-    "generic": Protocol(
-        "generic", None, None, "generic",
-        "labels from the ingest; k subject-independent folds when speakers are known, else stratified",
-    ),
-}
+# The protocols by name: vaemo.registry.PROTOCOLS.
+CREMA_D = Protocol("crema-d", tuple(cremad.EMOTIONS.values()), cremad.FOLDS, "speaker-folds",
+                   "6 classes, 5 subject-independent folds over 91 actors (18 per fold, 19 in the last)")
+MAFW = Protocol("mafw", mafw.EMOTIONS, 5, "split-files", "11 classes, the official 5 folds (single-label set)")
+RAVDESS = Protocol("ravdess", ravdess.EMOTIONS, 6, "speaker-folds",
+                   "8 classes, audio-visual speech files, 6 subject-independent folds of 4 actors")
+DFEW = Protocol("dfew", tuple(dfew.EMOTIONS.values()), 5, "split-files", "7 classes, the official 5 folds")
+GENERIC = Protocol("generic", None, None, "generic",
+                   "labels from the ingest; k subject-independent folds when speakers are known, else stratified")
 DEFAULT_GENERIC_FOLDS = 5
 
 
@@ -99,12 +94,16 @@ def class_counts(clips: pd.DataFrame, classes: list[str]) -> dict[str, int]:
 
 def load_clips(ingest_dir: Path) -> pd.DataFrame:
     """The labelled clips of an ingest folder: index clip_id; columns label, speaker, fold, source, dataset."""
-    path = Path(ingest_dir) / CLIPS_FILE
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist: point --data to the output folder of `vaemo ingest`")
-    table = pd.read_parquet(path)
+    folder = IngestFolder(ingest_dir)
+    path = folder / folder.CLIPS
+    try:
+        table = folder.clips()
+    except ArtifactError as err:
+        raise EvaluationError(f"{err} (--data)") from None
     if table.empty:
-        raise EvaluationError(f"{path} lists no clips: the ingest produced none (see manifest.parquet for each video's status)")
+        raise EvaluationError(
+            f"{path} lists no clips: the ingest produced none (its manifest gives each video's status)"
+        )
     for column in ("label", "speaker", "fold", "source", "dataset"):
         if column not in table:
             table[column] = None
@@ -147,7 +146,9 @@ def _classes(protocol: Protocol, clips: pd.DataFrame, where: str) -> list[str]:
             )
         classes = list(protocol.classes)
     if len([c for c in classes if (clips["label"] == c).any()]) < 2:
-        raise EvaluationError(f"{where}: classification needs at least 2 classes with clips; found {_describe(clips, classes)}")
+        raise EvaluationError(
+            f"{where}: classification needs at least 2 classes with clips; found {_describe(clips, classes)}"
+        )
     return classes
 
 
@@ -216,10 +217,8 @@ def make_folds(
     folds over the speakers present (contiguous groups in speaker order); None keeps the official
     grouping. For mafw and dfew (official split files) only the first K official folds are run.
     """
-    if protocol not in PROTOCOLS:
-        raise EvaluationError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    spec = PROTOCOLS[protocol]
-    where = str(Path(ingest_dir) / CLIPS_FILE)
+    spec = PROTOCOLS.load(protocol)
+    where = str(IngestFolder(ingest_dir) / IngestFolder.CLIPS)
     clips = load_clips(ingest_dir)
     classes = _classes(spec, clips, where)
     clips = clips[clips["label"].isin(classes)]
@@ -242,7 +241,9 @@ def make_folds(
         if len(chosen) > spec.folds:
             raise EvaluationError(f"{protocol} has {spec.folds} official folds; --folds {folds} asks for more")
         test_sets = [sorted(clips.index[clips["fold"] == f]) for f in chosen]
-        rule = f"official folds {chosen[0]}-{chosen[-1]} of {spec.folds}" if folds else f"the official {spec.folds} folds"
+        rule = (
+            f"official folds {chosen[0]}-{chosen[-1]} of {spec.folds}" if folds else f"the official {spec.folds} folds"
+        )
         official = folds is None or folds == spec.folds
     elif has_speakers:
         speakers = sorted(clips["speaker"].unique(), key=_speaker_sort_key)
@@ -271,7 +272,9 @@ def make_folds(
             # Regrouped speakers are not the benchmark's folds, even with the official count.
     else:
         if spec.grouping == "speaker-folds":
-            raise EvaluationError(f"{protocol}: subject-independent folds need the speaker of every clip; {where} holds {describe}")
+            raise EvaluationError(
+                f"{protocol}: subject-independent folds need the speaker of every clip; {where} holds {describe}"
+            )
         k = folds or DEFAULT_GENERIC_FOLDS
         smallest = min(n for n in class_counts(clips, classes).values() if n > 0)
         if smallest < k:
@@ -289,10 +292,15 @@ def make_folds(
         train_ids, val_ids, how = _validation(train, val_fraction, seed, number)
         if not train_ids:
             raise EvaluationError(f"{protocol}: fold {number} leaves no clip to train on; {where} holds {describe}")
-        missing = [c for c in classes if (clips.loc[test, "label"] == c).any() and not (clips.loc[train_ids, "label"] == c).any()]
+        missing = [
+            c
+            for c in classes
+            if (clips.loc[test, "label"] == c).any() and not (clips.loc[train_ids, "label"] == c).any()
+        ]
         if missing:
             raise EvaluationError(
-                f"{protocol}: fold {number} tests class(es) {', '.join(missing)} that its training speakers never show; "
+                f"{protocol}: fold {number} tests class(es) {', '.join(missing)} that its training speakers never "
+                "show; "
                 f"{where} holds {describe}; use fewer folds or add clips"
             )
         test_speakers = sorted(clips.loc[test, "speaker"].dropna().unique().tolist())

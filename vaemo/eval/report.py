@@ -1,15 +1,19 @@
-"""``report.md``: our figures per fold and over folds, beside the published figures of method.md.
+"""The evaluation report: our figures per fold and over folds, beside the published figures of docs/method.md.
 
-The published figures are copied from method.md ("Published figures to compare against"); they
+The published figures are those of docs/method.md ("Published figures to compare against"); they
 are the authors' numbers, not ours, and are always labelled so.
 """
 
 from __future__ import annotations
 
-PUBLISHED_SOURCE = "method.md, \"Published figures to compare against\" (UAR / WAR, %)"
+PUBLISHED_SOURCE = "vaemo's docs/method.md, \"Published figures to compare against\" (UAR / WAR, %)"
 # (method, parameters, {benchmark: (UAR, WAR), None where not reported})
 PUBLISHED: list[tuple[str, str, dict[str, tuple[float | None, float | None]]]] = [
-    ("HiCMAE-B (released checkpoints)", "about 81M", {"crema-d": (84.94, 84.91), "mafw": (42.69, 56.21), "dfew": (None, 75.01)}),
+    (
+        "HiCMAE-B (released checkpoints)",
+        "about 81M",
+        {"crema-d": (84.94, 84.91), "mafw": (42.69, 56.21), "dfew": (None, 75.01)},
+    ),
     ("MAE-DFER (video only)", "85M, 50 GFLOPs", {"mafw": (41.62, 54.31), "dfew": (63.41, 74.43)}),
     ("VideoMAE-B pre-trained on VoxCeleb2", "86M, 81 GFLOPs", {"mafw": (40.87, 53.51), "dfew": (63.60, 74.60)}),
     ("MultiMAE-DER", "about 86M", {"crema-d": (79.12, 79.36)}),
@@ -17,6 +21,8 @@ PUBLISHED: list[tuple[str, str, dict[str, tuple[float | None, float | None]]]] =
     ("Emotion-LLaMA (zero-shot)", "about 7B", {"dfew": (45.59, 59.37)}),
 ]
 NOTES = {"dfew": "HiCMAE-B's DFEW WAR is the paper's figure", "crema-d": "VAEmo's own figures are not public"}
+
+UNOFFICIAL = " (not the official protocol: not comparable with published figures)"
 
 
 def published_for(protocol: str) -> list[dict]:
@@ -46,8 +52,9 @@ def markdown(results: dict) -> str:
         f"{model['total_params'] / 1e6:.2f}M with the pre-training decoder)",
         f"- Data: `{data['dir']}`: {data['clips']} labelled clips, {data['speakers'] or 'unknown'} speakers, "
         f"classes {', '.join(data['classes'])}",
-        f"- Folds: {data['fold_rule']}{'' if data['official_folds'] else ' (not the official protocol: not comparable with published figures)'}; "
-        f"validation carved from each fold's training part ({', '.join(sorted(set(f['validation_split'] for f in results['folds'])))}), "
+        f"- Folds: {data['fold_rule']}{'' if data['official_folds'] else UNOFFICIAL}; "
+        "validation carved from each fold's training part "
+        f"({', '.join(sorted({f['validation_split'] for f in results['folds']}))}), "
         "never from its test part; the test part is scored once, after training",
         "",
         "## Our results (mean ± std over folds, %)",
@@ -63,12 +70,18 @@ def markdown(results: dict) -> str:
               "|---|---|---|" + "---|" * (3 * len(rules))]
     for fold in results["folds"]:
         sizes = fold["sizes"]
-        cells = " | ".join(f"{_pct(fold[r]['uar'])} | {_pct(fold[r]['war'])} | {_pct(fold[r]['macro_f1'])}" for r in rules)
-        lines.append(f"| {fold['fold']} | {sizes['train']} / {sizes['val']} / {sizes['test']} | {fold['best_epoch']} | {cells} |")
+        cells = " | ".join(
+            f"{_pct(fold[r]['uar'])} | {_pct(fold[r]['war'])} | {_pct(fold[r]['macro_f1'])}" for r in rules
+        )
+        lines.append(
+            f"| {fold['fold']} | {sizes['train']} / {sizes['val']} / {sizes['test']} | {fold['best_epoch']} | {cells} |"
+        )
     lines += ["", "### Recall per class, mean over folds (%)", "", "| class | " + " | ".join(rules) + " |",
               "|---|" + "---|" * len(rules)]
     for name in data["classes"]:
-        lines.append(f"| {name} | " + " | ".join(_pct(results["mean"][r]["per_class_recall"][name]) for r in rules) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(_pct(results["mean"][r]["per_class_recall"][name]) for r in rules) + " |"
+        )
     chance = 1 / len(data["classes"])
     lines += ["", f"Chance level: UAR {100 * chance:.2f} % ({len(data['classes'])} classes).", ""]
 
@@ -88,7 +101,7 @@ def markdown(results: dict) -> str:
         if setup["protocol"] in NOTES:
             lines += ["", f"Note: {NOTES[setup['protocol']]}."]
     else:
-        lines.append(f"method.md lists no published figures for {setup['protocol']}.")
+        lines.append(f"No published figures for {setup['protocol']} ({PUBLISHED_SOURCE} lists none).")
     lines += ["", "## Figures", ""]
     for name, caption in results["figures"].items():
         lines.append(f"![{caption}]({name})")

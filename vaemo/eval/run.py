@@ -17,16 +17,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vaemo.artifacts import IngestFolder
 from vaemo.config import EvaluateConfig
-from vaemo.data.loader import shard_urls
 from vaemo.embed import encode
 from vaemo.eval import plots
-from vaemo.eval.finetune import ENCODER_ROOTS, finetune_fold
+from vaemo.eval.finetune import finetune_fold
 from vaemo.eval.metrics import classification_metrics, summarise
 from vaemo.eval.probe import RULES, HeadResult, linear_probe
 from vaemo.eval.protocols import FOLDS_DIR, EvaluationError, FoldPlan, make_folds, save_folds
 from vaemo.eval.report import markdown, published_for
-from vaemo.eval.zeroshot import class_prompts, load_clip_encoder, load_prompt_encoder, require_aligned, zero_shot_predict
+from vaemo.eval.zeroshot import (
+    class_prompts,
+    load_clip_encoder,
+    load_prompt_encoder,
+    require_aligned,
+    zero_shot_predict,
+)
 from vaemo.model import av
 
 log = logging.getLogger(__name__)
@@ -47,27 +53,13 @@ class Prepared:
     model_cfg: av.AVConfig
 
 
-def _model_config(model_dir: Path) -> av.AVConfig:
-    path = Path(model_dir) / av.CONFIG_FILE
-    if not path.is_file() or not (Path(model_dir) / av.WEIGHTS_FILE).is_file():
-        raise EvaluationError(f"{model_dir} is not a model folder: it needs {av.CONFIG_FILE} and {av.WEIGHTS_FILE} "
-                              "(the --out folder of `vaemo pretrain`)")
-    try:
-        return av.AVConfig.model_validate_json(path.read_text())
-    except ValueError as err:
-        raise EvaluationError(f"{path}: not a valid model config: {err}") from None
-
-
 def prepare(model_dir: Path, ingest_dir: Path, cfg: EvaluateConfig) -> Prepared:
-    """Check the model, the mode and the data, and make the folds; every refusal is an EvaluationError."""
+    """Check the model, the mode and the data, and make the folds; every refusal is a VaemoError."""
     model_dir, ingest_dir = Path(model_dir), Path(ingest_dir)
-    model_cfg = _model_config(model_dir)
+    model_cfg = av.load_config(model_dir)
     if cfg.mode == "zeroshot":
         require_aligned(model_dir)
-    try:
-        shard_urls(ingest_dir)
-    except FileNotFoundError as err:
-        raise EvaluationError(str(err)) from None
+    IngestFolder(ingest_dir).shard_urls()
     plan = make_folds(ingest_dir, cfg.protocol, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
     return Prepared(model_dir, ingest_dir, cfg, plan, model_cfg)
 
@@ -75,12 +67,14 @@ def prepare(model_dir: Path, ingest_dir: Path, cfg: EvaluateConfig) -> Prepared:
 def _device(cfg: EvaluateConfig) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("device: cuda was asked for, but torch sees no GPU")
-    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
 
 def _params(model_dir: Path) -> dict:
     model = av.load(model_dir)
-    encoder = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_ROOTS)
+    encoder = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in av.ENCODER_ROOTS)
     return {"dir": str(model_dir), "name": model.cfg.name, "encoder_params": int(encoder),
             "total_params": int(sum(p.numel() for p in model.parameters()))}
 
@@ -92,14 +86,18 @@ def features(prepared: Prepared, device: torch.device) -> dict[str, np.ndarray]:
         model = load_clip_encoder(prepared.model_dir, device)
     else:
         model = av.load(prepared.model_dir, map_location=device)
-    return encode(prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True)
+    return encode(
+        prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
+    )
 
 
 def _scored(result: HeadResult, truth: np.ndarray, classes: list[str]) -> dict:
     return {rule: classification_metrics(truth, result.predictions[rule], classes) for rule in ("last", "best_val")}
 
 
-def evaluate(prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = None, on_fold: FoldHook | None = None) -> dict:
+def evaluate(
+    prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = None, on_fold: FoldHook | None = None
+) -> dict:
     """Run every fold; write results.json, report.md, predictions.csv, figures and fold files into out_dir."""
     cfg, plan = prepared.cfg, prepared.plan
     out = Path(out_dir)
@@ -125,22 +123,40 @@ def evaluate(prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = 
     if cfg.mode == "zeroshot":
         prompts = load_prompt_encoder(prepared.model_dir)(class_prompts(classes, cfg.zeroshot_prompt))
 
-    urls = shard_urls(prepared.ingest_dir)
+    urls = IngestFolder(prepared.ingest_dir).shard_urls()
     data = cfg.data.for_model(prepared.model_cfg)
     fold_results, histories, prediction_rows = [], {}, []
+    dim = len(next(iter(vectors.values()))) if vectors else 0
+
+    def stack(ids: list[str]) -> np.ndarray:
+        return np.stack([vectors[c] for c in ids]) if ids else np.zeros((0, dim), np.float32)
+
     for fold in plan.folds:
         train, val, test = ([c for c in part if c in keep] for part in (fold.train, fold.val, fold.test))
         hook = (lambda epoch, row, number=fold.number: on_epoch(number, epoch, row)) if on_epoch else None
         if cfg.mode == "probe":
-            stack = lambda ids: np.stack([vectors[c] for c in ids]) if ids else np.zeros((0, len(next(iter(vectors.values())))), np.float32)  # noqa: E731
             result = linear_probe(stack(train), np.array([label_of[c] for c in train]), stack(val),
                                   np.array([label_of[c] for c in val]), stack(test), classes, cfg.probe,
                                   seed=cfg.seed + fold.number, log_epoch=hook)
             test_ids = test
         elif cfg.mode == "finetune":
-            result, test_ids = finetune_fold(prepared.model_dir, urls, data, label_of, fold.train, fold.val, fold.test, classes,
-                                             cfg.modality, cfg.finetune, eval_batch_size=cfg.batch_size,
-                                             num_workers=cfg.num_workers, seed=cfg.seed + fold.number, device=device, log_epoch=hook)
+            result, test_ids = finetune_fold(
+                prepared.model_dir,
+                urls,
+                data,
+                label_of,
+                fold.train,
+                fold.val,
+                fold.test,
+                classes,
+                cfg.modality,
+                cfg.finetune,
+                eval_batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                seed=cfg.seed + fold.number,
+                device=device,
+                log_epoch=hook,
+            )
         else:
             predicted, similarity = zero_shot_predict(np.stack([vectors[c] for c in test]), prompts)
             result = HeadResult(best_epoch=0, predictions={"last": predicted, "best_val": predicted},
@@ -156,8 +172,14 @@ def evaluate(prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = 
         fold_results.append(entry)
         histories[fold.number] = result.history
         for i, clip in enumerate(test_ids):
-            prediction_rows.append({"clip_id": clip, "fold": fold.number, "label": classes[truth[i]],
-                                    **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")}})
+            prediction_rows.append(
+                {
+                    "clip_id": clip,
+                    "fold": fold.number,
+                    "label": classes[truth[i]],
+                    **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")},
+                }
+            )
         if on_fold:
             on_fold(fold.number, len(plan.folds), entry)
 
@@ -184,16 +206,23 @@ def evaluate(prepared: Prepared, out_dir: Path, *, on_epoch: EpochHook | None = 
     return results
 
 
-def _figures(results: dict, histories: dict, vectors: dict, plan: FoldPlan, out: Path, cfg: EvaluateConfig) -> dict[str, str]:
+def _figures(
+    results: dict, histories: dict, vectors: dict, plan: FoldPlan, out: Path, cfg: EvaluateConfig
+) -> dict[str, str]:
     """Write the PNGs; return {file name: caption}."""
     figures: dict[str, str] = {}
     what = f"{cfg.protocol}, {cfg.mode}, {cfg.modality}"
     for rule in ("best_val", "last"):
         name = f"confusion_{rule}.png"
         mean = results["mean"][rule]
-        plots.save(plots.confusion_figure(mean["confusion"], plan.classes,
-                                          f"{what}: test folds summed, {rule} rule\nUAR {100 * mean['uar']:.1f} %, WAR {100 * mean['war']:.1f} %"),
-                   out / name)
+        plots.save(
+            plots.confusion_figure(
+                mean["confusion"],
+                plan.classes,
+                f"{what}: test folds summed, {rule} rule\nUAR {100 * mean['uar']:.1f} %, WAR {100 * mean['war']:.1f} %",
+            ),
+            out / name,
+        )
         figures[name] = f"confusion matrix, {rule} rule, all test folds"
     if cfg.tsne_clips > 0 and len(vectors) >= 5:
         clips = [c for c in plan.clips.index if c in vectors]

@@ -3,10 +3,11 @@
 A clip is scored against one text prompt per class (``EvaluateConfig.zeroshot_prompt``, e.g. "a
 person who sounds and looks angry"): the class whose prompt embedding is closest (cosine) to the
 clip's aligned embedding wins (:func:`zero_shot_predict`). An aligned model folder is recognised by
-``ALIGNMENT_FILE`` (written by Stage 2, ``vaemo.align``, beside the weights: the text encoder, the
-projections, the prompt templates); a Stage 1 folder has none, and zero-shot refuses it with a
-clear message. Clips are embedded into the text space by :func:`load_clip_encoder` (the aligned
-model, usable with ``vaemo.embed.encode``), prompts by :func:`load_prompt_encoder`;
+its alignment file (written by Stage 2, ``vaemo.align``, beside the weights: the text encoder, the
+projections, the prompt templates; ``vaemo.artifacts.ModelFolder.aligned``); a Stage 1 folder has
+none, and zero-shot refuses it with a clear message. Clips are embedded into the text space by
+:func:`load_clip_encoder` (the aligned model, usable with ``vaemo.embed.encode``), prompts by
+:func:`load_prompt_encoder`;
 :func:`score_clips` is what ``vaemo zeroshot`` runs (several templates per label, averaged, and
 per-clip probabilities with the model's learned temperature).
 """
@@ -18,22 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from vaemo.align.model import ALIGNMENT_FILE
+from vaemo.artifacts import ModelFolder
 from vaemo.eval.protocols import EvaluationError
 
 # (clip embeddings (N, D), class prompts) -> prompt embeddings (C, D) in the same aligned space
 PromptEncoder = Callable[[list[str]], np.ndarray]
 
 
-def is_aligned(model_dir: Path) -> bool:
-    return (Path(model_dir) / ALIGNMENT_FILE).is_file()
-
-
 def require_aligned(model_dir: Path) -> None:
-    if not is_aligned(model_dir):
+    if not ModelFolder(model_dir).aligned:
         raise EvaluationError(
             f"--mode zeroshot needs a Stage 2 (text-aligned) model, and {model_dir} is a Stage 1 model with no text "
-            f"alignment (no {ALIGNMENT_FILE}); align it with Stage 2 first, or use --mode probe or --mode finetune"
+            f"alignment (no {ModelFolder.ALIGNMENT}); align it with Stage 2 first, or use --mode probe or --mode "
+            "finetune"
         )
 
 
@@ -51,15 +49,12 @@ def zero_shot_predict(clip_embeddings: np.ndarray, prompt_embeddings: np.ndarray
 
 def load_prompt_encoder(model_dir: Path) -> PromptEncoder:
     """The text side of an aligned model: its frozen text encoder (L2-normalised sentence embeddings)."""
-    from vaemo.align.model import AlignmentError, read_alignment
+    from vaemo.align.model import read_alignment
     from vaemo.text import text_encoder
 
     require_aligned(model_dir)
-    try:
-        info = read_alignment(model_dir)
-        encoder = text_encoder(info["text_encoder"])
-    except (AlignmentError, FileNotFoundError) as err:
-        raise EvaluationError(str(err)) from None
+    info = read_alignment(model_dir)
+    encoder = text_encoder(info["text_encoder"])
     if encoder.dim != int(info["text_dim"]):
         raise EvaluationError(f"{model_dir}: the text encoder {info['text_encoder']!r} gives {encoder.dim}-d vectors, "
                               f"the model was aligned to {info['text_dim']}-d")
@@ -67,14 +62,12 @@ def load_prompt_encoder(model_dir: Path) -> PromptEncoder:
 
 
 def load_clip_encoder(model_dir: Path, device="cpu"):
-    """The AV side of an aligned model: ``encode`` gives text-space clip embeddings (works with ``vaemo.embed.encode``)."""
-    from vaemo.align.model import AlignmentError, load_aligned
+    """The AV side of an aligned model: ``encode`` gives text-space clip embeddings (works with
+    ``vaemo.embed.encode``)."""
+    from vaemo.align.model import load_aligned
 
     require_aligned(model_dir)
-    try:
-        return load_aligned(model_dir, map_location=device)[0]
-    except AlignmentError as err:
-        raise EvaluationError(str(err)) from None
+    return load_aligned(model_dir, map_location=device)[0]
 
 
 def prompt_embeddings(encode: PromptEncoder, classes: list[str], templates: list[str]) -> np.ndarray:
@@ -104,8 +97,8 @@ def score_clips(source: Path, model_dir: Path, classes: list[str], *, templates:
     classes = [c.strip() for c in classes if c.strip()]
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise EvaluationError(f"zero-shot needs at least 2 distinct labels, got {classes}")
-    if not is_aligned(model_dir):
-        raise EvaluationError(f"{model_dir} is not a Stage 2 (text-aligned) model: it has no {ALIGNMENT_FILE}; "
+    if not ModelFolder(model_dir).aligned:
+        raise EvaluationError(f"{model_dir} is not a Stage 2 (text-aligned) model: it has no {ModelFolder.ALIGNMENT}; "
                               "align a Stage 1 model with `vaemo align` first")
     model = load_clip_encoder(model_dir)
     info = read_alignment(model_dir)
@@ -124,3 +117,16 @@ def score_clips(source: Path, model_dir: Path, classes: list[str], *, templates:
     for k, name in enumerate(classes):
         frame[f"p_{name}"] = probs[:, k]
     return frame
+
+
+def write_scores(source: Path, model_dir: Path, classes: list[str], out: Path, templates: list[str] | None = None,
+                 modality: str = "av", batch_size: int = 8) -> str:
+    """``vaemo zeroshot``: per-clip probabilities as CSV (or JSON for a .json ``out``); a line saying so."""
+    frame = score_clips(source, model_dir, classes, templates=templates, modality=modality, batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(frame.to_json(orient="records", indent=1))
+    else:
+        frame.to_csv(out, index=False)
+    counts = ", ".join(f"{k} {v}" for k, v in frame["predicted"].value_counts().items())
+    return f"{len(frame)} clips scored against {','.join(classes)} ({counts}); probabilities in {out}"

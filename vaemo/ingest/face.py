@@ -46,7 +46,7 @@ def detect(frames: np.ndarray, cfg: IngestConfig) -> list[tuple[np.ndarray, np.n
     results = []
     for begin in range(0, len(small), cfg.detect_batch):
         boxes_batch, probs_batch = detector.detect(small[begin : begin + cfg.detect_batch])
-        for boxes, probs in zip(boxes_batch, probs_batch):
+        for boxes, probs in zip(boxes_batch, probs_batch, strict=True):
             if boxes is None:
                 results.append((np.zeros((0, 4)), np.zeros(0)))
                 continue
@@ -71,13 +71,16 @@ class FaceTrack:
         return float(sum((b[2] - b[0]) * (b[3] - b[1]) for b in self.boxes))
 
 
+def _centres(boxes: np.ndarray) -> np.ndarray:
+    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
+
+
 def _affinity(boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
     """How well each new box continues each track's last box: IoU, or a near shift of a same-size face."""
     iou = box_iou(torch.tensor(boxes), torch.tensor(last)).numpy()
     sides_new = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])[:, None]
     sides_old = np.maximum(last[:, 2] - last[:, 0], last[:, 3] - last[:, 1])[None, :]
-    centre = lambda b: np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], 1)
-    shift = np.linalg.norm(centre(boxes)[:, None, :] - centre(last)[None, :, :], axis=2) / np.maximum(sides_old, 1)
+    shift = np.linalg.norm(_centres(boxes)[:, None, :] - _centres(last)[None, :, :], axis=2) / np.maximum(sides_old, 1)
     ratio = np.maximum(sides_new / sides_old, sides_old / sides_new)
     near = (shift <= LINK_SHIFT) & (ratio <= LINK_SIZE_RATIO)
     return np.where(near, np.maximum(iou, LINK_IOU), iou)
@@ -140,7 +143,10 @@ def crop_boxes(track: FaceTrack, detected_at: np.ndarray, count: int, cfg: Inges
     at = detected_at[track.frames]
     boxes = np.stack(track.boxes)
     every = np.arange(count)
-    centres = np.stack([np.interp(every, at, (boxes[:, 0] + boxes[:, 2]) / 2), np.interp(every, at, (boxes[:, 1] + boxes[:, 3]) / 2)], 1)
+    centres = np.stack(
+        [np.interp(every, at, (boxes[:, 0] + boxes[:, 2]) / 2), np.interp(every, at, (boxes[:, 1] + boxes[:, 3]) / 2)],
+        1,
+    )
     sides = np.interp(every, at, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
     smoothed = _smooth(np.concatenate([centres, sides[:, None]], 1), cfg.smooth_frames)
     half = smoothed[:, 2] * cfg.face_scale * (1 + cfg.crop_margin / cfg.crop_size) / 2
@@ -154,7 +160,7 @@ def crop(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     faster than a tensor op per frame here; boxes are rounded to whole pixels.
     """
     out = np.empty((len(frames), size, size, 3), np.uint8)
-    for index, (frame, box) in enumerate(zip(frames, np.rint(boxes).astype(int))):
+    for index, (frame, box) in enumerate(zip(frames, np.rint(boxes).astype(int), strict=True)):
         out[index] = np.asarray(Image.fromarray(frame).crop(tuple(box)).resize((size, size), Image.Resampling.BILINEAR))
     return out
 
@@ -178,10 +184,16 @@ def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCro
     first = 0 if best.frames[0] == 0 else int(detected_at[best.frames[0]]) - half
     last = len(frames) if best.frames[-1] == len(detected_at) - 1 else int(detected_at[best.frames[-1]]) + half + 1
     if last - first < min_frames:
-        raise NoFace("no_face", f"the speaker's face is visible for {(last - first) / cfg.fps:.2f} s, under {min_frames / cfg.fps:.2f} s")
+        raise NoFace(
+            "no_face",
+            f"the speaker's face is visible for {(last - first) / cfg.fps:.2f} s, under {min_frames / cfg.fps:.2f} s",
+        )
     coverage = len(best.frames) / (best.frames[-1] - best.frames[0] + 1)
     if coverage < cfg.min_face_coverage:
-        raise NoFace("no_face", f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})")
+        raise NoFace(
+            "no_face",
+            f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})",
+        )
     boxes = crop_boxes(best, detected_at, len(frames), cfg)[first:last]
     return FaceCrop(
         frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin),

@@ -15,20 +15,13 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 
-
-class MediaError(Exception):
-    """A media file could not be read or written; ``status`` is the manifest status to record."""
-
-    def __init__(self, status: str, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+from vaemo.errors import MediaError, ToolError
 
 
 def require_ffmpeg() -> None:
     missing = [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]
     if missing:
-        raise RuntimeError(
+        raise ToolError(
             f"{' and '.join(missing)} not found on PATH. Install FFmpeg (Debian/Ubuntu: "
             "'apt-get install ffmpeg'; conda: 'conda install ffmpeg') and run again."
         )
@@ -88,7 +81,10 @@ def probe(path: Path, timeout: float, require_video: bool = True) -> ProbeInfo:
             raise
         raise MediaError("not_a_video", f"not a readable media file ({exc.reason})") from None
     streams = info.get("streams", [])
-    video = next((s for s in streams if s.get("codec_type") == "video" and s.get("disposition", {}).get("attached_pic") != 1), None)
+    video = next(
+        (s for s in streams if s.get("codec_type") == "video" and s.get("disposition", {}).get("attached_pic") != 1),
+        None,
+    )
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     if video is None and require_video:
         raise MediaError("no_video_stream", "the file has no video stream")

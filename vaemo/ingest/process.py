@@ -69,12 +69,16 @@ def _timed(timings: dict[str, float], stage: str):
         timings[stage] += time.perf_counter() - begin
 
 
-def plan_windows(record: SourceRecord, duration: float, segments: list[tuple[float, float]], cfg: IngestConfig) -> list[tuple[float, float]]:
+def plan_windows(
+    record: SourceRecord, duration: float, segments: list[tuple[float, float]], cfg: IngestConfig
+) -> list[tuple[float, float]]:
     """Labelled files are one clip each; unlabelled recordings are cut into speech windows."""
     if record.whole_file:
         return [(0.0, round(min(duration, cfg.max_clip_seconds), 3))]
     shortest = min(cfg.min_clip_seconds, duration)  # a short recording can still be one clip
-    windows = voice.speech_windows(segments, duration, cfg.speech_merge_gap, cfg.window_seconds, shortest, cfg.min_speech_ratio)
+    windows = voice.speech_windows(
+        segments, duration, cfg.speech_merge_gap, cfg.max_cut_seconds, shortest, cfg.min_speech_ratio
+    )
     return [(s, min(e, duration)) for s, e in windows if min(e, duration) - s >= shortest - 1e-3]
 
 
@@ -87,15 +91,29 @@ def process_video(root: Path, record: SourceRecord, video_id: str, cfg: IngestCo
         return VideoOutcome(exc.status, exc.reason, timings=timings)
 
 
-def _process(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]) -> VideoOutcome:
+def _process(
+    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]
+) -> VideoOutcome:
     path = root / record.path
     with _timed(timings, "probe"):
         info = media.probe(path, cfg.probe_timeout)
-        audio_info = media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False) if record.audio_path else info
+        audio_info = (
+            media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False) if record.audio_path else info
+        )
     if info.duration > cfg.max_duration_seconds:
-        return VideoOutcome("too_long", f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}", duration=info.duration, timings=timings)
+        return VideoOutcome(
+            "too_long",
+            f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}",
+            duration=info.duration,
+            timings=timings,
+        )
     if info.duration < cfg.min_source_seconds:
-        return VideoOutcome("too_short", f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}", duration=info.duration, timings=timings)
+        return VideoOutcome(
+            "too_short",
+            f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}",
+            duration=info.duration,
+            timings=timings,
+        )
     if not audio_info.has_audio:
         return VideoOutcome("no_audio_stream", "the file has no audio stream", duration=info.duration, timings=timings)
 
@@ -104,12 +122,22 @@ def _process(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig,
         samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
     level = voice.peak_dbfs(samples)
     if level < cfg.silence_dbfs:
-        return VideoOutcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)", duration=info.duration, timings=timings)
+        return VideoOutcome(
+            "silent_audio",
+            f"the audio track is silent (peak {level:.0f} dBFS)",
+            duration=info.duration,
+            timings=timings,
+        )
     with _timed(timings, "vad"):
         segments = voice.speech_segments(samples, cfg.sample_rate, cfg.vad_threshold)
     windows = plan_windows(record, info.duration, segments, cfg)
     if not windows:
-        return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s", duration=info.duration, timings=timings)
+        return VideoOutcome(
+            "no_speech",
+            f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
+            duration=info.duration,
+            timings=timings,
+        )
 
     size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
     clips, skipped = [], defaultdict(list)
@@ -137,7 +165,11 @@ def _process(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig,
         status = next(iter(skipped))
         return VideoOutcome(status, "; ".join(sorted(set(skipped[status]))), duration=info.duration, timings=timings)
     dropped = sum(len(v) for v in skipped.values())
-    reason = "" if not dropped else f"{dropped} of {len(windows)} windows dropped: " + ", ".join(f"{k} x{len(v)}" for k, v in skipped.items())
+    reason = (
+        ""
+        if not dropped
+        else f"{dropped} of {len(windows)} windows dropped: " + ", ".join(f"{k} x{len(v)}" for k, v in skipped.items())
+    )
     return VideoOutcome("ok", reason, clips=clips, duration=info.duration, timings=timings)
 
 

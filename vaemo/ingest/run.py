@@ -18,14 +18,15 @@ from pathlib import Path
 import pandas as pd
 
 from vaemo import locks
+from vaemo.artifacts import IngestFolder, shard_set_digest, write_json_atomic
 from vaemo.config import IngestConfig
+from vaemo.errors import ArtifactError, BusyError
 from vaemo.ingest import shards
 from vaemo.ingest.adapters import scan_corpus
+from vaemo.ingest.media import require_ffmpeg
 from vaemo.ingest.process import content_hash, video_id_of
 from vaemo.ingest.records import SourceRecord
 
-LOCK = ".lock"
-SETTINGS = "ingest.json"
 # Statuses worth another try on the next run; every other status is a property of the file.
 RETRIED = {"error", "timeout"}
 MANIFEST_COLUMNS = [
@@ -34,12 +35,18 @@ MANIFEST_COLUMNS = [
 ]
 
 
-class IngestBusy(RuntimeError):
+class IngestBusy(BusyError):
     pass
 
 
-class SettingsChanged(RuntimeError):
+class SettingsChanged(ArtifactError):
     pass
+
+
+def check_source(source: Path, dataset: str, labels: Path | None) -> list[SourceRecord]:
+    """What an ingest of ``source`` would read; a clear error (no FFmpeg, a corpus that is not what it says) first."""
+    require_ffmpeg()
+    return scan_corpus(source, dataset, labels)
 
 
 @dataclass
@@ -58,7 +65,8 @@ class IngestRun:
     """Holds the folder's lock for the duration of a run: a second run refuses, it never interleaves."""
 
     def __init__(self, source: Path, out_dir: Path, dataset: str, cfg: IngestConfig, labels: Path | None = None):
-        self.source, self.out_dir, self.dataset, self.cfg, self.labels = Path(source), Path(out_dir), dataset, cfg, labels
+        self.source, self.dataset, self.cfg, self.labels = Path(source), dataset, cfg, labels
+        self.out_dir, self.folder = Path(out_dir), IngestFolder(out_dir)
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self._lock_handle = None
@@ -66,13 +74,16 @@ class IngestRun:
     def __enter__(self) -> IngestRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock_handle = locks.acquire(self.out_dir / LOCK)
+            self._lock_handle = locks.acquire(self.folder / IngestFolder.LOCK)
         except locks.Busy as busy:
-            raise IngestBusy(f"{self.out_dir} is being written by another ingest run ({busy.holder}); wait for it to finish or choose another --out") from None
+            raise IngestBusy(
+                f"{self.out_dir} is being written by another ingest run ({busy.holder}); wait for it to finish or "
+                "choose another --out"
+            ) from None
         try:
             self._check_settings()
             with shards.commit_lock(self.out_dir):
-                shards.write_json_atomic(self.out_dir / shards.RUN_TOKEN, {"token": self.token})
+                write_json_atomic(self.folder / IngestFolder.RUN_TOKEN, {"token": self.token})
         except BaseException:
             self.__exit__()
             raise
@@ -84,25 +95,35 @@ class IngestRun:
             self._lock_handle = None
 
     def _check_settings(self) -> None:
-        path = self.out_dir / SETTINGS
+        path = self.folder / IngestFolder.SETTINGS
         current = {"processing": self.cfg.processing_digest(), "settings": self.cfg.model_dump()}
         if path.exists():
             previous = json.loads(path.read_text(encoding="utf-8"))
             if previous["processing"] != current["processing"]:
                 changed = sorted(k for k, v in current["settings"].items() if previous["settings"].get(k) != v)
-                raise SettingsChanged(f"{self.out_dir} was ingested with other processing settings (changed: {', '.join(changed)}); use a new --out folder so shards of different settings never mix")
-        shards.write_json_atomic(path, current)
+                raise SettingsChanged(
+                    f"{self.out_dir} was ingested with other processing settings (changed: {', '.join(changed)}); "
+                    "use a new --out folder so shards of different settings never mix"
+                )
+        write_json_atomic(path, current)
 
     def plan(self, parallelism: int = 1) -> Plan:
         """Batches of new videos. Small corpora are split so ``parallelism`` workers all get work."""
         removed = shards.recover(self.out_dir)
-        markers = shards.load_markers(self.out_dir)
+        markers = self.folder.markers()
         known = _known_hashes(markers)
         done = {v["video_id"] for m in markers for v in m["videos"] if v["status"] not in RETRIED}
         records = []
         for record in scan_corpus(self.source, self.dataset, self.labels):
             sha = known.get(_stat_key(self.source, record)) or content_hash(self.source, record)
-            records.append({**record.to_dict(), "sha256": sha, "video_id": video_id_of(sha), "stat_key": _stat_key(self.source, record)})
+            records.append(
+                {
+                    **record.to_dict(),
+                    "sha256": sha,
+                    "video_id": video_id_of(sha),
+                    "stat_key": _stat_key(self.source, record),
+                }
+            )
         pending, seen = [], set()
         for item in records:
             if item["video_id"] in done or item["video_id"] in seen:
@@ -115,18 +136,22 @@ class IngestRun:
         for begin in range(0, len(pending), size):
             videos = pending[begin : begin + size]
             key = json.dumps([self.cfg.processing_digest()] + [v["video_id"] for v in videos])
-            batches.append(shards.BatchSpec(hashlib.sha256(key.encode()).hexdigest()[:16], str(self.source.resolve()), self.token, videos))
+            batches.append(
+                shards.BatchSpec(
+                    hashlib.sha256(key.encode()).hexdigest()[:16], str(self.source.resolve()), self.token, videos
+                )
+            )
         return Plan(batches, records, len(records) - len(pending), removed)
 
     def finalize(self, plan: Plan, failed_batches: dict[str, str] | None = None) -> dict:
-        """Write ``clips.parquet``, ``manifest.parquet`` and ``stats.json``, each atomically.
+        """Write the clip table, the manifest and the stats of the folder, each atomically.
 
         ``failed_batches`` maps the id of a batch that could not finish to the reason, which its
         videos then carry (status ``pending``: the next run picks them up).
         """
         failed_batches = failed_batches or {}
         batch_of = {v["video_id"]: b.batch_id for b in plan.batches for v in b.videos}
-        markers = shards.load_markers(self.out_dir)
+        markers = self.folder.markers()
         latest: dict[str, dict] = {}
         for marker in markers:
             for video in marker["videos"]:
@@ -135,7 +160,9 @@ class IngestRun:
         for item in plan.records:
             vid = item["video_id"]
             if vid in first_path:
-                rows.append({**item, "status": "duplicate", "reason": f"same content as {first_path[vid]}", "n_clips": 0})
+                rows.append(
+                    {**item, "status": "duplicate", "reason": f"same content as {first_path[vid]}", "n_clips": 0}
+                )
                 continue
             first_path[vid] = item["path"]
             done = latest.pop(vid, None)
@@ -145,12 +172,17 @@ class IngestRun:
                 reason = failed_batches.get(batch_of.get(vid), "not processed in this run")
                 rows.append({**item, "status": "pending", "reason": reason, "n_clips": 0})
         rows.extend(latest.values())  # ingested earlier, no longer in the corpus folder
-        clips = [{**clip, "batch_id": row["batch_id"]} for row in rows if row.get("status") == "ok" and "clips" in row for clip in row["clips"]]
+        clips = [
+            {**clip, "batch_id": row["batch_id"]}
+            for row in rows
+            if row.get("status") == "ok" and "clips" in row
+            for clip in row["clips"]
+        ]
         manifest = pd.DataFrame([{c: row.get(c) for c in MANIFEST_COLUMNS} for row in rows], columns=MANIFEST_COLUMNS)
-        _write_parquet_atomic(pd.DataFrame(clips), self.out_dir / "clips.parquet")
-        _write_parquet_atomic(manifest, self.out_dir / "manifest.parquet")
+        _write_parquet_atomic(pd.DataFrame(clips), self.folder / IngestFolder.CLIPS)
+        _write_parquet_atomic(manifest, self.folder / IngestFolder.MANIFEST)
         stats = _stats(markers, manifest, plan, time.time() - self.started, self.cfg)
-        shards.write_json_atomic(self.out_dir / "stats.json", stats)
+        write_json_atomic(self.folder / IngestFolder.STATS, stats)
         return stats
 
 
@@ -172,12 +204,6 @@ def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
-
-
-def shard_set_digest(markers: list[dict]) -> str:
-    """Content digest of the whole shard set: the key later stages and MLflow use for this data."""
-    entries = sorted(f"{s['name']}:{s['sha256']}" for m in markers for s in m["shards"])
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: float, cfg: IngestConfig) -> dict:

@@ -1,10 +1,4 @@
-"""Batches of videos become shards that appear whole or not at all.
-
-Layout of an ingest folder::
-
-    shards/<batch>-NNN.tar     WebDataset shards (visible only once complete)
-    batches/<batch>.json       completion marker: per-video rows, per-shard stats, timings
-    .tmp/<batch>/              work in progress; removed at the start of every run
+"""Batches of videos become shards that appear whole or not at all (the folder: vaemo.artifacts.IngestFolder).
 
 Commit order: shards are renamed into ``shards/``, then the marker is written (atomically). A
 shard without a marker is an interrupted commit and is deleted at the next start, so a killed
@@ -15,7 +9,6 @@ that outlives its killed run cannot commit beside the run that replaced it.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -27,36 +20,20 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from vaemo.artifacts import IngestFolder, file_sha256, write_json_atomic
 from vaemo.config import IngestConfig
+from vaemo.errors import BusyError
 from vaemo.ingest.process import VideoOutcome, process_video
 from vaemo.ingest.records import SourceRecord
 
-SHARDS, BATCHES, TMP = "shards", "batches", ".tmp"
-RUN_TOKEN = ".run-token"
-COMMIT_LOCK = ".commit.lock"
 
-
-class Superseded(RuntimeError):
+class Superseded(BusyError):
     """A newer run owns this ingest folder; this batch's work is discarded."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextmanager
 def commit_lock(out_dir: Path):
-    with open(out_dir / COMMIT_LOCK, "a") as handle:
+    with open(IngestFolder(out_dir) / IngestFolder.COMMIT_LOCK, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -74,26 +51,18 @@ class BatchSpec:
     videos: list[dict]  # SourceRecord fields + "video_id" + "sha256"
 
 
-def load_markers(out_dir: Path) -> list[dict]:
-    folder = out_dir / BATCHES
-    if not folder.is_dir():
-        return []
-    markers = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))]
-    return sorted(markers, key=lambda m: m["committed_at"])
-
-
 def recover(out_dir: Path) -> list[str]:
     """Remove work in progress and shards of interrupted commits; return what was removed."""
-    removed = []
+    removed, folder = [], IngestFolder(out_dir)
     with commit_lock(out_dir):
-        listed = {s["name"] for m in load_markers(out_dir) for s in m["shards"]}
-        for shard in sorted((out_dir / SHARDS).glob("*.tar")):
+        listed = {s["name"] for m in folder.markers() for s in m["shards"]}
+        for shard in sorted(folder.shards_dir.glob("*.tar")):
             if shard.name not in listed:
                 shard.unlink()
-                removed.append(f"{SHARDS}/{shard.name}")
-        for leftover in sorted((out_dir / TMP).glob("*")):
+                removed.append(f"{folder.SHARDS}/{shard.name}")
+        for leftover in sorted((folder / folder.TMP).glob("*")):
             shutil.rmtree(leftover, ignore_errors=True)
-            removed.append(f"{TMP}/{leftover.name}")
+            removed.append(f"{folder.TMP}/{leftover.name}")
     return removed
 
 
@@ -108,11 +77,13 @@ def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], d
             begin = time.perf_counter()
             try:
                 outcome = process_video(root, record, video["video_id"], cfg)
-            except Exception as exc:  # an unexpected failure is recorded and retried next run
+            except Exception as exc:  # noqa: BLE001 - an unexpected failure is recorded and retried next run
                 outcome = VideoOutcome("error", f"{type(exc).__name__}: {exc}")
             write_begin = time.perf_counter()
             for clip in outcome.clips:
-                writer.write({"__key__": clip.clip_id, "mp4": clip.video, cfg.audio_format: clip.audio, "json": clip.meta})
+                writer.write(
+                    {"__key__": clip.clip_id, "mp4": clip.video, cfg.audio_format: clip.audio, "json": clip.meta}
+                )
             outcome.timings["write"] += time.perf_counter() - write_begin
             for stage, seconds in outcome.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
@@ -133,10 +104,11 @@ def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], d
 def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
     """Process and commit one batch; a batch already committed is returned as it is (idempotent)."""
     torch.set_num_threads(cfg.torch_threads)
-    marker_path = out_dir / BATCHES / f"{batch.batch_id}.json"
+    folder = IngestFolder(out_dir)
+    marker_path = folder / folder.BATCHES / f"{batch.batch_id}.json"
     if marker_path.exists():
         return json.loads(marker_path.read_text(encoding="utf-8"))
-    tmp = out_dir / TMP / batch.batch_id
+    tmp = folder / folder.TMP / batch.batch_id
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     begin = time.perf_counter()
@@ -155,15 +127,15 @@ def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
         "worker_pid": os.getpid(),
     }
     with commit_lock(out_dir):
-        token_file = out_dir / RUN_TOKEN
+        token_file = folder / folder.RUN_TOKEN
         token = json.loads(token_file.read_text())["token"] if token_file.exists() else None
         if token != batch.run_token:
             shutil.rmtree(tmp, ignore_errors=True)
             raise Superseded(f"batch {batch.batch_id}: a newer ingest run owns {out_dir}")
-        (out_dir / SHARDS).mkdir(exist_ok=True)
-        (out_dir / BATCHES).mkdir(exist_ok=True)
+        folder.shards_dir.mkdir(exist_ok=True)
+        marker_path.parent.mkdir(exist_ok=True)
         for shard in shards:
-            os.replace(shard, out_dir / SHARDS / shard.name)
+            os.replace(shard, folder.shards_dir / shard.name)
         marker["committed_at"] = time.time()
         write_json_atomic(marker_path, marker)
     shutil.rmtree(tmp, ignore_errors=True)

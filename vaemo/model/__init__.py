@@ -1,17 +1,13 @@
 """Stage 1 network of VAEmo: the unified audio-visual masked autoencoder (see ``av.py``)."""
 
 from vaemo.model.av import (
-    CONFIGS,
-    AVConfig,
     AVMAE,
-    CheckpointError,
+    AVConfig,
     config_for,
     info_nce,
     load,
     masked_mse,
     model_info,
-    normalize_audio,
-    normalize_video,
     patchify_audio,
     patchify_video,
     random_mask,
@@ -22,17 +18,13 @@ from vaemo.model.av import (
 )
 
 __all__ = [
-    "CONFIGS",
     "AVConfig",
     "AVMAE",
-    "CheckpointError",
     "config_for",
     "info_nce",
     "load",
     "masked_mse",
     "model_info",
-    "normalize_audio",
-    "normalize_video",
     "patchify_audio",
     "patchify_video",
     "random_mask",

@@ -2,8 +2,8 @@
 
 One file holds the whole Stage 1 network so that it can be read top to bottom:
 
-1. ``AVConfig`` and the presets ``tiny`` / ``small`` / ``base``;
-2. input helpers: normalisation, ``patchify`` / ``unpatchify``, masking, sin-cos positions;
+1. ``AVConfig`` and the presets ``tiny`` / ``small`` / ``base`` (named in ``vaemo.registry``);
+2. input helpers: ``patchify`` / ``unpatchify``, masking, sin-cos positions;
 3. the Transformer block (``scaled_dot_product_attention``, no loops over tokens);
 4. ``AVMAE``: pre-training ``forward`` (masked reconstruction + contrastive) and ``encode``;
 5. losses: ``masked_mse`` and ``info_nce``;
@@ -11,13 +11,14 @@ One file holds the whole Stage 1 network so that it can be read top to bottom:
 
 Input contract, identical for every preset so that shards and loaders are shared:
 
-* video ``(B, 3, T=16, H=160, W=160)`` float, already normalised with the ImageNet mean/std
-  (``normalize_video``); tubes of 2x16x16 give 8x10x10 = 800 tokens, ordered (t, h, w);
+* video ``(B, 3, T=16, H=160, W=160)`` float, already normalised with the mean/std stored in the
+  config (the data path, ``vaemo.data.samples``, does it); tubes of 2x16x16 give 8x10x10 = 800
+  tokens, ordered (t, h, w);
 * audio ``(B, 256, 128)`` Kaldi log-mel fbank, (time, mel), already normalised with the
-  convention stored in the config (``normalize_audio``); 16x16 patches give 16x8 = 128 tokens,
+  convention stored in the config (also the data path's); 16x16 patches give 16x8 = 128 tokens,
   ordered (time, frequency).
 
-Design (our reading of "unified and lightweight", see method.md): modality-specific patch
+Design (our reading of "unified and lightweight", see docs/method.md): modality-specific patch
 embeddings, fixed sin-cos positions on a time axis shared by both modalities, a learned modality
 embedding, then one shared Transformer over the visible tokens of both modalities together
 (optionally the first ``modality_specific_layers`` blocks are per modality). A light shared
@@ -36,6 +37,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from vaemo.artifacts import ModelFolder
+from vaemo.errors import ModelError
+from vaemo.registry import MODEL_PRESETS
 
 VIDEO, AUDIO = 0, 1  # rows of the modality embeddings
 
@@ -183,44 +188,23 @@ class AVConfig(BaseModel):
 # Presets: one input contract (16x160x160 video, 256x128 fbank), sizes differ by width and depth.
 # head_dim is 32 (tiny) or 64 (small, base). `base` stays under 40M parameters in all, decoder
 # included: HiCMAE-B has about 81M.
-CONFIGS: dict[str, AVConfig] = {
-    "tiny": AVConfig(
-        name="tiny", dim=128, depth=4, heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=2, proj_dim=64
-    ),
-    "small": AVConfig(
-        name="small", dim=256, depth=12, heads=4, decoder_dim=192, decoder_depth=2, decoder_heads=3, proj_dim=128
-    ),
-    "base": AVConfig(
-        name="base", dim=512, depth=11, heads=8, decoder_dim=256, decoder_depth=2, decoder_heads=4, proj_dim=256
-    ),
-}
+TINY = AVConfig(name="tiny", dim=128, depth=4, heads=4, decoder_dim=64, decoder_depth=1, decoder_heads=2, proj_dim=64)
+SMALL = AVConfig(
+    name="small", dim=256, depth=12, heads=4, decoder_dim=192, decoder_depth=2, decoder_heads=3, proj_dim=128
+)
+BASE = AVConfig(
+    name="base", dim=512, depth=11, heads=8, decoder_dim=256, decoder_depth=2, decoder_heads=4, proj_dim=256
+)
 
 
 def config_for(name: str, **overrides) -> AVConfig:
-    """A preset by name, optionally with some fields changed (validated)."""
-    if name not in CONFIGS:
-        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(CONFIGS)}")
-    return AVConfig.model_validate({**CONFIGS[name].model_dump(), **overrides})
+    """A preset by name (a ConfigError for an unknown one), optionally with some fields changed (validated)."""
+    return AVConfig.model_validate({**MODEL_PRESETS.load(name).model_dump(), **overrides})
 
 
 # --------------------------------------------------------------------------------------------
-# 2. Inputs: normalisation, patches, masks, positions
+# 2. Inputs: patches, masks, positions
 # --------------------------------------------------------------------------------------------
-
-
-def normalize_video(frames: Tensor, cfg: AVConfig) -> Tensor:
-    """(..., 3, T, H, W) RGB frames, uint8 or float in [0, 1] -> ImageNet-normalised float."""
-    x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
-    shape = (3, 1, 1, 1)
-    mean = torch.tensor(cfg.video_mean, device=x.device).view(shape)
-    std = torch.tensor(cfg.video_std, device=x.device).view(shape)
-    return (x - mean) / std
-
-
-def normalize_audio(fbank: Tensor, cfg: AVConfig) -> Tensor:
-    """Raw Kaldi fbank -> the normalisation convention stored in the config."""
-    scale = 2.0 * cfg.audio_std if cfg.audio_double_std else cfg.audio_std
-    return (fbank.float() - cfg.audio_mean) / scale
 
 
 def patchify_video(video: Tensor, cfg: AVConfig) -> Tensor:
@@ -695,57 +679,50 @@ def info_nce(a: Tensor, b: Tensor, temperature: Tensor | float) -> Tensor:
 # 6. Checkpoints and model information
 # --------------------------------------------------------------------------------------------
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not match the model its config describes."""
-
-
 def save(model: AVMAE, folder: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``folder`` (each replaced atomically)."""
+    """Write the weights and the config into a model folder (each replaced atomically)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_json = model.cfg.model_dump_json(indent=2)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    weights, config = folder / ModelFolder.WEIGHTS, folder / ModelFolder.CONFIG
+    tmp = weights.with_name(weights.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "config": config_json})
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    tmp = folder / (CONFIG_FILE + ".tmp")
+    os.replace(tmp, weights)
+    tmp = config.with_name(config.name + ".tmp")
     tmp.write_text(config_json + "\n")
-    os.replace(tmp, folder / CONFIG_FILE)
+    os.replace(tmp, config)
     return folder
 
 
-def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> AVMAE:
-    """Rebuild an ``AVMAE`` from ``save``'s folder; safetensors only, with a strict key check."""
-    config_path = Path(folder) / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+def load_config(folder: str | os.PathLike) -> AVConfig:
+    """The ``AVConfig`` of a model folder; a ModelError for a missing folder or an invalid config."""
+    path = ModelFolder(folder).require() / ModelFolder.CONFIG
     try:
-        cfg = AVConfig.model_validate_json(config_path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{config_path}: not a valid model config: {err}") from err
-    model = AVMAE(cfg)
+        return AVConfig.model_validate_json(path.read_text())
+    except ValueError as err:  # pydantic's ValidationError and JSON errors are ValueErrors
+        raise ModelError(f"{path}: not a valid model config: {err}") from None
+
+
+def load(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> AVMAE:
+    """Rebuild an ``AVMAE`` from ``save``'s folder; safetensors only, with a strict key check (ModelError)."""
+    model = AVMAE(load_config(folder))
     load_weights(model, folder)
     return model.to(map_location)
 
 
 def load_weights(model: AVMAE, folder: str | os.PathLike) -> None:
-    """Copy the weights of ``save``'s folder into ``model``: every key, every shape, or a CheckpointError."""
+    """Copy the weights of ``save``'s folder into ``model``: every key, every shape, or a ModelError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights_path = Path(folder) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path}: missing; a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    weights_path = ModelFolder(folder).require() / ModelFolder.WEIGHTS
     try:
         state = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights_path}: not a readable safetensors file: {err}") from err
+        raise ModelError(f"{weights_path}: not a readable safetensors file: {err}") from err
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -762,13 +739,28 @@ def load_weights(model: AVMAE, folder: str | os.PathLike) -> None:
             parts.append(f"unexpected keys: {_listed(unexpected)}")
         if wrong_shape:
             parts.append(f"wrong shapes: {_listed(wrong_shape)}")
-        raise CheckpointError(f"{weights_path} does not match the {model.cfg.name!r} model: " + "; ".join(parts))
+        raise ModelError(f"{weights_path} does not match the {model.cfg.name!r} model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
 
 def _listed(items: list[str], limit: int = 8) -> str:
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+# Top-level parameter names of AVMAE by part: what an encoder-only use (fine-tuning, alignment)
+# keeps, what only pre-training needs, and the contrastive heads.
+ENCODER_ROOTS = ("video_embed", "audio_embed", "modality", "video_blocks", "audio_blocks", "blocks", "norm")
+DECODER_ROOTS = (
+    "decoder_embed",
+    "mask_token",
+    "decoder_modality",
+    "decoder_blocks",
+    "decoder_norm",
+    "video_pred",
+    "audio_pred",
+)
+HEAD_ROOTS = ("video_proj", "audio_proj", "log_temperature")
 
 
 def _parameter_groups(model: AVMAE) -> dict[str, int]:
@@ -779,11 +771,11 @@ def _parameter_groups(model: AVMAE) -> dict[str, int]:
             group = "video_patch_embed"
         elif root == "audio_embed":
             group = "audio_patch_embed"
-        elif root in ("modality", "video_blocks", "audio_blocks", "blocks", "norm"):
+        elif root in ENCODER_ROOTS:
             group = "encoder"
-        elif root.startswith("decoder_") or root in ("mask_token", "video_pred", "audio_pred"):
+        elif root in DECODER_ROOTS:
             group = "decoder"
-        elif root in ("video_proj", "audio_proj", "log_temperature"):
+        elif root in HEAD_ROOTS:
             group = "heads"
         else:  # a new parameter must be given a group here
             raise AssertionError(f"parameter {name} belongs to no group")
@@ -834,3 +826,9 @@ def model_info(cfg: AVConfig) -> dict:
         "flop_convention": "FlopCounterMode, batch 1, multiply-add = 2 FLOPs, element-wise ops not counted",
     }
 
+
+def describe(info: dict) -> str:
+    """``model_info`` as text: parameters per part, GFLOPs per clip, tokens (``vaemo model-info``)."""
+    lines = [f"model {info['name']}"] + [f"  params.{part:<18} {count:>12,}" for part, count in info["params"].items()]
+    lines += [f"  {key:<25} {info[key]:>10.2f}" for key in info if key.endswith("gflops")]
+    return "\n".join(lines + [f"  tokens: {info['tokens']}"])

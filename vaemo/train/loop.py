@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +26,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from vaemo.artifacts import ModelFolder
 from vaemo.config import TrainConfig
-
-CHECKPOINTS = "checkpoints"
-METRICS_LOG = "metrics.jsonl"
+from vaemo.errors import ArtifactError
 
 # batches(epoch) -> the epoch's batches; objective(model, batch) -> {"loss": ..., other scalars}
 Batches = Callable[[int], Iterable[dict]]
@@ -74,13 +73,16 @@ def optimizer_for(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "pos" in name or "token" in name or "modality" in name else decay).append(param)
+            (no_decay if param.ndim < 2 or "pos" in name or "token" in name or "modality" in name else decay).append(
+                param
+            )
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for ``precision`` bf16, or auto on a GPU; otherwise full precision."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
@@ -122,7 +124,7 @@ def _save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, posit
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
+    found = ModelFolder(out_dir).checkpoints()
     return found[-1] if found else None
 
 
@@ -164,7 +166,7 @@ class _Stream:
             self.skipped += int(batch.get("skipped", 0))
             if len(batch.get("clip_id", [None])):
                 return batch
-        raise RuntimeError("the data stream yields no usable batch: every sample is being skipped")
+        raise ArtifactError("the data stream yields no usable batch: every sample is being skipped")
 
 
 @dataclass
@@ -206,7 +208,7 @@ def train(
         position = _load_checkpoint(checkpoint, model, optimizer, scheduler, env.device)
         resumed_from = position.step
     wrapped = DistributedDataParallel(model) if env.world > 1 else model
-    log_path = out_dir / METRICS_LOG
+    log_path = out_dir / ModelFolder.STEP_LOG
     if env.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, position.step)
@@ -223,7 +225,7 @@ def train(
             if seen_clips is not None:
                 seen_clips.extend(batch["clip_id"])
             sync = env.world == 1 or micro == cfg.accumulation - 1
-            with (nullcontext() if sync else wrapped.no_sync()), _autocast(cfg, env.device):
+            with (nullcontext() if sync else wrapped.no_sync()), autocast(cfg.precision, env.device):
                 out = objective(wrapped, {k: v.to(env.device) if torch.is_tensor(v) else v for k, v in batch.items()})
             (out["loss"] / cfg.accumulation).backward()
             samples += len(batch["clip_id"]) * env.world
@@ -235,8 +237,15 @@ def train(
         scheduler.step()
         position.step += 1
         losses.append(parts["loss"])
-        record = {**parts, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "samples_per_second": len(batch["clip_id"]) * cfg.accumulation * env.world / (time.perf_counter() - step_begin)}
+        record = {
+            **parts,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "samples_per_second": len(batch["clip_id"])
+            * cfg.accumulation
+            * env.world
+            / (time.perf_counter() - step_begin),
+        }
         if env.main:
             bar.update(1)
             bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
@@ -246,7 +255,9 @@ def train(
                 if log_step:
                     log_step(position.step, record)
             if position.step % cfg.checkpoint_every == 0 or position.step == cfg.steps:
-                _save_checkpoint(out_dir / CHECKPOINTS, model, optimizer, scheduler, position, cfg.keep_checkpoints)
+                _save_checkpoint(
+                    ModelFolder(out_dir).checkpoints_dir, model, optimizer, scheduler, position, cfg.keep_checkpoints
+                )
     bar.close()
     skipped = stream.skipped
     if env.world > 1:
@@ -265,8 +276,32 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def read_step_log(out_dir: Path) -> list[dict]:
-    path = out_dir / METRICS_LOG
+    path = Path(out_dir) / ModelFolder.STEP_LOG
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def edge_mean(values: list[float], first: bool) -> float:
+    """The mean of the first (or last) tenth of a curve, at least one value: a loss "before" and "after"."""
+    count = max(1, len(values) // 10)
+    part = values[:count] if first else values[-count:]
+    return float(sum(part) / len(part))
+
+
+@contextmanager
+def single_process():
+    """Rank 0 evaluates every clip alone: hide the launcher's rank variables from the shard splitter."""
+    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def write_rank_record(out_dir: Path, rank: int, seen: list[str], model: nn.Module) -> None:
+    """The clips one rank trained on and its final weights' digest (for checks of data sharding and DDP)."""
+    ranks = Path(out_dir) / ModelFolder.RANKS
+    ranks.mkdir(parents=True, exist_ok=True)
+    (ranks / f"rank-{rank}.json").write_text(json.dumps({"clips_seen": seen, "weights_sha256": weights_digest(model)}))
 
 
 def run_summary(result, world: int) -> dict:
@@ -281,7 +316,9 @@ def run_summary(result, world: int) -> dict:
     }
 
 
-def entry_point(prog: str, doc: str | None, settings_type: type[TrainConfig], add_inputs: Callable, run: Callable) -> Callable:
+def entry_point(
+    prog: str, doc: str | None, settings_type: type[TrainConfig], add_inputs: Callable, run: Callable
+) -> Callable:
     """The ``main`` of a stage's torchrun entry: its inputs, then --out, --settings (JSON), --resume
     and the MLflow run the ranks log into; ``run(args, settings, log_step)`` trains."""
 

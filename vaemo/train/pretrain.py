@@ -6,21 +6,27 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import PretrainConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader, shard_urls
+from vaemo.data.loader import make_loader
 from vaemo.model import av
-from vaemo.train.loop import StepLogger, entry_point, init_distributed, read_step_log, run_summary, train, weights_digest
-
-METRICS = "metrics.json"
-SETTINGS = "pretrain.json"
+from vaemo.train.loop import (
+    StepLogger,
+    edge_mean,
+    entry_point,
+    init_distributed,
+    read_step_log,
+    run_summary,
+    single_process,
+    train,
+    write_rank_record,
+)
 
 
 def model_config(cfg: PretrainConfig) -> av.AVConfig:
@@ -37,7 +43,9 @@ def pretraining_objective(model, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def av_retrieval(model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: int, batch_size: int, num_workers: int) -> dict:
+def av_retrieval(
+    model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: int, batch_size: int, num_workers: int
+) -> dict:
     """Video-to-audio retrieval top-1 among the evaluated clips (centred windows, no augmentation)."""
     model.eval()
     device = next(model.parameters()).device
@@ -59,26 +67,12 @@ def av_retrieval(model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: 
     return {"av_retrieval_top1": top1, "av_retrieval_chance": 1.0 / n, "av_retrieval_clips": n}
 
 
-@contextmanager
-def single_process():
-    """Rank 0 evaluates every clip alone: hide the launcher's rank variables from the shard splitter."""
-    saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def _mean_fraction(values: list[float], first: bool) -> float:
-    count = max(1, len(values) // 10)
-    part = values[:count] if first else values[-count:]
-    return float(sum(part) / len(part))
-
-
-def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = False, log_step: StepLogger | None = None) -> dict:
-    """Train, save ``model.safetensors`` + ``config.json`` and ``metrics.json`` into ``out``; return the metrics."""
+def pretrain(
+    shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = False, log_step: StepLogger | None = None
+) -> dict:
+    """Train; save the model and its metrics into the model folder ``out``; return the metrics."""
     env = init_distributed()
-    urls = shard_urls(shards)
+    urls = IngestFolder(shards).shard_urls()
     model_cfg = model_config(cfg)
     data = data_config(cfg, model_cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every re-run
@@ -88,13 +82,13 @@ def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = Fal
 
     def batches(epoch: int):
         # Seeded by epoch, so a resumed run replays exactly the stream it left.
-        return make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        return make_loader(
+            urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size, num_workers=cfg.num_workers
+        )
 
     seen: list[str] = []
     result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)
-    ranks = out / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    (ranks / f"rank-{env.rank}.json").write_text(json.dumps({"clips_seen": seen, "weights_sha256": weights_digest(model)}))
+    write_rank_record(out, env.rank, seen, model)
     if env.world > 1:
         torch.distributed.barrier()
     if not env.main:
@@ -104,14 +98,15 @@ def pretrain(shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = Fal
     av.save(model, out)
     losses = [row["loss"] for row in read_step_log(out)]
     metrics = {
-        "loss_first": _mean_fraction(losses, first=True),
-        "loss_last": _mean_fraction(losses, first=False),
+        "loss_first": edge_mean(losses, first=True),
+        "loss_last": edge_mean(losses, first=False),
         "steps": len(losses),
         **run_summary(result, env.world),
         **retrieval,
     }
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
-    (out / SETTINGS).write_text(cfg.model_dump_json(indent=1))
+    folder = ModelFolder(out)
+    (folder / folder.METRICS).write_text(json.dumps(metrics, indent=1))
+    folder.settings_file("pretrain").write_text(cfg.model_dump_json(indent=1))
     return metrics
 
 

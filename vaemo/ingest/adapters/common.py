@@ -8,15 +8,12 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+from vaemo.errors import CorpusError
 from vaemo.ingest.records import SourceRecord
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts", ".ogv"}
 )
-
-
-class CorpusError(ValueError):
-    """A corpus does not look the way its dataset says it should; the message says what and where."""
 
 
 def _walk(root: Path) -> Iterator[tuple[PurePosixPath, list[str], list[str]]]:

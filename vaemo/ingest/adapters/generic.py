@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path, PurePosixPath
 
-from vaemo.ingest.adapters.common import CorpusError, find_videos, read_csv
+from vaemo.errors import CorpusError
+from vaemo.ingest.adapters.common import find_videos, read_csv
 from vaemo.ingest.records import SourceRecord
 
 COLUMNS = ("path", "label", "speaker", "fold")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from vaemo.ingest.adapters.common import CorpusError, first_dir, read_text
+from vaemo.errors import CorpusError
+from vaemo.ingest.adapters.common import first_dir, read_text
 from vaemo.ingest.adapters.splits import FOLDS, scan_test_splits, split_dir
 from vaemo.ingest.records import SourceRecord
 

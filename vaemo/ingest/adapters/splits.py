@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from vaemo.ingest.adapters.common import CorpusError, find_videos, index_by_stem
+from vaemo.errors import CorpusError
+from vaemo.ingest.adapters.common import find_videos, index_by_stem
 from vaemo.ingest.records import SourceRecord
 
 FOLDS = range(1, 6)

@@ -1,0 +1,99 @@
+"""What a ``vaemo`` command runs in: Prefect's state in the work directory, the Prefect API it talks to,
+its log file, and how it runs a flow and reads the outcome.
+
+Nothing here imports Prefect at module level: its settings are read once, when it is first
+imported, so :func:`prepare` must run before that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def prepare(work_dir: Path) -> None:
+    """Prefect and Hugging Face settings for a command on ``work_dir``; call before Prefect is imported."""
+    os.environ.setdefault("PREFECT_HOME", str((Path(work_dir) / "prefect").resolve()))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server migrates its database on first start; a busy machine needs more than 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # The library's own log lines (skips, resumed runs, skipped samples) belong in the flow run's logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vaemo")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: the
+    # temporary server of a later command can then expire the slot of a command that was killed.
+    os.environ.setdefault(
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
+    )
+
+
+@contextmanager
+def prefect_api():
+    """Use PREFECT_API_URL when set; else one temporary local server for this command.
+
+    Prefect would start its temporary server lazily in every process, so each Dask worker would
+    boot its own; exporting one URL before the cluster starts lets all of them share it.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        # Send buffered logs and events while the server is still up; afterwards they would be
+        # retried against a closed port at interpreter exit.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+        del os.environ["PREFECT_API_URL"]
+        server.stop()
+
+
+class _LogFile(logging.FileHandler):
+    """A log file made (with its folder) only when there is something to write."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+def log_to(path: Path) -> Path:
+    """The library's warnings, and a bug's traceback, also go to ``path`` (appended, with times and pids)."""
+    handler = _LogFile(path, delay=True)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s pid {os.getpid()} %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return path
+
+
+def run_flow(a_flow, what: str | None = None, **params) -> int:
+    """Run a flow for a command and print its summary: 0. A refusal raises its VaemoError again, a bug its
+    exception; a flow that ran but did not complete (some of its work failed) says why (naming ``what``): 1.
+    A stage flow's ``check`` runs first, so what cannot work is refused before a Prefect server starts."""
+    if getattr(a_flow.fn, "check", None):
+        a_flow.fn.check(**params)
+    with prefect_api():
+        state = a_flow(**params, return_state=True)
+    if state.is_completed():
+        for line in state.result()["summary"].splitlines():
+            print(line if line.startswith(" ") else f"vaemo: {line}")
+        return 0
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    print(f"vaemo: {what or a_flow.name} did not complete: {state.message}", file=sys.stderr)
+    return 1

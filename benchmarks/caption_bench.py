@@ -66,11 +66,8 @@ def main() -> None:
 
     def rate(runs):
         seconds, tokens = min(runs)
-        return {
-            "seconds": round(seconds, 2),
-            "clips_per_s": round(len(requests) / seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1),
-        }
+        return {"seconds": round(seconds, 2), "clips_per_s": round(len(requests) / seconds, 3),
+                "tokens_per_s": round(tokens / seconds, 1)}
 
     result = {"machine": platform.processor() or platform.machine(), "model": cfg.model, "clips": len(requests),
               "vllm_alone": rate(bare), "pipeline": rate(piped)}

@@ -74,25 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--repeat", type=int, default=1, help="repeat every measurement, keep the fastest (default: %(default)s)"
     )
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=REPO / "pipelines.yaml",
-        help="stages.ingest settings (default: the project's pipelines.yaml; defaults if absent)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one IngestConfig field, e.g. --set detect_every=20 (repeatable)",
-    )
-    p.add_argument(
-        "--with-flow",
-        action="store_true",
-        help="also time a full `vaemo ingest` (Prefect + Dask, one worker) as a subprocess",
-    )
+    p.add_argument("--config", type=Path, default=REPO / "pipelines.yaml",
+                   help="stages.ingest settings (default: the project's pipelines.yaml; defaults if absent)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one IngestConfig field, e.g. --set detect_every=20 (repeatable)")
+    p.add_argument("--with-flow", action="store_true",
+                   help="also time a full `vaemo ingest` (Prefect + Dask, one worker) as a subprocess")
     args = p.parse_args(argv)
     available = len(os.sched_getaffinity(0))
     if not 1 <= args.cores <= available:
@@ -137,15 +124,10 @@ def machine_info(cores: list[int]) -> dict:
     ffmpeg_line = subprocess.run(
         ["ffmpeg", "-version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[:1]
-    return {
-        "cpu": cpu,
-        "cpus_on_machine": os.cpu_count(),
-        "cores_used": cores,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "ffmpeg": ffmpeg_line[0].split(" Copyright")[0] if ffmpeg_line else "unknown",
-        "python": sys.version.split()[0],
-    }
+    return {"cpu": cpu, "cpus_on_machine": os.cpu_count(), "cores_used": cores, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "ffmpeg": ffmpeg_line[0].split(" Copyright")[0] if ffmpeg_line else "unknown",
+            "python": sys.version.split()[0]}
 
 
 def load_average() -> list[float]:
@@ -287,21 +269,8 @@ def flow_wall_time(source: Path, dataset: str, cfg: IngestConfig) -> dict:
         config.write_text(
             yaml.safe_dump({"work_dir": str(work), "dask": {"workers": 1}, "stages": {"ingest": cfg.model_dump()}})
         )
-        command = [
-            str(Path(sys.executable).parent / "vaemo"),
-            "--config",
-            str(config),
-            "--work-dir",
-            str(work),
-            "ingest",
-            str(source),
-            "--dataset",
-            dataset,
-            "--out",
-            str(work / "out"),
-            "--workers",
-            "1",
-        ]
+        command = [str(Path(sys.executable).parent / "vaemo"), "--config", str(config), "--work-dir", str(work),
+                   "ingest", str(source), "--dataset", dataset, "--out", str(work / "out"), "--workers", "1"]
         begin = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - begin
@@ -336,23 +305,15 @@ def summarise(rows: list[dict], run: dict, cfg: IngestConfig) -> dict:
     source_s = sum(r["duration"] for r in measured)
     detect_frames = sum(r["detect_frames"] for r in measured)
     detect_s = sum(r["detect_s"] for r in measured)
-    return {
-        "videos": len(rows),
-        "clips": run["stats"]["clips"],
-        "status_counts": run["stats"]["status_counts"],
-        "source_seconds": round(source_s, 2),
-        "decode_only_s": round(decode_s, 3),
-        "ingest_s": round(run["total_s"], 3),
-        "ingest_batches_only_s": round(run["batches_s"], 3),
-        "ratio_ingest_to_decode": round(run["total_s"] / decode_s, 2) if decode_s else None,
-        "ratio_batches_to_decode": round(run["batches_s"] / decode_s, 2) if decode_s else None,
-        "target_ratio": TARGET_RATIO,
-        "realtime_factor": round(source_s / run["total_s"], 2),
-        "decode_only_realtime_factor": round(source_s / decode_s, 2) if decode_s else None,
-        "mtcnn_ms_per_frame": round(1000.0 * detect_s / detect_frames, 2) if detect_frames else None,
-        "mtcnn_frames": detect_frames,
-        "detect_every": cfg.detect_every,
-    }
+    return {"videos": len(rows), "clips": run["stats"]["clips"], "status_counts": run["stats"]["status_counts"],
+            "source_seconds": round(source_s, 2), "decode_only_s": round(decode_s, 3),
+            "ingest_s": round(run["total_s"], 3), "ingest_batches_only_s": round(run["batches_s"], 3),
+            "ratio_ingest_to_decode": round(run["total_s"] / decode_s, 2) if decode_s else None,
+            "ratio_batches_to_decode": round(run["batches_s"] / decode_s, 2) if decode_s else None,
+            "target_ratio": TARGET_RATIO, "realtime_factor": round(source_s / run["total_s"], 2),
+            "decode_only_realtime_factor": round(source_s / decode_s, 2) if decode_s else None,
+            "mtcnn_ms_per_frame": round(1000.0 * detect_s / detect_frames, 2) if detect_frames else None,
+            "mtcnn_frames": detect_frames, "detect_every": cfg.detect_every}
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -382,61 +343,27 @@ def markdown(report: dict) -> str:
         "`--with-flow`.",
         "## Summary",
         table(
+            ["videos", "clips", "source s", "decode-only s", "ingest s", "ingest / decode-only",
+             "batches only / decode-only", "target", "realtime x (ingest)", "realtime x (decode-only)",
+             "MTCNN ms/frame"],
             [
-                "videos",
-                "clips",
-                "source s",
-                "decode-only s",
-                "ingest s",
-                "ingest / decode-only",
-                "batches only / decode-only",
-                "target",
-                "realtime x (ingest)",
-                "realtime x (decode-only)",
-                "MTCNN ms/frame",
-            ],
-            [
-                [
-                    s["videos"],
-                    s["clips"],
-                    fmt(s["source_seconds"], 1),
-                    fmt(s["decode_only_s"]),
-                    fmt(s["ingest_s"]),
-                    f"{s['ratio_ingest_to_decode']}x",
-                    f"{s['ratio_batches_to_decode']}x",
-                    f"<= {s['target_ratio']}x",
-                    s["realtime_factor"],
-                    s["decode_only_realtime_factor"],
-                    s["mtcnn_ms_per_frame"],
-                ]
+                [s["videos"], s["clips"], fmt(s["source_seconds"], 1), fmt(s["decode_only_s"]), fmt(s["ingest_s"]),
+                 f"{s['ratio_ingest_to_decode']}x", f"{s['ratio_batches_to_decode']}x", f"<= {s['target_ratio']}x",
+                 s["realtime_factor"], s["decode_only_realtime_factor"], s["mtcnn_ms_per_frame"]]
             ],
         ),
         f"Statuses: {s['status_counts']}. Ingest phases: plan {report['ingest']['plan_s']:.2f} s, "
         f"batches {report['ingest']['batches_s']:.2f} s, finalize {report['ingest']['finalize_s']:.2f} s.",
         "## Where the ingest time goes",
-        table(
-            ["stage", "seconds", "% of ingest"],
-            [[r["stage"], fmt(r["seconds"], 3), fmt(r["percent"], 1)] for r in report["stages"]],
-        ),
+        table(["stage", "seconds", "% of ingest"],
+              [[r["stage"], fmt(r["seconds"], 3), fmt(r["percent"], 1)] for r in report["stages"]]),
         "`hash` is timed on its own (it runs inside planning); `detect` is the whole face step (MTCNN on every "
         "`detect_every`-th frame, track linking, and the crop + resize of every frame); `other` is the rest of "
         "planning, shard commit and the parquet files.",
         "## Per video",
         table(
-            [
-                "video",
-                "source",
-                "s",
-                "status",
-                "clips",
-                "decode size",
-                "decode-only s (audio+video)",
-                "ingest s",
-                "ingest / decode",
-                f"MTCNN frames (every {s['detect_every']})",
-                "detect size",
-                "MTCNN ms/frame",
-            ],
+            ["video", "source", "s", "status", "clips", "decode size", "decode-only s (audio+video)", "ingest s",
+             "ingest / decode", f"MTCNN frames (every {s['detect_every']})", "detect size", "MTCNN ms/frame"],
             [
                 [
                     r["path"],

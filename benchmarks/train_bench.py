@@ -81,12 +81,8 @@ def training_samples_per_second(cfg: PretrainConfig, steps: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - begin
-    out = {
-        "samples_per_second": cfg.batch_size * steps / seconds,
-        "seconds_per_step": seconds / steps,
-        "compiled": compiled,
-        "warm_up_seconds": warm_up,
-    }
+    out = {"samples_per_second": cfg.batch_size * steps / seconds, "seconds_per_step": seconds / steps,
+           "compiled": compiled, "warm_up_seconds": warm_up}
     if device.type == "cuda":
         out["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         flops_per_sample = 3 * av.model_info(model.cfg)["pretrain_gflops"] * 1e9  # forward + backward
@@ -111,12 +107,9 @@ def main() -> None:
     cfg = PretrainConfig(model=args.model, batch_size=args.batch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__,
-        },
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__},
         "model": args.model,
         "batch_size": args.batch_size,
         "train": training_samples_per_second(cfg, args.steps, device, compiled=args.compile),

@@ -39,57 +39,27 @@ def check(shards: str, db: str, init: str, settings: AlignConfig, **_) -> None:
 
 
 @vaemo_flow("align", check)
-def align_flow(
-    shards: str,
-    db: str,
-    init: str,
-    out: str,
-    settings: AlignConfig = AlignConfig(),
-    resume: bool = False,
-    work_dir: str = "vaemo-work",
-    tracking_cfg: TrackingConfig = TrackingConfig(),
-    parent_run_id: str | None = None,
-) -> dict:
+def align_flow(shards: str, db: str, init: str, out: str, settings: AlignConfig = AlignConfig(), resume: bool = False,
+               work_dir: str = "vaemo-work", tracking_cfg: TrackingConfig = TrackingConfig(),
+               parent_run_id: str | None = None) -> dict:
     """Align the Stage 1 model ``init`` with the captions in ``db`` (pinned tag); the aligned model lands in ``out``."""
     logger = get_run_logger()
     ingest, stage1, model = IngestFolder(shards), ModelFolder(init), ModelFolder(out)
     captions = load_captions(db, shards, settings)  # pins the tag now, so every process reads the same version
     settings = settings.model_copy(update={"caption_tag": captions.tag})
-    params = {
-        "shards": shards,
-        "db": db,
-        "init": init,
-        "out": out,
-        "resume": resume,
-        "align": settings.model_dump(mode="json"),
-        "caption_tag": captions.tag,
-        "caption_version": captions.version,
-        "text_encoder": captions.text_encoder,
-    }
+    params = {"shards": shards, "db": db, "init": init, "out": out, "resume": resume,
+              "align": settings.model_dump(mode="json"), "caption_tag": captions.tag,
+              "caption_version": captions.version, "text_encoder": captions.text_encoder}
     with gpu_stage_run("align", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
         digest = tracking.log_shards(ingest, "training")
         tracking.log_table_version("captions", captions.pinned, context="training")
         stage1_id = tracking.log_model_input(stage1, "stage1_model", "init", "stage1", Tag.STAGE1_MODEL_ID, uri)
-        logger.info(
-            "Stage 2 from %s on %d captioned clips (%s, tag %s, %d skipped: not ok), %d steps, %d process(es)",
-            init,
-            captions.counts["captions_ok"],
-            db,
-            captions.tag,
-            captions.counts["captions_skipped"],
-            settings.steps,
-            settings.processes,
-        )
+        logger.info("Stage 2 from %s on %d captioned clips (%s, tag %s, %d skipped: not ok), %d steps, %d process(es)",
+                    init, captions.counts["captions_ok"], db, captions.tag, captions.counts["captions_skipped"],
+                    settings.steps, settings.processes)
         if settings.processes > 1:
-            torchrun(
-                "vaemo.align.train",
-                settings,
-                out,
-                ["--shards", shards, "--db", db, "--init", init],
-                uri,
-                run.info.run_id,
-                resume,
-            )
+            torchrun("vaemo.align.train", settings, out, ["--shards", shards, "--db", db, "--init", init], uri,
+                     run.info.run_id, resume)
             metrics = model.metrics()
         else:
             metrics = stage2.align(Path(shards), db, Path(init), Path(out), settings, resume=resume,
@@ -102,11 +72,8 @@ def align_flow(
                 emb["table"], TableVersion(db, emb["table"], emb["tag"], emb["version"]), context="output"
             )
         log_training_files(model, ("loss", "global", "modality", "rec", "temperature", "lr"), "Stage 2")
-        tags = {
-            Tag.SHARDS_DIGEST: digest,
-            Tag.CAPTIONS_TAG: captions.tag,
-            **({Tag.STAGE1_MODEL_ID: stage1_id} if stage1_id else {}),
-        }
+        tags = {Tag.SHARDS_DIGEST: digest, Tag.CAPTIONS_TAG: captions.tag,
+                **({Tag.STAGE1_MODEL_ID: stage1_id} if stage1_id else {})}
         model_id = tracking.log_model_files("stage2", model.model_files(), tags=tags)
         model.write_record(model_id, run.info.run_id, uri)
         line = summary(metrics, out, run.info.run_id)

@@ -34,15 +34,9 @@ def check(shards: str, settings: CaptionConfig, **_) -> None:
 
 
 @vaemo_flow("caption", check)
-def caption_flow(
-    shards: str,
-    db: str,
-    settings: CaptionConfig = CaptionConfig(),
-    force: bool = False,
-    work_dir: str = "vaemo-work",
-    tracking_cfg: TrackingConfig = TrackingConfig(),
-    parent_run_id: str | None = None,
-) -> dict:
+def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig(), force: bool = False,
+                 work_dir: str = "vaemo-work", tracking_cfg: TrackingConfig = TrackingConfig(),
+                 parent_run_id: str | None = None) -> dict:
     """Describe the selected clips of an ingest folder with a multimodal LLM; rows land in ``db``."""
     logger = get_run_logger()
     ingest = IngestFolder(shards)

@@ -74,7 +74,7 @@ def _release_expired_leases(client, limit_id) -> int:
 
     A long-running Prefect server does this itself (its repossessor service). The temporary server
     a single ``vaemo`` command starts runs no services, so the next command does it here, reading
-    the lease files that all temporary servers of one work directory share (see flows/cli.py).
+    the lease files that all temporary servers of one work directory share (see flows/environment.py).
     """
     from prefect.server.concurrency.lease_storage import get_concurrency_lease_storage
     from prefect.utilities.asyncutils import run_coro_as_sync
@@ -121,25 +121,17 @@ def gpu_slot():
 
 
 @contextmanager
-def stage_run(
-    stage: str,
-    work_dir: str,
-    tracking_cfg: TrackingConfig,
-    params: dict,
-    tags: dict | None = None,
-    system_metrics: bool = False,
-):
+def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None,
+              system_metrics: bool = False):
     """One MLflow run for a stage flow, tied to the flow run by tags and by a link artifact in Prefect."""
     work = Path(work_dir)
     uri = tracking_cfg.uri(work)
     with tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
                             tags={**flow_run_tags(), **(tags or {})}, system_metrics=system_metrics) as run:
-        create_link_artifact(
-            key=f"{stage}-mlflow-run",
-            link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
-            link_text=f"MLflow run {run.info.run_id} ({stage})",
-            description=f"The {stage} stage's MLflow run",
-        )
+        create_link_artifact(key=f"{stage}-mlflow-run",
+                             link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
+                             link_text=f"MLflow run {run.info.run_id} ({stage})",
+                             description=f"The {stage} stage's MLflow run")
         yield run, uri
 
 
@@ -161,22 +153,7 @@ def torchrun(module: str, settings, out: str, args: list[str], mlflow_uri: str, 
     settings_file = ModelFolder(out).settings_file("torchrun-request")
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(settings.model_dump_json())
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={settings.processes}",
-        "-m",
-        module,
-        *args,
-        "--out",
-        out,
-        "--settings",
-        str(settings_file),
-        "--mlflow-uri",
-        mlflow_uri,
-        "--mlflow-run-id",
-        run_id,
-    ] + (["--resume"] if resume else [])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.processes}",
+               "-m", module, *args, "--out", out, "--settings", str(settings_file), "--mlflow-uri", mlflow_uri,
+               "--mlflow-run-id", run_id] + (["--resume"] if resume else [])
     subprocess.run(command, check=True)

@@ -57,31 +57,18 @@ def check(model: str, data: str, settings: EvaluateConfig, **_) -> None:
 
 
 @vaemo_flow("evaluate", check)
-def evaluate_flow(
-    model: str,
-    data: str,
-    out: str,
-    settings: EvaluateConfig = EvaluateConfig(),
-    work_dir: str = "vaemo-work",
-    tracking_cfg: TrackingConfig = TrackingConfig(),
-    parent_run_id: str | None = None,
-) -> dict:
+def evaluate_flow(model: str, data: str, out: str, settings: EvaluateConfig = EvaluateConfig(),
+                  work_dir: str = "vaemo-work", tracking_cfg: TrackingConfig = TrackingConfig(),
+                  parent_run_id: str | None = None) -> dict:
     """Evaluate a model folder on an ingest folder under a benchmark protocol; results land in ``out``."""
     logger = get_run_logger()
     prepared = prepare(Path(model), Path(data), settings)
     plan = prepared.plan
-    params = {
-        "model": model,
-        "data": data,
-        "out": out,
-        "evaluate": settings.model_dump(mode="json"),
-        "fold_rule": plan.rule,
-    }
+    params = {"model": model, "data": data, "out": out, "evaluate": settings.model_dump(mode="json"),
+              "fold_rule": plan.rule}
     tags = {Tag.PROTOCOL: settings.protocol, Tag.MODE: settings.mode, Tag.MODALITY: settings.modality}
-    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params, {**tags, **tracking.child_tags(parent_run_id)}) as (
-        run,
-        uri,
-    ):
+    with gpu_stage_run("evaluate", work_dir, tracking_cfg, params,
+                       {**tags, **tracking.child_tags(parent_run_id)}) as (run, uri):
         tracking.log_shards(IngestFolder(data), "evaluation")
         tracking.log_model_input(ModelFolder(model), "model", "model", "model", Tag.MODEL_ID, uri)
         logger.info("%s %s on %s (%s input): %s, %d labelled clips, classes %s", settings.protocol, settings.mode, data,
@@ -101,9 +88,10 @@ def evaluate_flow(
             tracking.log_history(uri, run.info.run_id, history, f"fold{fold}.")
             history.clear()
             tracking.log_metrics_flat(
-                {rule: {k: entry[rule][k] for k in ("uar", "war", "macro_f1")} for rule in ("last", "best_val")},
-                f"fold{fold}.test.",
-            )
+                                      {rule: {k: entry[rule][k] for k in ("uar", "war",
+                                                                          "macro_f1")} for rule in ("last",
+                                                                                                    "best_val")},
+                                      f"fold{fold}.test.")
             update_progress_artifact(progress, progress=100.0 * fold / folds)
             logger.info("fold %d/%d: UAR %.2f %% (best_val), %.2f %% (last)", fold, folds,
                         100 * entry["best_val"]["uar"], 100 * entry["last"]["uar"])

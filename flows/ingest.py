@@ -32,13 +32,8 @@ def ingest_batch(batch: shards.BatchSpec, out_dir: str, cfg: IngestConfig) -> di
     statuses: dict[str, int] = {}
     for video in marker["videos"]:
         statuses[video["status"]] = statuses.get(video["status"], 0) + 1
-    return {
-        "batch_id": marker["batch_id"],
-        "videos": len(marker["videos"]),
-        "clips": sum(v["n_clips"] for v in marker["videos"]),
-        "statuses": statuses,
-        "seconds": marker["seconds"],
-    }
+    return {"batch_id": marker["batch_id"], "videos": len(marker["videos"]),
+            "clips": sum(v["n_clips"] for v in marker["videos"]), "statuses": statuses, "seconds": marker["seconds"]}
 
 
 def task_runner(dask: DaskConfig) -> DaskTaskRunner:
@@ -48,12 +43,8 @@ def task_runner(dask: DaskConfig) -> DaskTaskRunner:
     # "comm closed" traceback when a worker's last message races the close; errors stay visible.
     logging.getLogger("distributed").setLevel(logging.WARNING)
     return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": dask.workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-        }
+        cluster_kwargs={"n_workers": dask.workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None}
     )
 
 
@@ -85,17 +76,9 @@ def check(source: str, dataset: str, labels: str | None, **_) -> None:
 
 
 @vaemo_flow("ingest", check)
-def ingest_flow(
-    source: str,
-    out: str,
-    dataset: str = "auto",
-    labels: str | None = None,
-    work_dir: str = "vaemo-work",
-    settings: IngestConfig = IngestConfig(),
-    tracking_cfg: TrackingConfig = TrackingConfig(),
-    workers: int = 1,
-    parent_run_id: str | None = None,
-):
+def ingest_flow(source: str, out: str, dataset: str = "auto", labels: str | None = None, work_dir: str = "vaemo-work",
+                settings: IngestConfig = IngestConfig(), tracking_cfg: TrackingConfig = TrackingConfig(),
+                workers: int = 1, parent_run_id: str | None = None):
     """Ingest a folder of videos into face + voice WebDataset shards under ``out``."""
     logger = get_run_logger()
     folder = IngestFolder(out)
@@ -105,13 +88,8 @@ def ingest_flow(
             plan = ingest_run.plan(parallelism=workers)
             if plan.removed:
                 logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
-            logger.info(
-                "%d videos found, %d already ingested, %d to process in %d batches",
-                len(plan.records),
-                plan.skipped,
-                plan.pending_videos,
-                len(plan.batches),
-            )
+            logger.info("%d videos found, %d already ingested, %d to process in %d batches", len(plan.records),
+                        plan.skipped, plan.pending_videos, len(plan.batches))
             failed = _run_batches(plan, out, settings)
             stats = ingest_run.finalize(plan, failed)
         tracking.log_metrics_flat({k: v for k, v in stats.items() if k != "last_run"})
@@ -120,11 +98,9 @@ def ingest_flow(
         tracking.log_json(settings.model_dump(), "ingest_config.json")
         tracking.log_files([folder / folder.MANIFEST, folder / folder.CLIPS])
         tracking.log_shards(folder, "output", stats["shard_set_digest"], extra_tags={"clips": str(stats["clips"])})
-        create_table_artifact(
-            key="ingest-stats",
-            table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()],
-            description="Videos per status",
-        )
+        create_table_artifact(key="ingest-stats",
+                              table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()],
+                              description="Videos per status")
         create_markdown_artifact(
             key="ingest-report", markdown=_markdown(stats, out, run.info.run_id), description="Ingest summary"
         )

@@ -76,21 +76,12 @@ def vaemo_pipeline(pipeline: str, settings: Settings) -> dict:
     try:
         with one_run_at_a_time(settings, pipeline):
             spec = settings.pipelines[pipeline]
-            runs = tracking.PipelineRuns(
-                pipeline,
-                settings.mlflow_uri(),
-                settings.tracking.experiment,
-                Path(settings.work_dir),
-                flow_run_tags(),
-                {"pipeline": pipeline, "stages": ",".join(spec.stages), "corpora": ",".join(spec.corpora)},
-            )
-            logger.info(
-                "pipeline %s: stages %s on corpora %s; MLflow parent run %s",
-                pipeline,
-                spec.stages,
-                spec.corpora,
-                runs.parent_id,
-            )
+            runs = tracking.PipelineRuns(pipeline, settings.mlflow_uri(), settings.tracking.experiment,
+                                         Path(settings.work_dir), flow_run_tags(),
+                                         {"pipeline": pipeline, "stages": ",".join(spec.stages),
+                                          "corpora": ",".join(spec.corpora)})
+            logger.info("pipeline %s: stages %s on corpora %s; MLflow parent run %s", pipeline, spec.stages,
+                        spec.corpora, runs.parent_id)
             result = run_pipeline(pipeline, settings, STAGES, _executor(settings, runs.parent_id), runs)
     except VaemoError as exc:  # a stage failed (PipelineFailed), or another run holds the lock
         return Failed(message=str(exc))

@@ -30,15 +30,9 @@ def check(shards: str, **_) -> None:
 
 
 @vaemo_flow("pretrain", check)
-def pretrain_flow(
-    shards: str,
-    out: str,
-    settings: PretrainConfig = PretrainConfig(),
-    resume: bool = False,
-    work_dir: str = "vaemo-work",
-    tracking_cfg: TrackingConfig = TrackingConfig(),
-    parent_run_id: str | None = None,
-) -> dict:
+def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConfig(), resume: bool = False,
+                  work_dir: str = "vaemo-work", tracking_cfg: TrackingConfig = TrackingConfig(),
+                  parent_run_id: str | None = None) -> dict:
     """Pre-train the unified AV encoder on an ingest folder's shards; the model lands in ``out``."""
     logger = get_run_logger()
     ingest, model = IngestFolder(shards), ModelFolder(out)

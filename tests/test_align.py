@@ -29,13 +29,8 @@ from vaemo.model import av
 
 TIMEOUT = 600
 CLIPS = 12
-FAST = {
-    "num_workers": 0,
-    "warmup_steps": 1,
-    "checkpoint_every": 100,
-    "embeddings_table": None,
-    "retrieval_before": False,
-}
+FAST = {"num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100, "embeddings_table": None,
+        "retrieval_before": False}
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +64,11 @@ def write_captions(db: Path, rows: list[dict]) -> str:
     encoder = text_encoder()
     full = []
     for row in rows:
-        row = {
-            "prompt_version": "hand-v1",
-            "model": "hand",
-            "status": "ok",
-            "text_encoder": encoder.name,
-            "emotion": "calm",
-            **row,
-        }
+        row = {"prompt_version": "hand-v1", "model": "hand", "status": "ok", "text_encoder": encoder.name,
+               "emotion": "calm", **row}
         if row["status"] == "ok":
-            for field, column in (
-                ("description", "description_vec"),
-                ("facial_cues", "facial_vec"),
-                ("vocal_cues", "vocal_vec"),
-            ):
+            for field, column in (("description", "description_vec"), ("facial_cues", "facial_vec"),
+                                  ("vocal_cues", "vocal_vec")):
                 row[column] = encoder.encode([row[field]])[0].tolist()
         full.append(row)
     with store.writer_lock(db, store.CAPTIONS):
@@ -93,20 +79,8 @@ def write_captions(db: Path, rows: list[dict]) -> str:
     return tag
 
 
-WORDS = [
-    "furious",
-    "joyful",
-    "tearful",
-    "calm",
-    "anxious",
-    "bored",
-    "surprised",
-    "disgusted",
-    "proud",
-    "shy",
-    "tense",
-    "sleepy",
-]
+WORDS = ["furious", "joyful", "tearful", "calm", "anxious", "bored", "surprised", "disgusted", "proud", "shy", "tense",
+         "sleepy"]
 
 
 def hand_rows(ids: list[str], cue_words: list[str] | None = None) -> list[dict]:
@@ -169,19 +143,8 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
 
     env = cli_env(work)
     refused = subprocess.run(
-        vaemo_command(
-            "--work-dir",
-            str(work),
-            "align",
-            "--shards",
-            str(ingested),
-            "--db",
-            str(db),
-            "--init",
-            str(tmp_path),
-            "--out",
-            str(out),
-        ),
+        vaemo_command("--work-dir", str(work), "align", "--shards", str(ingested), "--db", str(db), "--init",
+                      str(tmp_path), "--out", str(out)),
         capture_output=True,
         text=True,
         env=env,
@@ -199,23 +162,8 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
         "checkpoint_every: 6\n"
     )
     done = subprocess.run(
-        vaemo_command(
-            "--config",
-            str(config),
-            "--work-dir",
-            str(work),
-            "align",
-            "--shards",
-            str(ingested),
-            "--db",
-            str(db),
-            "--init",
-            str(init),
-            "--out",
-            str(out),
-            "--steps",
-            "12",
-        ),
+        vaemo_command("--config", str(config), "--work-dir", str(work), "align", "--shards", str(ingested), "--db",
+                      str(db), "--init", str(init), "--out", str(out), "--steps", "12"),
         capture_output=True,
         text=True,
         env=env,
@@ -264,12 +212,9 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     assert [d.dataset.name for d in outputs] == ["clip_embeddings"]
 
     found = subprocess.run(
-        vaemo_command("search", "--db", str(db), "--text", "a trembling voice and a tense face", "--k", "3"),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+                           vaemo_command("search", "--db", str(db), "--text", "a trembling voice and a tense face",
+                                         "--k", "3"),
+                           capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert found.returncode == 0, found.stderr[-3000:]
     lines = [line for line in found.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(lines) == 3 and len({line.split()[2] for line in lines}) == 3

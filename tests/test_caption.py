@@ -28,14 +28,9 @@ from vaemo.caption.run import caption
 from vaemo.caption.select import SelectionError, select_clips
 from vaemo.config import CaptionConfig
 
-GOOD = {
-    "facial_cues": "raised brows, wide eyes",
-    "vocal_cues": "high pitch, fast tempo",
-    "reasoning": "both signal arousal",
-    "emotion": "fear",
-    "intensity": "high",
-    "description": "The speaker looks and sounds frightened.",
-}
+GOOD = {"facial_cues": "raised brows, wide eyes", "vocal_cues": "high pitch, fast tempo",
+        "reasoning": "both signal arousal", "emotion": "fear", "intensity": "high",
+        "description": "The speaker looks and sounds frightened."}
 LIMITS = load_prompt("cot-v1").limits
 
 
@@ -74,12 +69,8 @@ def test_a_prompt_extends_another_and_its_digest_covers_both(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text("extends: base.yaml\nversion: c1\nlimits: {reasoning: 30}\n")
     first = load_prompt(str(child))
-    assert (first.version, first.system, first.limits["reasoning"], first.limits["description"]) == (
-        "c1",
-        "look",
-        30,
-        1000,
-    )
+    assert (first.version, first.system, first.limits["reasoning"],
+            first.limits["description"]) == ("c1", "look", 30, 1000)
     base.write_text("version: b1\nsystem: look closely\nuser: describe\nrepair: fix {reason}\n")
     second = load_prompt(str(child))
     assert second.system == "look closely" and second.digest != first.digest
@@ -87,18 +78,16 @@ def test_a_prompt_extends_another_and_its_digest_covers_both(tmp_path):
     assert bundled.user == load_prompt("cot-v1").user and set(bundled.limits.values()) == {24}
 
 
-@pytest.mark.parametrize("raw, reason", [
-    ("", "empty reply"),
-    ("I think the person is happy.", "not JSON"),
-    ("[1, 2]", "not an object"),
-    (json.dumps({**GOOD, "emotion": "Very Happy"}), "invalid emotion"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "vocal_cues"}), "invalid vocal_cues"),
-    (json.dumps({**GOOD, "extra": 1}), "invalid extra"),
-    (json.dumps({**GOOD, "intensity": "extreme"}), "invalid intensity"),
-    (json.dumps({**GOOD, "description": "sad " * 40}), "repetitive description"),
-    (json.dumps({**GOOD, "reasoning": "   "}), "invalid reasoning"),
-    (json.dumps({**GOOD, "facial_cues": "x" * 601}), "invalid facial_cues"),
-])
+@pytest.mark.parametrize("raw, reason",
+                         [("", "empty reply"), ("I think the person is happy.", "not JSON"),
+                          ("[1, 2]", "not an object"),
+                          (json.dumps({**GOOD, "emotion": "Very Happy"}), "invalid emotion"),
+                          (json.dumps({k: v for k, v in GOOD.items() if k != "vocal_cues"}), "invalid vocal_cues"),
+                          (json.dumps({**GOOD, "extra": 1}), "invalid extra"),
+                          (json.dumps({**GOOD, "intensity": "extreme"}), "invalid intensity"),
+                          (json.dumps({**GOOD, "description": "sad " * 40}), "repetitive description"),
+                          (json.dumps({**GOOD, "reasoning": "   "}), "invalid reasoning"),
+                          (json.dumps({**GOOD, "facial_cues": "x" * 601}), "invalid facial_cues")])
 def test_unusable_replies_get_a_reason(raw, reason):
     parsed = parse_reply(raw, LIMITS)
     assert parsed.description is None and reason in parsed.reason
@@ -117,11 +106,10 @@ def test_usable_replies_parse_and_are_normalised():
 # --- selection ---------------------------------------------------------------------------------
 
 def _clips(n: int = 60) -> pd.DataFrame:
-    return pd.DataFrame({
-        "clip_id": [f"clip{i:03d}" for i in range(n)], "shard": [f"s{i % 4}.tar" for i in range(n)],
-        "dataset": "crema-d", "speaker": [f"spk{i % 6}" for i in range(n)],
-        "label": [["angry", "happy", "sad"][i % 3] for i in range(n)], "fold": [i % 5 for i in range(n)],
-    })
+    return pd.DataFrame({"clip_id": [f"clip{i:03d}" for i in range(n)], "shard": [f"s{i % 4}.tar" for i in range(n)],
+                         "dataset": "crema-d", "speaker": [f"spk{i % 6}" for i in range(n)],
+                         "label": [["angry", "happy", "sad"][i % 3] for i in range(n)],
+                         "fold": [i % 5 for i in range(n)]})
 
 
 def test_selection_is_stratified_reproducible_and_stable():
@@ -155,11 +143,8 @@ def test_selection_never_touches_excluded_test_folds_or_clips(tmp_path):
 def test_one_writer_per_table(tmp_path):
     with store.writer_lock(tmp_path, "captions"):
         probe = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                f"from vaemo import store\nwith store.writer_lock({str(tmp_path)!r}, 'captions'): pass",
-            ],
+            [sys.executable, "-c",
+             f"from vaemo import store\nwith store.writer_lock({str(tmp_path)!r}, 'captions'): pass"],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parents[1],
@@ -330,17 +315,8 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     assert f"{3 - stored} described now" in done.stdout
 
     refused = subprocess.run(
-        vaemo_command(
-            "--work-dir",
-            str(work),
-            "caption",
-            "--shards",
-            str(shards),
-            "--db",
-            str(db),
-            "--model",
-            str(tmp_path / "nowhere"),
-        ),
+        vaemo_command("--work-dir", str(work), "caption", "--shards", str(shards), "--db", str(db), "--model",
+                      str(tmp_path / "nowhere")),
         env=env,
         capture_output=True,
         text=True,

@@ -38,14 +38,10 @@ def test_a_bad_argument_is_one_line_and_exit_2(shards, model_dir, tmp_path, caps
     """Refusals before any flow starts; those of a flow's inputs are tested through the command (tests/test_flow.py)."""
     nowhere = tmp_path / "nowhere"
     cases = [
-        (
-            ["embed", str(shards), "--model", str(nowhere), "--out", str(tmp_path / "e.npz")],
-            f"{nowhere} is not a model folder",
-        ),
-        (
-            ["pretrain", "--shards", str(shards), "--out", str(tmp_path / "m"), "--steps", "0"],
-            "command line: invalid configuration\n  steps: Input should be greater than or equal to 1 (got 0)",
-        ),
+        (["embed", str(shards), "--model", str(nowhere), "--out", str(tmp_path / "e.npz")],
+         f"{nowhere} is not a model folder"),
+        (["pretrain", "--shards", str(shards), "--out", str(tmp_path / "m"), "--steps", "0"],
+         "command line: invalid configuration\n  steps: Input should be greater than or equal to 1 (got 0)"),
         (["--config", str(nowhere / "p.yaml"), "run", "--pipeline", "demo"], "p.yaml: configuration file not found"),
     ]
     for args, message in cases:

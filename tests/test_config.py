@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from vaemo.config import ConfigError, IngestConfig, load_settings
+from vaemo.config import IngestConfig, load_settings
+from vaemo.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +80,21 @@ def test_schedule_is_a_five_field_cron_line(tmp_path):
     assert load_settings(write(tmp_path, base + "    schedule: '0 3 * * *'\n")).pipelines["p"].schedule == "0 3 * * *"
     with pytest.raises(ConfigError, match=r"pipelines\.p\.schedule: .*five fields"):
         load_settings(write(tmp_path, base + "    schedule: 'daily'\n"))
+
+
+def test_the_processing_digest_of_existing_ingest_folders_survives_a_renamed_setting():
+    # Ingest folders store this digest; a rename (window_seconds -> max_cut_seconds) must not change it, or every
+    # existing folder would be refused as made with other settings. The value is the digest of the defaults.
+    view = IngestConfig().digest_view()
+    assert view["window_seconds"] == 8.0 and "max_cut_seconds" not in view
+    assert IngestConfig().processing_digest() == "18e68a16f02acbf0"
+    assert IngestConfig(max_cut_seconds=6).processing_digest() != IngestConfig().processing_digest()
+
+
+def test_a_misspelt_stage_override_fails_when_the_file_loads(tmp_path):
+    path = tmp_path / "pipelines.yaml"
+    overrides = "{evaluate: {foldz: 3}}"
+    path.write_text(f"corpora: {{c: {{path: .}}}}\npipelines: {{p: {{corpora: [c], stage_overrides: {overrides}}}}}\n")
+    with pytest.raises(ConfigError, match=r"pipelines.yaml: pipelines.p.stage_overrides.evaluate: invalid configuration"
+                                          r"\n  foldz: unknown key"):
+        load_settings(path)

@@ -17,18 +17,8 @@ TIMEOUT = 600
 
 
 def start(work: Path, source: Path, config: Path) -> subprocess.Popen:
-    args = vaemo_command(
-        "--config",
-        str(config),
-        "--work-dir",
-        str(work),
-        "ingest",
-        str(source),
-        "--dataset",
-        "generic",
-        "--out",
-        str(work / "out"),
-    )
+    args = vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset",
+                         "generic", "--out", str(work / "out"))
     # A session of its own, so the kill reaches the Dask workers and the Prefect server too.
     log_path = work.parent / f"run-{time.monotonic_ns()}.log"  # read when a run ends early
     with open(log_path, "w") as log:
@@ -66,25 +56,13 @@ def test_killed_runs_resume_without_losing_or_duplicating_clips(corpus, bad_case
     assert committed >= 1 and not (out / "manifest.parquet").exists()
 
     # Kill 2: while a batch is being written (a shard under .tmp), after at least one more commit.
-    kill_when(
-        start(work, source, config),
-        lambda: len(list((out / "batches").glob("*.json"))) > committed and any((out / ".tmp").glob("*/*.tar")),
-        "a shard in progress",
-    )
+    kill_when(start(work, source, config),
+              lambda: len(list((out / "batches").glob("*.json"))) > committed and any((out / ".tmp").glob("*/*.tar")),
+              "a shard in progress")
 
     final = subprocess.run(
-        vaemo_command(
-            "--config",
-            str(config),
-            "--work-dir",
-            str(work),
-            "ingest",
-            str(source),
-            "--dataset",
-            "generic",
-            "--out",
-            str(out),
-        ),
+        vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", "generic",
+                      "--out", str(out)),
         env=cli_env(work),
         capture_output=True,
         text=True,

@@ -51,12 +51,8 @@ def clip_sample(key: str, frames: np.ndarray, audio: np.ndarray, fps: float = 25
         media.encode_video(frames, fps, 18, "veryfast", out, 60)
         video = out.read_bytes()
     meta = {"clip_id": key, "fps": fps, "frames": len(frames), "start": 0.0, "end": len(frames) / fps}
-    return {
-        "__key__": key,
-        "mp4": video,
-        "flac": media.encode_audio(audio, 16000, "flac", 60),
-        "json": json.dumps(meta).encode(),
-    }
+    return {"__key__": key, "mp4": video, "flac": media.encode_audio(audio, 16000, "flac", 60),
+            "json": json.dumps(meta).encode()}
 
 
 # --- shard listing and configuration -------------------------------------------------------------
@@ -153,10 +149,8 @@ def test_fbank_normalisation_matches_the_formula(raw):
     audio = decode_audio(sample["flac"], 16000)
     window = choose_window(n, fps, CFG, None)
     wave = torch.from_numpy(window_waveform(audio, window, n, fps, 16000))[None]
-    reference = kaldi.fbank(
-        wave, htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-        num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25, snip_edges=False,
-    )
+    reference = kaldi.fbank(wave, htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                            num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25, snip_edges=False)
     assert reference.shape == (256, 128)
     hicmae = load_sample(sample, CFG, train=False)["audio"]
     torch.testing.assert_close(hicmae, (reference + 4.2677393) / (2 * 4.5689974))
@@ -192,18 +186,10 @@ def test_short_clips_loop_both_modalities_instead_of_zero_padding(raw):
 def test_corrupt_samples_are_skipped_counted_and_never_swapped(raw, tmp_path):
     good, other = raw[0], raw[1]
     bad = [
-        {
-            **other,
-            "__key__": "bad_mp4",
-            "mp4": b"\x00garbage" * 100,
-            "json": json.dumps({"clip_id": "bad_mp4"}).encode(),
-        },
-        {
-            **other,
-            "__key__": "bad_flac",
-            "flac": b"fLaC-not-really" * 10,
-            "json": json.dumps({"clip_id": "bad_flac"}).encode(),
-        },
+        {**other, "__key__": "bad_mp4", "mp4": b"\x00garbage" * 100,
+         "json": json.dumps({"clip_id": "bad_mp4"}).encode()},
+        {**other, "__key__": "bad_flac", "flac": b"fLaC-not-really" * 10,
+         "json": json.dumps({"clip_id": "bad_flac"}).encode()},
         {**other, "__key__": "bad_json", "json": b"{not json"},
         {**other, "__key__": "wrong_json"},  # its json names another clip
     ]

@@ -441,19 +441,11 @@ def test_prefect_database_url_matches_postgres():
     url = urlsplit(environment(services()["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"])
     assert url.scheme == "postgresql+asyncpg"
     assert (url.hostname, url.port) == ("postgres", listen_port("postgres"))
-    assert (url.username, url.password, url.path.lstrip("/")) == (
-        pg["POSTGRES_USER"],
-        pg["POSTGRES_PASSWORD"],
-        pg["POSTGRES_DB"],
-    )
+    assert (url.username, url.password,
+            url.path.lstrip("/")) == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
     check = as_list(services()["postgres"]["healthcheck"]["test"])
-    assert check[0] == "CMD-SHELL" and shlex.split(check[1]) == [
-        "pg_isready",
-        "-U",
-        pg["POSTGRES_USER"],
-        "-d",
-        pg["POSTGRES_DB"],
-    ]
+    assert check[0] == "CMD-SHELL" and shlex.split(check[1]) == ["pg_isready", "-U", pg["POSTGRES_USER"], "-d",
+                                                                 pg["POSTGRES_DB"]]
 
 
 def test_prefect_settings_and_server_options_exist_in_the_installed_prefect(monkeypatch):
@@ -706,19 +698,9 @@ def test_gpu_image_can_compile_triton_launchers():
 # === .dockerignore ================================================================================
 
 def test_dockerignore_keeps_environments_outputs_and_data_out():
-    for path in (
-        ".git/HEAD",
-        ".venv/bin/python",
-        "vaemo-work/mlflow.db",
-        "vaemo-work/demo-media/s1_happy_1.mp4",
-        "vaemo/__pycache__/config.cpython-311.pyc",
-        "mlruns/0/meta.yaml",
-        "vaemo-work/mlartifacts/1/a.txt",
-        "results.db",
-        ".pytest_cache/v/x",
-        "vaemo.egg-info/PKG-INFO",
-        "build/lib/x.py",
-    ):
+    for path in (".git/HEAD", ".venv/bin/python", "vaemo-work/mlflow.db", "vaemo-work/demo-media/s1_happy_1.mp4",
+                 "vaemo/__pycache__/config.cpython-311.pyc", "mlruns/0/meta.yaml", "vaemo-work/mlartifacts/1/a.txt",
+                 "results.db", ".pytest_cache/v/x", "vaemo.egg-info/PKG-INFO", "build/lib/x.py"):
         assert dockerignored(path), f".dockerignore lets {path} into the build context"
     for path in ("vaemo/config.py", "flows/cli.py", "pyproject.toml", "pipelines.yaml", "scripts/install-llm.sh"):
         assert not dockerignored(path), path

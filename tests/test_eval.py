@@ -71,25 +71,16 @@ def test_official_crema_d_folds_and_stratified_folds_without_speakers(tmp_path):
 
     actors = [1001, 1010, 1019, 1030, 1037, 1050, 1056, 1070, 1075, 1091]
     rows = [
-        {
-            "label": emotion,
-            "speaker": str(actor),
-            "fold": fold_of(actor),
-            "dataset": "crema-d",
-            "source": f"VideoFlash/{actor}_DFA_{code}_XX.flv",
-        }
+        {"label": emotion, "speaker": str(actor), "fold": fold_of(actor), "dataset": "crema-d",
+         "source": f"VideoFlash/{actor}_DFA_{code}_XX.flv"}
         for actor in actors
         for code, emotion in EMOTIONS.items()
     ]
     plan = make_folds(fake_ingest(tmp_path / "crema", rows), "crema-d")
     assert plan.official and plan.classes == list(EMOTIONS.values())
-    assert [sorted(speakers_of(plan, f.test)) for f in plan.folds] == [
-        ["1001", "1010"],
-        ["1019", "1030"],
-        ["1037", "1050"],
-        ["1056", "1070"],
-        ["1075", "1091"],
-    ]
+    assert [sorted(speakers_of(plan,
+                               f.test)) for f in plan.folds] == [["1001", "1010"], ["1019", "1030"], ["1037", "1050"],
+                                                                 ["1056", "1070"], ["1075", "1091"]]
     assert all(not speakers_of(plan, f.test) & speakers_of(plan, f.train + f.val) for f in plan.folds)
     custom = make_folds(tmp_path / "crema", "crema-d", folds=2)
     assert not custom.official and len(custom.folds) == 2
@@ -126,23 +117,8 @@ def test_too_small_sets_get_a_clear_error_with_counts(tmp_path):
 
     model = av.save(av.AVMAE(av.config_for("tiny")), tmp_path / "model")
     done = subprocess.run(
-        vaemo_command(
-            "--work-dir",
-            str(tmp_path / "work"),
-            "evaluate",
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--protocol",
-            "crema-d",
-            "--mode",
-            "probe",
-            "--out",
-            str(tmp_path / "out"),
-            "--folds",
-            "2",
-        ),
+        vaemo_command("--work-dir", str(tmp_path / "work"), "evaluate", "--model", str(model), "--data", str(data),
+                      "--protocol", "crema-d", "--mode", "probe", "--out", str(tmp_path / "out"), "--folds", "2"),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -210,11 +186,8 @@ def labelled(tmp_path_factory) -> tuple[Path, Path]:
         stats = run.finalize(plan)
     assert stats["status_counts"] == {"ok": 3 * SPEAKERS * CLIPS_PER_CLASS}
     model = tmp_path_factory.mktemp("labelled-model")
-    pretrain(
-        ingest_dir,
-        model,
-        PretrainConfig(steps=5, batch_size=4, num_workers=0, warmup_steps=1, eval_clips=4, checkpoint_every=100),
-    )
+    pretrain(ingest_dir, model,
+             PretrainConfig(steps=5, batch_size=4, num_workers=0, warmup_steps=1, eval_clips=4, checkpoint_every=100))
     return ingest_dir, model
 
 
@@ -224,25 +197,9 @@ def test_probe_on_trained_features_beats_chance_through_the_cli(labelled, tmp_pa
     config = tmp_path / "pipelines.yaml"
     config.write_text("stages:\n  evaluate:\n    probe: {epochs: 40}\n")
     done = subprocess.run(
-        vaemo_command(
-            "--config",
-            str(config),
-            "--work-dir",
-            str(work),
-            "evaluate",
-            "--model",
-            str(model),
-            "--data",
-            str(ingest_dir),
-            "--protocol",
-            "generic",
-            "--mode",
-            "probe",
-            "--out",
-            str(out),
-            "--folds",
-            str(SPEAKERS),
-        ),
+        vaemo_command("--config", str(config), "--work-dir", str(work), "evaluate", "--model", str(model), "--data",
+                      str(ingest_dir), "--protocol", "generic", "--mode", "probe", "--out", str(out), "--folds",
+                      str(SPEAKERS)),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

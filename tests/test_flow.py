@@ -19,13 +19,8 @@ TIMEOUT = 600
 
 
 def vaemo(work: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        vaemo_command("--work-dir", str(work), *args),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env or cli_env(work),
-    )
+    return subprocess.run(vaemo_command("--work-dir", str(work), *args), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env or cli_env(work))
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +77,13 @@ def test_bad_arguments_get_a_message_not_a_traceback(tmp_path, source):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no videos here")
-    for args, expected in [
-        (["ingest", str(empty), "--out", str(tmp_path / "o")], "no video"),
-        (["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
-        (["--config", str(tmp_path / "nope.yaml"), "ingest", str(empty), "--out", str(tmp_path / "o")], "not found"),
-        (["serve", "--config", str(ROOT / "pipelines.yaml")], "needs a running prefect server"),
-    ]:
+    for args, expected in [(["ingest", str(empty), "--out", str(tmp_path / "o")], "no video"),
+                           (["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "does not exist"),
+                           (
+                            ["--config", str(tmp_path / "nope.yaml"), "ingest", str(empty), "--out",
+                             str(tmp_path / "o")],
+                            "not found"),
+                           (["serve", "--config", str(ROOT / "pipelines.yaml")], "needs a running prefect server")]:
         done = vaemo(work, *args)
         assert done.returncode == 2 and expected in done.stderr.lower(), done.stderr
         assert "Traceback" not in done.stderr
@@ -116,18 +112,8 @@ def test_ingest_on_an_existing_dask_cluster(source, tmp_path, monkeypatch):
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             with Client(cluster) as client:
                 worker_pids = set(client.run(os.getpid).values())
-                done = vaemo(
-                    work,
-                    "ingest",
-                    str(source),
-                    "--dataset",
-                    "generic",
-                    "--out",
-                    str(work / "out"),
-                    "--dask-address",
-                    cluster.scheduler_address,
-                    env=env,
-                )
+                done = vaemo(work, "ingest", str(source), "--dataset", "generic", "--out", str(work / "out"),
+                             "--dask-address", cluster.scheduler_address, env=env)
     finally:
         server.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

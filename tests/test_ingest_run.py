@@ -53,18 +53,8 @@ def test_shards_manifest_and_stats(source, tmp_path):
         assert {"mp4", "flac", "json"} <= set(sample)
         meta = json.loads(sample["json"])
         assert sample["__key__"] == meta["clip_id"] and meta["video_id"] in set(manifest["video_id"])
-        for key in (
-            "dataset",
-            "source",
-            "start",
-            "end",
-            "fps",
-            "face_prob_mean",
-            "speech_ratio",
-            "label",
-            "speaker",
-            "fold",
-        ):
+        for key in ("dataset", "source", "start", "end", "fps", "face_prob_mean", "speech_ratio", "label", "speaker",
+                    "fold"):
             assert key in meta
     clips = pd.read_parquet(out / "clips.parquet")
     assert sorted(clips["clip_id"]) == sorted(s["__key__"] for s in found)

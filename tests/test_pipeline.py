@@ -36,38 +36,17 @@ def write_config(
         "corpora": {"labelled": {"path": str(source), "dataset": "generic", "labels": str(labels)}},
         "stages": {
             "ingest": {"videos_per_batch": 12},
-            "pretrain": {
-                "steps": 2,
-                "batch_size": 4,
-                "num_workers": 0,
-                "warmup_steps": 1,
-                "eval_clips": 4,
-                "checkpoint_every": 100,
-            },
-            "caption": {
-                "engine": "vllm",
-                "model": str(tiny_mllm),
-                "prompt": str(short_prompt),
-                "count": 4,
-                "sampling": {"max_tokens": 256},
-            },
-            "align": {
-                "steps": 2,
-                "batch_size": 2,
-                "num_workers": 0,
-                "warmup_steps": 1,
-                "checkpoint_every": 100,
-                "embeddings_table": None,
-                "retrieval_before": False,
-            },
+            "pretrain": {"steps": 2, "batch_size": 4, "num_workers": 0, "warmup_steps": 1, "eval_clips": 4,
+                         "checkpoint_every": 100},
+            "caption": {"engine": "vllm", "model": str(tiny_mllm), "prompt": str(short_prompt), "count": 4,
+                        "sampling": {"max_tokens": 256}},
+            "align": {"steps": 2, "batch_size": 2, "num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100,
+                      "embeddings_table": None, "retrieval_before": False},
             "evaluate": {"tsne_clips": 0, "probe": {"epochs": 5}},
         },
         "pipelines": {
-            "full": {
-                "corpora": ["labelled"],
-                "stages": ["ingest", "pretrain", "caption", "align", "evaluate"],
-                "stage_overrides": {"evaluate": {"folds": folds}},
-            }
+            "full": {"corpora": ["labelled"], "stages": ["ingest", "pretrain", "caption", "align", "evaluate"],
+                     "stage_overrides": {"evaluate": {"folds": folds}}}
         },
     }
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -75,13 +54,8 @@ def write_config(
 
 
 def run_pipeline(config: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        vaemo_command("run", "--config", str(config), "--pipeline", "full"),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+    return subprocess.run(vaemo_command("run", "--config", str(config), "--pipeline", "full"), capture_output=True,
+                          text=True, env=env, timeout=TIMEOUT)
 
 
 def children(client: mlflow.MlflowClient, parent: str) -> dict[str, mlflow.entities.Run]:
@@ -158,13 +132,8 @@ def test_pipeline_fails_resumes_skips_and_walks_lineage(labelled_source, tiny_ml
     captions_tag = json.loads((root / "captions-db" / "stage.json").read_text())["result"]["tag"]
     stage1_id = runs["pretrain"].data.tags["vaemo.output.model.stage1"]
     for run_id in (second["evaluate"].info.run_id, third["evaluate"].info.run_id):
-        shown = subprocess.run(
-            vaemo_command("--work-dir", str(work), "lineage", run_id),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=120,
-        )
+        shown = subprocess.run(vaemo_command("--work-dir", str(work), "lineage", run_id), capture_output=True,
+                               text=True, env=env, timeout=120)
         assert shown.returncode == 0, shown.stdout[-3000:] + shown.stderr[-3000:]
         out = shown.stdout
         assert shard_digest in out and captions_tag in out and stage1_id in out, out

@@ -27,18 +27,8 @@ def settings_file(tmp_path: Path, **values) -> Path:
 
 
 def stage1(shards: Path, out: Path, settings: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "vaemo.train.pretrain",
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        "--settings",
-        str(settings),
-        *extra,
-    ]
+    return [sys.executable, "-m", "vaemo.train.pretrain", "--shards", str(shards), "--out", str(out), "--settings",
+            str(settings), *extra]
 
 
 def step_log(out: Path) -> dict[int, dict]:
@@ -52,21 +42,8 @@ def test_pretrain_command_trains_and_tracks(shards, tmp_path):
         "stages:\n  pretrain:\n    batch_size: 2\n    num_workers: 1\n    checkpoint_every: 2\n    warmup_steps: 1\n"
     )
     done = subprocess.run(
-        vaemo_command(
-            "--config",
-            str(config),
-            "--work-dir",
-            str(work),
-            "pretrain",
-            "--shards",
-            str(shards),
-            "--preset",
-            "tiny",
-            "--out",
-            str(out),
-            "--steps",
-            "4",
-        ),
+        vaemo_command("--config", str(config), "--work-dir", str(work), "pretrain", "--shards", str(shards), "--preset",
+                      "tiny", "--out", str(out), "--steps", "4"),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -141,13 +118,8 @@ def test_two_process_ddp_shards_data_and_agrees_on_weights(shards, tmp_path):
 
 
 def test_model_info_and_embeddings(shards, corpus, tmp_path):
-    info = subprocess.run(
-        vaemo_command("model-info", "--preset", "base"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=cli_env(tmp_path),
-    )
+    info = subprocess.run(vaemo_command("model-info", "--preset", "base"), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=cli_env(tmp_path))
     assert info.returncode == 0 and "params.total" in info.stdout and "pretrain_gflops" in info.stdout
     total = int(next(line for line in info.stdout.splitlines() if "params.total" in line).split()[-1].replace(",", ""))
     assert total <= 40_000_000
@@ -166,12 +138,9 @@ def test_model_info_and_embeddings(shards, corpus, tmp_path):
     video = sorted(corpus.glob("*.mp4"))[0]
     out = tmp_path / "emb.npz"
     done = subprocess.run(
-        vaemo_command("embed", str(video), "--model", str(model_dir), "--out", str(out), "--modality", "video"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=cli_env(tmp_path),
-    )
+                          vaemo_command("embed", str(video), "--model", str(model_dir), "--out", str(out), "--modality",
+                                        "video"),
+                          capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     saved = np.load(out)
     assert saved["embedding"].shape == (len(saved["clip_id"]), 128) and len(saved["clip_id"]) >= 1

@@ -95,13 +95,8 @@ def test_every_stage_runs_once_then_a_rerun_skips_them_all(tmp_path):
     dirs = layout(cfg.work_dir, "p")
     markers = {
         label: read_marker(path)
-        for label, path in (
-            ("ingest:c", dirs["corpora"] / "c"),
-            ("pretrain", dirs["pretrain"]),
-            ("caption", dirs["caption"]),
-            ("align", dirs["align"]),
-            ("evaluate", dirs["evaluate"]),
-        )
+        for label, path in (("ingest:c", dirs["corpora"] / "c"), ("pretrain", dirs["pretrain"]),
+                            ("caption", dirs["caption"]), ("align", dirs["align"]), ("evaluate", dirs["evaluate"]))
     }
     assert all(m["state"] == "done" for m in markers.values())
     assert markers["caption"]["result"] == {"tag": "caption-run-3", "version": 3, "table": "captions"}
@@ -145,13 +140,8 @@ def test_a_failed_step_keeps_earlier_markers_and_the_rerun_resumes_from_its_chec
     assert not (dirs["caption"]).exists(), "no later stage ran"
 
     result = run_pipeline("p", cfg, STAGES, run, Recorder())
-    assert run.calls[1:] == [
-        ("pretrain", False),
-        ("pretrain", True),
-        ("caption", False),
-        ("align", False),
-        ("evaluate", False),
-    ]
+    assert run.calls[1:] == [("pretrain", False), ("pretrain", True), ("caption", False), ("align", False),
+                             ("evaluate", False)]
     assert result["skipped"] == ["ingest:c"]
 
 

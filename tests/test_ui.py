@@ -34,12 +34,9 @@ def free_port() -> int:
 
 def http_json(url: str, body: dict | None = None) -> dict | list:
     """GET or POST JSON; a busy server's 429/502/503 is retried, as Prefect's own client does."""
-    request = urllib.request.Request(
-        url,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
     for attempt in range(6):
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -58,14 +55,8 @@ def answers(url: str) -> bool:
         return False
 
 
-def wait_for(
-    check,
-    what: str,
-    timeout: float = TIMEOUT,
-    every: float = 2.0,
-    alive: subprocess.Popen | None = None,
-    log: Path | None = None,
-):
+def wait_for(check, what: str, timeout: float = TIMEOUT, every: float = 2.0, alive: subprocess.Popen | None = None,
+             log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -97,16 +88,8 @@ def write_config(path: Path, work: Path, source: Path, mlflow_port: int | None =
 
 def chromium(*args: str) -> str:
     done = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--hide-scrollbars",
-            "--window-size=1400,900",
-            "--virtual-time-budget=20000",
-            *args,
-        ],
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,900",
+         "--virtual-time-budget=20000", *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -154,13 +137,9 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
         wait_for(lambda: "MLflow UI" in ui_log.read_text(), "vaemo ui", alive=ui, log=ui_log)
         assert answers(f"{prefect}/api/health") and answers(f"{mlflow}/health")
         with open(serve_log, "w") as log:
-            serve = subprocess.Popen(
-                vaemo_command("serve", "--config", str(config)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**env, "PREFECT_API_URL": f"{prefect}/api"},
-                start_new_session=True,
-            )
+            serve = subprocess.Popen(vaemo_command("serve", "--config", str(config)), stdout=log,
+                                     stderr=subprocess.STDOUT, env={**env, "PREFECT_API_URL": f"{prefect}/api"},
+                                     start_new_session=True)
         found = wait_for(
             lambda: (
                 (d := {d["name"]: d for d in http_json(f"{prefect}/api/deployments/filter", {})}) and len(d) == 2 and d
@@ -219,17 +198,15 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
             assert f"{mlflow}/#/experiments/{experiment}/runs/{run_id}" in links, (stage, links)
 
         # the new-corpus deployment: the tiny pipeline on a folder that pipelines.yaml does not name
-        run_to_the_end(
-            found["new-corpus"],
-            {"pipeline": "tiny", "corpus_name": "more", "corpus": {"path": str(corpus), "dataset": "generic"}},
-        )
+        run_to_the_end(found["new-corpus"],
+                       {"pipeline": "tiny", "corpus_name": "more",
+                        "corpus": {"path": str(corpus), "dataset": "generic"}})
         more = wait_for(
             lambda: [
                 r
-                for r in http_json(
-                    f"{mlflow}/api/2.0/mlflow/runs/search",
-                    {"experiment_ids": [experiment], "filter": "tags.`vaemo.pipeline` = 'tiny@more'"},
-                ).get("runs", [])
+                for r in http_json(f"{mlflow}/api/2.0/mlflow/runs/search",
+                                   {"experiment_ids": [experiment],
+                                    "filter": "tags.`vaemo.pipeline` = 'tiny@more'"}).get("runs", [])
             ],
             "the new corpus's MLflow run",
             timeout=30,

@@ -124,12 +124,8 @@ class IngestFolder(_Folder):
             listed = {s["name"] for m in markers for s in m["shards"]}
             orphans = [p.name for p in shards if p.name not in listed]
             if orphans:
-                log.warning(
-                    "%d shard(s) in %s belong to no committed batch and are left out: %s",
-                    len(orphans),
-                    self.path,
-                    ", ".join(orphans[:5]),
-                )
+                log.warning("%d shard(s) in %s belong to no committed batch and are left out: %s", len(orphans),
+                            self.path, ", ".join(orphans[:5]))
             shards = [p for p in shards if p.name in listed]
             if not shards:
                 raise ArtifactError(f"no committed shards in {self.shards_dir}")

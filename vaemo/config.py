@@ -347,11 +347,8 @@ class AlignConfig(TrainConfig):
         description="None: the encoder that embedded the captions (vectors cached in the table); "
         "another one re-embeds once",
     )
-    prompt_templates: list[str] = Field(
-        DEFAULT_PROMPT_TEMPLATES,
-        min_length=1,
-        description="zero-shot class prompts, averaged per label; {label} is replaced",
-    )
+    prompt_templates: list[str] = Field(DEFAULT_PROMPT_TEMPLATES, min_length=1,
+                                        description="zero-shot class prompts, averaged per label; {label} is replaced")
     video_mask_ratio: float | None = Field(
         None,
         ge=0,

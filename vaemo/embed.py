@@ -36,20 +36,14 @@ def _file_batches(path: Path, data: DataConfig, ingest: IngestConfig, batch_size
     if outcome.status != "ok":
         raise MediaError(outcome.status, f"{path}: no clip to embed ({outcome.status}: {outcome.reason})")
     samples = [
-        load_sample(
-            {"__key__": c.clip_id, "mp4": c.video, ingest.audio_format: c.audio, "json": json.dumps(c.meta)},
-            data,
-            train=False,
-        )
+        load_sample({"__key__": c.clip_id, "mp4": c.video, ingest.audio_format: c.audio, "json": json.dumps(c.meta)},
+                    data, train=False)
         for c in outcome.clips
     ]
     for begin in range(0, len(samples), batch_size):
         chunk = samples[begin : begin + batch_size]
-        yield {
-            "video": torch.stack([s["video"] for s in chunk]),
-            "audio": torch.stack([s["audio"] for s in chunk]),
-            "clip_id": [s["clip_id"] for s in chunk],
-        }
+        yield {"video": torch.stack([s["video"] for s in chunk]), "audio": torch.stack([s["audio"] for s in chunk]),
+               "clip_id": [s["clip_id"] for s in chunk]}
 
 
 def _counted(batches, bar) -> Iterator[dict]:

@@ -42,12 +42,9 @@ def _input_tags(dataset_input) -> dict[str, str]:
 
 def _producer_by_tag(client: mlflow.MlflowClient, experiment_ids: list[str], key: str, value: str) -> str | None:
     """The oldest finished, not-skipped run whose tag ``key`` is ``value`` (the run that made that output)."""
-    runs = client.search_runs(
-        experiment_ids,
-        filter_string=f"tags.`{key}` = '{value}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-        max_results=50,
-    )
+    runs = client.search_runs(experiment_ids,
+                              filter_string=f"tags.`{key}` = '{value}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=50)
     runs = [r for r in runs if r.data.tags.get(Tag.SKIPPED) != "true"]
     return runs[0].info.run_id if runs else None
 
@@ -57,11 +54,8 @@ def _model_link(client: mlflow.MlflowClient, name: str, context: str, model_id: 
         model = client.get_logged_model(model_id)
     except MlflowException:
         return Link(name, context, digest, {"model_id": model_id, "note": "logged model not in this store"})
-    detail = {
-        "model_id": model_id,
-        "logged_model": model.name,
-        **{k: v for k, v in model.tags.items() if k.startswith(Tag.PREFIX)},
-    }
+    detail = {"model_id": model_id, "logged_model": model.name,
+              **{k: v for k, v in model.tags.items() if k.startswith(Tag.PREFIX)}}
     return Link(name, context, digest, detail, producer=model.source_run_id)
 
 

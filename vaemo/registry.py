@@ -45,36 +45,26 @@ class Registry:
 
 # Dataset adapters: a module with ``scan(root, labels)``; ``is_named_like(path)`` when file names
 # identify the dataset, ``marks_splits(folder)`` when its split files do (see vaemo.ingest.adapters).
-DATASETS = Registry("dataset", {
-    "generic": "vaemo.ingest.adapters.generic",
-    "ravdess": "vaemo.ingest.adapters.ravdess",
-    "crema-d": "vaemo.ingest.adapters.cremad",
-    "mafw": "vaemo.ingest.adapters.mafw",
-    "dfew": "vaemo.ingest.adapters.dfew",
-    "voxceleb2": "vaemo.ingest.adapters.voxceleb2",
-})
+DATASETS = Registry("dataset",
+                    {"generic": "vaemo.ingest.adapters.generic", "ravdess": "vaemo.ingest.adapters.ravdess",
+                     "crema-d": "vaemo.ingest.adapters.cremad", "mafw": "vaemo.ingest.adapters.mafw",
+                     "dfew": "vaemo.ingest.adapters.dfew", "voxceleb2": "vaemo.ingest.adapters.voxceleb2"})
 
 # Benchmark protocols: classes and folds (vaemo.eval.protocols.Protocol).
-PROTOCOLS = Registry("protocol", {
-    "crema-d": "vaemo.eval.protocols:CREMA_D",
-    "mafw": "vaemo.eval.protocols:MAFW",
-    "ravdess": "vaemo.eval.protocols:RAVDESS",
-    "dfew": "vaemo.eval.protocols:DFEW",
-    "generic": "vaemo.eval.protocols:GENERIC",
-})
+PROTOCOLS = Registry("protocol",
+                     {"crema-d": "vaemo.eval.protocols:CREMA_D", "mafw": "vaemo.eval.protocols:MAFW",
+                      "ravdess": "vaemo.eval.protocols:RAVDESS", "dfew": "vaemo.eval.protocols:DFEW",
+                      "generic": "vaemo.eval.protocols:GENERIC"})
 
 # Stage 1 model sizes (vaemo.model.av.AVConfig).
-MODEL_PRESETS = Registry("model preset", {
-    "tiny": "vaemo.model.av:TINY",
-    "small": "vaemo.model.av:SMALL",
-    "base": "vaemo.model.av:BASE",
-})
+MODEL_PRESETS = Registry("model preset",
+                         {"tiny": "vaemo.model.av:TINY", "small": "vaemo.model.av:SMALL",
+                          "base": "vaemo.model.av:BASE"})
 
 # Captioning engines (classes implementing vaemo.caption.engines.CaptionEngine).
-ENGINES = Registry("captioning engine", {
-    "vllm": "vaemo.caption.engines:VLLMEngine",
-    "transformers": "vaemo.caption.engines:TransformersEngine",
-})
+ENGINES = Registry("captioning engine",
+                   {"vllm": "vaemo.caption.engines:VLLMEngine",
+                    "transformers": "vaemo.caption.engines:TransformersEngine"})
 
 # Inputs a clip can be embedded or classified from: the name, and the key of AVMAE.encode's output it reads.
 MODALITIES = {"av": "joint", "video": "video", "audio": "audio"}

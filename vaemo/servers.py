@@ -45,14 +45,9 @@ class Server:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
-                start_new_session=True,
-            )
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
+                                            start_new_session=True)
 
     def healthy(self) -> bool:
         try:
@@ -105,18 +100,8 @@ def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int,
             host,
             prefect_port,
             "/api/health",
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                host,
-                "--port",
-                str(prefect_port),
-                "--analytics-off",
-            ],
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(prefect_port),
+             "--analytics-off"],
             logs / "prefect-server.log",
             # the browser UI asks this address for its data; by default it assumes port 4200
             {"PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api"},
@@ -126,22 +111,8 @@ def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int,
             host,
             mlflow_port,
             "/health",
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--backend-store-uri",
-                mlflow_uri,
-                "--default-artifact-root",
-                artifacts,
-                "--host",
-                host,
-                "--port",
-                str(mlflow_port),
-                "--workers",
-                "1",
-            ],
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow_uri, "--default-artifact-root",
+             artifacts, "--host", host, "--port", str(mlflow_port), "--workers", "1"],
             logs / "mlflow-server.log",
         ),
     ]
@@ -202,10 +173,8 @@ def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int |
         while all(server.running() for server in servers):
             time.sleep(1)
         stopped = next(server for server in servers if not server.running())
-        print(
-            f"vaemo: error: the {stopped.name} server stopped (log {stopped.log}):\n{stopped.log_tail()}",
-            file=sys.stderr,
-        )
+        print(f"vaemo: error: the {stopped.name} server stopped (log {stopped.log}):\n{stopped.log_tail()}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vaemo: stopping the servers", flush=True)

@@ -91,16 +91,8 @@ def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
 
 
 @contextmanager
-def stage_run(
-    stage: str,
-    *,
-    tracking_uri: str,
-    experiment: str,
-    work_dir: Path,
-    params: dict | None = None,
-    tags: dict | None = None,
-    system_metrics: bool = False,
-):
+def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None,
+              tags: dict | None = None, system_metrics: bool = False):
     """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag."""
     experiment_id = configure(tracking_uri, experiment, work_dir)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={Tag.STAGE: stage, **(tags or {})},
@@ -146,11 +138,8 @@ def log_table_version(name: str, pinned: TableVersion, context: str) -> None:
         Path(pinned.db),
         pinned.digest,
         context=context,
-        extra_tags={
-            Tag.LANCEDB_TABLE: pinned.table,
-            Tag.LANCEDB_TAG: pinned.tag,
-            Tag.LANCEDB_VERSION: str(pinned.version),
-        },
+        extra_tags={Tag.LANCEDB_TABLE: pinned.table, Tag.LANCEDB_TAG: pinned.tag,
+                    Tag.LANCEDB_VERSION: str(pinned.version)},
     )
 
 
@@ -286,12 +275,9 @@ class PipelineRuns:
             lineage = {k: v for k, v in source.items() if k.startswith((Tag.OUTPUT, Tag.INPUT))}
         except MlflowException:  # the store may have lost the old run; the skip still stands
             lineage = {}
-        run_id = self._child(
-            step.label,
-            step.stage,
-            {Tag.SKIPPED: "true", Tag.REUSED_RUN: reused, Tag.KEY: marker["key"], **lineage},
-            "FINISHED",
-        )
+        run_id = self._child(step.label, step.stage,
+                             {Tag.SKIPPED: "true", Tag.REUSED_RUN: reused, Tag.KEY: marker["key"], **lineage},
+                             "FINISHED")
         return {**marker.get("result", {}), "mlflow_run_id": run_id}
 
     def done(self, label: str, result: dict) -> None:

@@ -26,17 +26,8 @@ from vaemo.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 FIELDS = {"description": "description_vec", "facial_cues": "facial_vec", "vocal_cues": "vocal_vec"}
-COLUMNS = [
-    "clip_id",
-    "prompt_version",
-    "model",
-    "status",
-    "reason",
-    "text_encoder",
-    "emotion",
-    *FIELDS,
-    *FIELDS.values(),
-]
+COLUMNS = ["clip_id", "prompt_version", "model", "status", "reason", "text_encoder", "emotion", *FIELDS,
+           *FIELDS.values()]
 
 
 class AlignDataError(ArtifactError):
@@ -66,16 +57,9 @@ class CaptionSet:
         return TableVersion(self.db, self.table, self.tag, self.version)
 
     def summary(self) -> dict:
-        return {
-            "db": self.db,
-            "table": self.table,
-            "tag": self.tag,
-            "version": self.version,
-            "prompt_version": self.prompt_version,
-            "model": self.model,
-            "text_encoder": self.text_encoder,
-            **self.counts,
-        }
+        return {"db": self.db, "table": self.table, "tag": self.tag, "version": self.version,
+                "prompt_version": self.prompt_version, "model": self.model, "text_encoder": self.text_encoder,
+                **self.counts}
 
 
 def _choose(rows: pd.DataFrame, column: str, wanted: str | None, option: str) -> str:
@@ -110,14 +94,10 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
     in_shards = chosen[chosen["clip_id"].isin(shard_clips)]
     usable = in_shards[in_shards["status"] == "ok"].sort_values("clip_id")
     not_ok = in_shards[in_shards["status"] != "ok"]
-    counts = {
-        "rows": len(chosen),
-        "captions_ok": len(usable),
-        "captions_skipped": len(not_ok),
-        "captions_skipped_by_status": dict(Counter(not_ok["status"].fillna("missing"))),
-        "captions_not_in_shards": int((~chosen["clip_id"].isin(shard_clips)).sum()),
-        "shard_clips": len(shard_clips),
-    }
+    counts = {"rows": len(chosen), "captions_ok": len(usable), "captions_skipped": len(not_ok),
+              "captions_skipped_by_status": dict(Counter(not_ok["status"].fillna("missing"))),
+              "captions_not_in_shards": int((~chosen["clip_id"].isin(shard_clips)).sum()),
+              "shard_clips": len(shard_clips)}
     if len(usable) < 2:
         raise AlignDataError(
             f"{len(usable)} ok caption(s) of clips in {shards_dir} in {where} (prompt {prompt_version}, "
@@ -125,11 +105,8 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
             "contrastive alignment needs at least 2"
         )
     if counts["captions_skipped"]:
-        log.warning(
-            "%d caption(s) skipped: status not ok (%s)",
-            counts["captions_skipped"],
-            counts["captions_skipped_by_status"],
-        )
+        log.warning("%d caption(s) skipped: status not ok (%s)", counts["captions_skipped"],
+                    counts["captions_skipped_by_status"])
 
     made_by = sorted(usable["text_encoder"].dropna().unique())
     encoder = cfg.text_encoder or (made_by[0] if len(made_by) == 1 else None)
@@ -151,18 +128,7 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
             embedded_now += len(cached)
     dims = {v.shape[1] for v in vectors.values()}
     counts["text_vectors_embedded_now"] = embedded_now
-    return CaptionSet(
-        db=str(db),
-        table=store.CAPTIONS,
-        tag=pinned.tag,
-        version=pinned.version,
-        prompt_version=prompt_version,
-        model=model,
-        text_encoder=encoder,
-        dim=dims.pop(),
-        clip_ids=usable["clip_id"].tolist(),
-        texts=texts,
-        vectors=vectors,
-        uncaptioned=sorted(shard_clips - set(usable["clip_id"])),
-        counts=counts,
-    )
+    return CaptionSet(db=str(db), table=store.CAPTIONS, tag=pinned.tag, version=pinned.version,
+                      prompt_version=prompt_version, model=model, text_encoder=encoder, dim=dims.pop(),
+                      clip_ids=usable["clip_id"].tolist(), texts=texts, vectors=vectors,
+                      uncaptioned=sorted(shard_clips - set(usable["clip_id"])), counts=counts)

@@ -34,42 +34,20 @@ class SearchError(ConfigError):
 def embeddings_schema(dim: int) -> pa.Schema:
     text, vector = pa.string(), pa.list_(pa.float32(), dim)
     return pa.schema(
-        [
-            ("clip_id", text),
-            ("model", text),
-            ("model_dir", text),
-            ("run_tag", text),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-            ("dataset", text),
-            ("speaker", text),
-            ("label", text),
-            ("source", text),
-            ("shard", text),
-            ("captioned", pa.bool_()),
-            ("caption_tag", text),
-            ("emotion", text),
-            ("description", text),
-            ("text_encoder", text),
-            ("vector", vector),
-            ("video_vec", vector),
-            ("audio_vec", vector),
-        ]
+        [("clip_id", text), ("model", text), ("model_dir", text), ("run_tag", text),
+         ("created_at", pa.timestamp("us", tz="UTC")), ("dataset", text), ("speaker", text), ("label", text),
+         ("source", text), ("shard", text), ("captioned", pa.bool_()), ("caption_tag", text), ("emotion", text),
+         ("description", text), ("text_encoder", text), ("vector", vector), ("video_vec", vector),
+         ("audio_vec", vector)]
     )
 
 
 EMBEDDING_KEYS = ["clip_id", "model"]
 
 
-def write_clip_embeddings(
-    db: str | Path,
-    table_name: str,
-    shards: Path,
-    ids: list[str],
-    embeddings: dict[str, np.ndarray],
-    captions: CaptionSet,
-    model_key: str,
-    model_dir: Path,
-) -> dict:
+def write_clip_embeddings(db: str | Path, table_name: str, shards: Path, ids: list[str],
+                          embeddings: dict[str, np.ndarray], captions: CaptionSet, model_key: str,
+                          model_dir: Path) -> dict:
     """Upsert one row per clip (key: clip_id, model) under one writer lock; tag the version this run leaves."""
     clips = IngestFolder(shards).clips().set_index("clip_id")
     captioned = {clip: i for i, clip in enumerate(captions.clip_ids)}
@@ -84,22 +62,13 @@ def write_clip_embeddings(
     for i, clip in enumerate(ids):
         c = captioned.get(clip)
         rows.append(
-            {
-                "clip_id": clip,
-                "model": model_key,
-                "model_dir": str(model_dir.resolve()),
-                "run_tag": tag,
-                "created_at": now,
-                **{k: meta(clip, k) for k in ("dataset", "speaker", "label", "source", "shard")},
-                "captioned": c is not None,
-                "caption_tag": captions.tag,
-                "emotion": captions.texts["emotion"][c] if c is not None else None,
-                "description": captions.texts["description"][c] if c is not None else None,
-                "text_encoder": captions.text_encoder,
-                "vector": embeddings["joint"][i].tolist(),
-                "video_vec": embeddings["video"][i].tolist(),
-                "audio_vec": embeddings["audio"][i].tolist(),
-            }
+            {"clip_id": clip, "model": model_key, "model_dir": str(model_dir.resolve()), "run_tag": tag,
+             "created_at": now, **{k: meta(clip, k) for k in ("dataset", "speaker", "label", "source", "shard")},
+             "captioned": c is not None, "caption_tag": captions.tag,
+             "emotion": captions.texts["emotion"][c] if c is not None else None,
+             "description": captions.texts["description"][c] if c is not None else None,
+             "text_encoder": captions.text_encoder, "vector": embeddings["joint"][i].tolist(),
+             "video_vec": embeddings["video"][i].tolist(), "audio_vec": embeddings["audio"][i].tolist()}
         )
     dim = embeddings["joint"].shape[1]
     with store.writer_lock(db, table_name):

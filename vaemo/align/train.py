@@ -140,11 +140,9 @@ def text_retrieval(ids: list[str], embeddings: dict[str, np.ndarray], captions: 
         raise AlignDataError("none of the captioned clips could be decoded for the retrieval metric")
     rows = [where[captions.clip_ids[i]] for i in present]
     result = {}
-    for key, field, name in (
-        ("joint", "description", "text_retrieval_top1"),
-        ("video", "facial_cues", "video_facial_top1"),
-        ("audio", "vocal_cues", "audio_vocal_top1"),
-    ):
+    for key, field, name in (("joint", "description", "text_retrieval_top1"),
+                             ("video", "facial_cues", "video_facial_top1"),
+                             ("audio", "vocal_cues", "audio_vocal_top1")):
         clips = embeddings[key][rows]
         texts = captions.vectors[field][present]
         best = (clips @ texts.T).argmax(axis=1)
@@ -226,13 +224,8 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
             model, urls, data, batch_size, cfg.num_workers, None if cfg.embeddings_table else captions.clip_ids
         )
     retrieval = text_retrieval(ids, emb, captions)
-    info = {
-        "text_encoder": captions.text_encoder,
-        "prompt_templates": list(cfg.prompt_templates),
-        "init": str(init.resolve()),
-        "captions": captions.summary(),
-        "trainable": cfg.trainable,
-    }
+    info = {"text_encoder": captions.text_encoder, "prompt_templates": list(cfg.prompt_templates),
+            "init": str(init.resolve()), "captions": captions.summary(), "trainable": cfg.trainable}
     save_aligned(model, out, info)
     model_key = weights_digest(model)[:16]
     embeddings = (write_clip_embeddings(db, cfg.embeddings_table, shards, ids, emb, captions, model_key, out)

@@ -100,10 +100,8 @@ class VLLMEngine:
 
         self.processor = AutoProcessor.from_pretrained(self.path)
         if on_gpu:
-            options = {
-                "gpu_memory_utilization": cfg.gpu_memory_utilization,
-                "tensor_parallel_size": cfg.tensor_parallel_size,
-            }
+            options = {"gpu_memory_utilization": cfg.gpu_memory_utilization,
+                       "tensor_parallel_size": cfg.tensor_parallel_size}
         else:
             # vLLM's CPU runner cannot rewind a seeded request's generator when a prefill is split
             # ("CPU Generator does not use offset"): prompts are prefilled whole instead.
@@ -126,18 +124,17 @@ class VLLMEngine:
             {
                 "prompt": _render(self.processor, r.messages),
                 "multi_modal_data": {
-                    "video": [(r.media.frames, {**r.media.video_metadata(), "do_sample_frames": False})],
-                    "audio": [(r.media.wave, SAMPLE_RATE)],
-                },
+                                     "video": [(r.media.frames,
+                                                {**r.media.video_metadata(), "do_sample_frames": False})],
+                                     "audio": [(r.media.wave, SAMPLE_RATE)]},
                 # The voice is the video's own track: one VIDEO placeholder carries both (no AUDIO placeholder).
                 "mm_processor_kwargs": {"use_audio_in_video": True},
             }
             for r in requests
         ]
-        params = [SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, repetition_penalty=s.repetition_penalty,
-            seed=r.seed(self.cfg.seed), structured_outputs=StructuredOutputsParams(json=schema),
-        ) for r in requests]
+        params = [SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                 repetition_penalty=s.repetition_penalty, seed=r.seed(self.cfg.seed),
+                                 structured_outputs=StructuredOutputsParams(json=schema)) for r in requests]
         start = time.perf_counter()
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         share = (time.perf_counter() - start) / max(1, len(requests))
@@ -197,10 +194,9 @@ class TransformersEngine:
             torch.manual_seed(request.seed(self.cfg.seed))
             extra = {"use_audio_in_video": True} if self.with_audio else {}
             with torch.inference_mode():
-                out = self.model.generate(
-                    **inputs, **extra, max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
-                    temperature=s.temperature or None, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
-                )
+                out = self.model.generate(**inputs, **extra, max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
+                                          temperature=s.temperature or None, top_p=s.top_p,
+                                          repetition_penalty=s.repetition_penalty)
             prompt_len = inputs["input_ids"].shape[1]
             new = out[0, prompt_len:]
             text = self.processor.batch_decode(new[None], skip_special_tokens=True)[0]

@@ -74,17 +74,13 @@ class Prompt:
     def messages(self, label: str | None = None) -> list[dict]:
         """System + user turn; the video placeholder carries the voice too (audio in video)."""
         text = self.user + ("\n" + self.label_hint.format(label=label) if label else "")
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]},
-        ]
+        return [{"role": "system", "content": self.system},
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
 
     def repair_messages(self, first: list[dict], reply: str, reason: str, reply_chars: int = 2000) -> list[dict]:
         """The conversation so far plus a turn that says what was wrong with the reply."""
-        return first + [
-            {"role": "assistant", "content": reply[:reply_chars]},
-            {"role": "user", "content": self.repair.format(reason=reason)},
-        ]
+        return first + [{"role": "assistant", "content": reply[:reply_chars]},
+                        {"role": "user", "content": self.repair.format(reason=reason)}]
 
 
 class PromptError(ConfigError):
@@ -133,16 +129,10 @@ def load_prompt(name_or_path: str) -> Prompt:
     wrong = {k: v for k, v in given.items() if k not in caps or not isinstance(v, int) or not 1 <= v <= caps[k]}
     if wrong:
         raise PromptError(f"{path}: limits {wrong} are not text fields with 1 to {caps} characters")
-    return Prompt(
-        version=str(data["version"]),
-        limits={**caps, **given},
-        system=data["system"].strip(),
-        user=data["user"].strip(),
-        repair=data["repair"].strip(),
-        label_hint=(data.get("label_hint") or "").strip(),
-        digest=hashlib.sha256(raw).hexdigest()[:16],
-        path=path,
-    )
+    return Prompt(version=str(data["version"]), limits={**caps, **given}, system=data["system"].strip(),
+                  user=data["user"].strip(), repair=data["repair"].strip(),
+                  label_hint=(data.get("label_hint") or "").strip(), digest=hashlib.sha256(raw).hexdigest()[:16],
+                  path=path)
 
 
 @dataclass(frozen=True)

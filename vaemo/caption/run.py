@@ -145,67 +145,35 @@ class CaptionRun:
 
     def _row(self, clip_id: str, shard: str, attempts: _Attempts | None, unreadable: str | None) -> dict:
         meta = self.selected.loc[clip_id]
-        sampling = {
-            **self.cfg.sampling.model_dump(),
-            "seed": self.cfg.seed,
-            "frames": self.cfg.frames,
-            "retries": self.cfg.retries,
-        }
-        row = {
-            "clip_id": clip_id,
-            "prompt_version": self.prompt_version,
-            "model": self.model,
-            "engine": self.cfg.engine,
-            "label_aware": self._messages(clip_id)[1],
-            "prompt_digest": self.prompt.digest,
-            "sampling": json.dumps(sampling, sort_keys=True),
-            "shard": shard,
-            "run_tag": self.tag,
-            "created_at": dt.datetime.now(dt.UTC),
-            "text_encoder": self.encoder.name,
-            **{k: (None if pd.isna(meta.get(k)) else str(meta.get(k))) for k in ("dataset", "speaker", "label")},
-        }
+        sampling = {**self.cfg.sampling.model_dump(), "seed": self.cfg.seed, "frames": self.cfg.frames,
+                    "retries": self.cfg.retries}
+        row = {"clip_id": clip_id, "prompt_version": self.prompt_version, "model": self.model,
+               "engine": self.cfg.engine, "label_aware": self._messages(clip_id)[1],
+               "prompt_digest": self.prompt.digest, "sampling": json.dumps(sampling, sort_keys=True), "shard": shard,
+               "run_tag": self.tag, "created_at": dt.datetime.now(dt.UTC), "text_encoder": self.encoder.name,
+               **{k: (None if pd.isna(meta.get(k)) else str(meta.get(k))) for k in ("dataset", "speaker", "label")}}
         if attempts is None:
-            return {
-                **row,
-                "status": "failed",
-                "reason": unreadable,
-                "attempts": 0,
-                "failures": "[]",
-                "prompt_tokens": 0,
-                "generated_tokens": 0,
-                "seconds": 0.0,
-            }
+            return {**row, "status": "failed", "reason": unreadable, "attempts": 0, "failures": "[]",
+                    "prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
         last = attempts.generations[-1]
         parsed = parse_reply(last.text, self.prompt.limits)
         generated = sum(g.generated_tokens for g in attempts.generations)
         seconds = sum(g.seconds for g in attempts.generations)
         self.tokens += generated
         self.generation_seconds += seconds
-        row.update(
-            attempts=len(attempts.generations),
-            raw_output=last.text,
-            failures=json.dumps(attempts.failures),
-            prompt_tokens=sum(g.prompt_tokens for g in attempts.generations),
-            generated_tokens=generated,
-            seconds=seconds,
-        )
+        row.update(attempts=len(attempts.generations), raw_output=last.text, failures=json.dumps(attempts.failures),
+                   prompt_tokens=sum(g.prompt_tokens for g in attempts.generations), generated_tokens=generated,
+                   seconds=seconds)
         if parsed.reason:
-            return {
-                **row,
-                "status": "failed",
-                "reason": f"no usable reply after {len(attempts.generations)} attempt(s); last: {parsed.reason}",
-            }
+            return {**row, "status": "failed",
+                    "reason": f"no usable reply after {len(attempts.generations)} attempt(s); last: {parsed.reason}"}
         return {**row, "status": "ok", "reason": None, **parsed.description.model_dump()}
 
     def _embed(self, rows: list[dict]) -> None:
         """Text embeddings of the usable rows' description and cues, computed once, stored with the row."""
         ok = [r for r in rows if r["status"] == "ok"]
-        for field_name, column in (
-            ("description", "description_vec"),
-            ("facial_cues", "facial_vec"),
-            ("vocal_cues", "vocal_vec"),
-        ):
+        for field_name, column in (("description", "description_vec"), ("facial_cues", "facial_vec"),
+                                   ("vocal_cues", "vocal_vec")):
             vectors = self.encoder.encode([r[field_name] for r in ok]) if ok else np.zeros((0, self.encoder.dim))
             for row, vector in zip(ok, vectors, strict=True):
                 row[column] = vector.tolist()

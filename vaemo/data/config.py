@@ -23,15 +23,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # The fields a model's config fixes: its input contract and its audio normalisation.
-    MODEL_FIELDS: ClassVar[tuple[str, ...]] = (
-        "frames",
-        "image_size",
-        "audio_frames",
-        "mel_bins",
-        "audio_mean",
-        "audio_std",
-        "audio_double_std",
-    )
+    MODEL_FIELDS: ClassVar[tuple[str,
+                                 ...]] = ("frames", "image_size", "audio_frames", "mel_bins", "audio_mean", "audio_std",
+                                          "audio_double_std")
 
     def for_model(self, model_cfg) -> DataConfig:
         """This data path with the model's input contract and normalisation (any object with those fields)."""

@@ -250,17 +250,9 @@ class _Batches:
             yield held
 
 
-def make_dataset(
-    shard_urls: list[str],
-    cfg: DataConfig,
-    *,
-    train: bool,
-    seed: int = 0,
-    epoch_samples: int | None = None,
-    batch_size: int | None = None,
-    num_workers: int = 0,
-    clip_ids: Collection[str] | None = None,
-) -> wds.DataPipeline:
+def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0,
+                 epoch_samples: int | None = None, batch_size: int | None = None, num_workers: int = 0,
+                 clip_ids: Collection[str] | None = None) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
     Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}) and
@@ -311,18 +303,9 @@ def make_dataset(
     return dataset
 
 
-def make_loader(
-    shard_urls: list[str],
-    cfg: DataConfig,
-    *,
-    train: bool,
-    seed: int = 0,
-    epoch_samples: int | None = None,
-    batch_size: int,
-    num_workers: int = 0,
-    clip_ids: Collection[str] | None = None,
-    **loader_kwargs,
-) -> DataLoader:
+def make_loader(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0, epoch_samples: int | None = None,
+                batch_size: int, num_workers: int = 0, clip_ids: Collection[str] | None = None,
+                **loader_kwargs) -> DataLoader:
     """A DataLoader of batches {"video": (B,3,T,S,S), "audio": (B,F,M), "clip_id": [str], "window": (B,2) s,
     "skipped": int, "skipped_clips": [str]}, batched inside the workers.
 

@@ -6,16 +6,5 @@ from vaemo.eval.metrics import classification_metrics, summarise
 from vaemo.eval.protocols import EvaluationError, FoldPlan, make_folds, save_folds
 from vaemo.eval.run import REPORT, RESULTS, Prepared, evaluate, prepare
 
-__all__ = [
-    "REPORT",
-    "RESULTS",
-    "EvaluationError",
-    "FoldPlan",
-    "Prepared",
-    "classification_metrics",
-    "evaluate",
-    "make_folds",
-    "prepare",
-    "save_folds",
-    "summarise",
-]
+__all__ = ["REPORT", "RESULTS", "EvaluationError", "FoldPlan", "Prepared", "classification_metrics", "evaluate",
+           "make_folds", "prepare", "save_folds", "summarise"]

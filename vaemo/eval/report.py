@@ -9,11 +9,8 @@ from __future__ import annotations
 PUBLISHED_SOURCE = "vaemo's docs/method.md, \"Published figures to compare against\" (UAR / WAR, %)"
 # (method, parameters, {benchmark: (UAR, WAR), None where not reported})
 PUBLISHED: list[tuple[str, str, dict[str, tuple[float | None, float | None]]]] = [
-    (
-        "HiCMAE-B (released checkpoints)",
-        "about 81M",
-        {"crema-d": (84.94, 84.91), "mafw": (42.69, 56.21), "dfew": (None, 75.01)},
-    ),
+    ("HiCMAE-B (released checkpoints)", "about 81M",
+     {"crema-d": (84.94, 84.91), "mafw": (42.69, 56.21), "dfew": (None, 75.01)}),
     ("MAE-DFER (video only)", "85M, 50 GFLOPs", {"mafw": (41.62, 54.31), "dfew": (63.41, 74.43)}),
     ("VideoMAE-B pre-trained on VoxCeleb2", "86M, 81 GFLOPs", {"mafw": (40.87, 53.51), "dfew": (63.60, 74.60)}),
     ("MultiMAE-DER", "about 86M", {"crema-d": (79.12, 79.36)}),

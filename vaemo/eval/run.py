@@ -140,23 +140,10 @@ def evaluate(
                                   seed=cfg.seed + fold.number, log_epoch=hook)
             test_ids = test
         elif cfg.mode == "finetune":
-            result, test_ids = finetune_fold(
-                prepared.model_dir,
-                urls,
-                data,
-                label_of,
-                fold.train,
-                fold.val,
-                fold.test,
-                classes,
-                cfg.modality,
-                cfg.finetune,
-                eval_batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers,
-                seed=cfg.seed + fold.number,
-                device=device,
-                log_epoch=hook,
-            )
+            result, test_ids = finetune_fold(prepared.model_dir, urls, data, label_of, fold.train, fold.val, fold.test,
+                                             classes, cfg.modality, cfg.finetune, eval_batch_size=cfg.batch_size,
+                                             num_workers=cfg.num_workers, seed=cfg.seed + fold.number, device=device,
+                                             log_epoch=hook)
         else:
             predicted, similarity = zero_shot_predict(np.stack([vectors[c] for c in test]), prompts)
             result = HeadResult(best_epoch=0, predictions={"last": predicted, "best_val": predicted},
@@ -173,12 +160,8 @@ def evaluate(
         histories[fold.number] = result.history
         for i, clip in enumerate(test_ids):
             prediction_rows.append(
-                {
-                    "clip_id": clip,
-                    "fold": fold.number,
-                    "label": classes[truth[i]],
-                    **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")},
-                }
+                {"clip_id": clip, "fold": fold.number, "label": classes[truth[i]],
+                 **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")}}
             )
         if on_fold:
             on_fold(fold.number, len(plan.folds), entry)

@@ -144,9 +144,9 @@ def crop_boxes(track: FaceTrack, detected_at: np.ndarray, count: int, cfg: Inges
     boxes = np.stack(track.boxes)
     every = np.arange(count)
     centres = np.stack(
-        [np.interp(every, at, (boxes[:, 0] + boxes[:, 2]) / 2), np.interp(every, at, (boxes[:, 1] + boxes[:, 3]) / 2)],
-        1,
-    )
+                       [np.interp(every, at, (boxes[:, 0] + boxes[:, 2]) / 2),
+                        np.interp(every, at, (boxes[:, 1] + boxes[:, 3]) / 2)],
+                       1)
     sides = np.interp(every, at, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
     smoothed = _smooth(np.concatenate([centres, sides[:, None]], 1), cfg.smooth_frames)
     half = smoothed[:, 2] * cfg.face_scale * (1 + cfg.crop_margin / cfg.crop_size) / 2
@@ -195,12 +195,6 @@ def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCro
             f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})",
         )
     boxes = crop_boxes(best, detected_at, len(frames), cfg)[first:last]
-    return FaceCrop(
-        frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin),
-        span=(first, last),
-        coverage=coverage,
-        prob_mean=float(np.mean(best.probs)),
-        prob_min=float(np.min(best.probs)),
-        faces_max=faces_max,
-        tracks=len(tracks),
-    )
+    return FaceCrop(frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin), span=(first, last),
+                    coverage=coverage, prob_mean=float(np.mean(best.probs)), prob_min=float(np.min(best.probs)),
+                    faces_max=faces_max, tracks=len(tracks))

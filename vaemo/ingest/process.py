@@ -101,19 +101,12 @@ def _process(
             media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False) if record.audio_path else info
         )
     if info.duration > cfg.max_duration_seconds:
-        return VideoOutcome(
-            "too_long",
-            f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}",
-            duration=info.duration,
-            timings=timings,
-        )
+        return VideoOutcome("too_long",
+                            f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}",
+                            duration=info.duration, timings=timings)
     if info.duration < cfg.min_source_seconds:
-        return VideoOutcome(
-            "too_short",
-            f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}",
-            duration=info.duration,
-            timings=timings,
-        )
+        return VideoOutcome("too_short", f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}",
+                            duration=info.duration, timings=timings)
     if not audio_info.has_audio:
         return VideoOutcome("no_audio_stream", "the file has no audio stream", duration=info.duration, timings=timings)
 
@@ -122,22 +115,14 @@ def _process(
         samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
     level = voice.peak_dbfs(samples)
     if level < cfg.silence_dbfs:
-        return VideoOutcome(
-            "silent_audio",
-            f"the audio track is silent (peak {level:.0f} dBFS)",
-            duration=info.duration,
-            timings=timings,
-        )
+        return VideoOutcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)",
+                            duration=info.duration, timings=timings)
     with _timed(timings, "vad"):
         segments = voice.speech_segments(samples, cfg.sample_rate, cfg.vad_threshold)
     windows = plan_windows(record, info.duration, segments, cfg)
     if not windows:
-        return VideoOutcome(
-            "no_speech",
-            f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
-            duration=info.duration,
-            timings=timings,
-        )
+        return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
+                            duration=info.duration, timings=timings)
 
     size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
     clips, skipped = [], defaultdict(list)
@@ -180,31 +165,14 @@ def _encode_clip(record, video_id, info, start, end, face, samples, segments, cf
         video_bytes = out.read_bytes()
     audio_bytes = media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
     clip_id = clip_id_of(video_id, start, end)
-    meta = {
-        "clip_id": clip_id,
-        "video_id": video_id,
-        "dataset": record.dataset,
-        "source": record.path,
-        "audio_source": record.audio_path,
-        "start": round(start, 3),
-        "end": round(end, 3),
-        "fps": cfg.fps,
-        "frames": int(len(face.frames)),
-        "sample_rate": cfg.sample_rate,
-        "crop_size": cfg.crop_size,
-        "crop_margin": cfg.crop_margin,
-        "face_coverage": round(face.coverage, 4),
-        "face_prob_mean": round(face.prob_mean, 4),
-        "face_prob_min": round(face.prob_min, 4),
-        "faces_max": face.faces_max,
-        "face_tracks": face.tracks,
-        "speech_ratio": round(voice.speech_ratio(segments, start, end), 4),
-        "label": record.label,
-        "speaker": record.speaker,
-        "fold": record.fold,
-        "source_fps": round(info.fps, 3),
-        "source_rotation": info.rotation,
-        "source_variable_fps": info.variable_fps,
-        "processing": cfg.processing_digest(),
-    }
+    meta = {"clip_id": clip_id, "video_id": video_id, "dataset": record.dataset, "source": record.path,
+            "audio_source": record.audio_path, "start": round(start, 3), "end": round(end, 3), "fps": cfg.fps,
+            "frames": int(len(face.frames)), "sample_rate": cfg.sample_rate, "crop_size": cfg.crop_size,
+            "crop_margin": cfg.crop_margin, "face_coverage": round(face.coverage, 4),
+            "face_prob_mean": round(face.prob_mean, 4), "face_prob_min": round(face.prob_min, 4),
+            "faces_max": face.faces_max, "face_tracks": face.tracks,
+            "speech_ratio": round(voice.speech_ratio(segments, start, end), 4), "label": record.label,
+            "speaker": record.speaker, "fold": record.fold, "source_fps": round(info.fps, 3),
+            "source_rotation": info.rotation, "source_variable_fps": info.variable_fps,
+            "processing": cfg.processing_digest()}
     return Clip(clip_id, video_bytes, audio_bytes, meta)

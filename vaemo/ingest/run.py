@@ -29,10 +29,8 @@ from vaemo.ingest.records import SourceRecord
 
 # Statuses worth another try on the next run; every other status is a property of the file.
 RETRIED = {"error", "timeout"}
-MANIFEST_COLUMNS = [
-    "video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold",
-    "dataset", "audio_path", "duration", "sha256", "batch_id",
-]
+MANIFEST_COLUMNS = ["video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold", "dataset",
+                    "audio_path", "duration", "sha256", "batch_id"]
 
 
 class IngestBusy(BusyError):
@@ -117,12 +115,8 @@ class IngestRun:
         for record in scan_corpus(self.source, self.dataset, self.labels):
             sha = known.get(_stat_key(self.source, record)) or content_hash(self.source, record)
             records.append(
-                {
-                    **record.to_dict(),
-                    "sha256": sha,
-                    "video_id": video_id_of(sha),
-                    "stat_key": _stat_key(self.source, record),
-                }
+                {**record.to_dict(), "sha256": sha, "video_id": video_id_of(sha),
+                 "stat_key": _stat_key(self.source, record)}
             )
         pending, seen = [], set()
         for item in records:
@@ -222,12 +216,7 @@ def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: flo
         "shard_set_digest": shard_set_digest(markers),
         "processing_digest": cfg.processing_digest(),
         "timings_total": {k: round(v, 3) for k, v in sorted(timings.items())},
-        "last_run": {
-            "planned_videos": plan.pending_videos,
-            "processed_videos": run_videos,
-            "skipped_videos": plan.skipped,
-            "recovered": plan.removed,
-            "seconds": round(seconds, 2),
-            "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None,
-        },
+        "last_run": {"planned_videos": plan.pending_videos, "processed_videos": run_videos,
+                     "skipped_videos": plan.skipped, "recovered": plan.removed, "seconds": round(seconds, 2),
+                     "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None},
     }

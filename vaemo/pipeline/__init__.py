@@ -7,31 +7,19 @@ step as a subflow.
 """
 
 from vaemo.pipeline.runner import (
-    PipelineFailed,
-    Plan,
-    Recorder,
-    Step,
-    StepFailed,
-    StepRefused,
-    layout,
-    one_run_at_a_time,
-    preflight,
-    read_marker,
-    run_pipeline,
+                                   PipelineFailed,
+                                   Plan,
+                                   Recorder,
+                                   Step,
+                                   StepFailed,
+                                   StepRefused,
+                                   layout,
+                                   one_run_at_a_time,
+                                   preflight,
+                                   read_marker,
+                                   run_pipeline,
 )
 from vaemo.pipeline.stages import STAGES
 
-__all__ = [
-    "STAGES",
-    "PipelineFailed",
-    "Plan",
-    "Recorder",
-    "Step",
-    "StepFailed",
-    "StepRefused",
-    "layout",
-    "one_run_at_a_time",
-    "preflight",
-    "read_marker",
-    "run_pipeline",
-]
+__all__ = ["STAGES", "PipelineFailed", "Plan", "Recorder", "Step", "StepFailed", "StepRefused", "layout",
+           "one_run_at_a_time", "preflight", "read_marker", "run_pipeline"]

@@ -89,15 +89,9 @@ def pretrain(plan: Plan) -> list[Step]:
     key = key_of("pretrain", _shards_digest(plan), cfg.model_dump(mode="json"))
     cfg = _continue_from_previous(cfg, out, key)
     return [
-        Step(
-            "pretrain",
-            "pretrain",
-            out,
-            key,
-            params={"shards": str(plan.main_corpus), "out": str(out), "settings": cfg},
-            keep=("model_id", "loss_last"),
-            trained=True,
-        )
+        Step("pretrain", "pretrain", out, key,
+             params={"shards": str(plan.main_corpus), "out": str(out), "settings": cfg}, keep=("model_id", "loss_last"),
+             trained=True)
     ]
 
 
@@ -108,15 +102,8 @@ def caption(plan: Plan) -> list[Step]:
     key = key_of("caption", _shards_digest(plan), cfg.model_dump(mode="json"))
     # The model stays loaded for a next caption call in this process; later stages need the memory.
     return [
-        Step(
-            "caption",
-            "caption",
-            db,
-            key,
-            params={"shards": str(plan.main_corpus), "db": str(db), "settings": cfg},
-            keep=("tag", "version", "table"),
-            after=release_engines,
-        )
+        Step("caption", "caption", db, key, params={"shards": str(plan.main_corpus), "db": str(db), "settings": cfg},
+             keep=("tag", "version", "table"), after=release_engines)
     ]
 
 

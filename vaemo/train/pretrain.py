@@ -97,24 +97,19 @@ def pretrain(
         retrieval = av_retrieval(model, urls, data, cfg.eval_clips, cfg.batch_size, cfg.num_workers)
     av.save(model, out)
     losses = [row["loss"] for row in read_step_log(out)]
-    metrics = {
-        "loss_first": edge_mean(losses, first=True),
-        "loss_last": edge_mean(losses, first=False),
-        "steps": len(losses),
-        **run_summary(result, env.world),
-        **retrieval,
-    }
+    metrics = {"loss_first": edge_mean(losses, first=True), "loss_last": edge_mean(losses, first=False),
+               "steps": len(losses), **run_summary(result, env.world), **retrieval}
     folder = ModelFolder(out)
     (folder / folder.METRICS).write_text(json.dumps(metrics, indent=1))
     folder.settings_file("pretrain").write_text(cfg.model_dump_json(indent=1))
     return metrics
 
 
-main = entry_point(
-    "python -m vaemo.train.pretrain", __doc__, PretrainConfig,
-    lambda parser: parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder"),
-    lambda args, cfg, log_step: pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step),
-)
+main = entry_point("python -m vaemo.train.pretrain", __doc__, PretrainConfig,
+                   lambda parser: parser.add_argument("--shards", required=True, type=Path,
+                                                      help="an ingest output folder"),
+                   lambda args, cfg,
+                   log_step: pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step))
 
 
 if __name__ == "__main__":

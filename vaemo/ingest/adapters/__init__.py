@@ -17,13 +17,7 @@ from vaemo.ingest.adapters.common import VIDEO_EXTENSIONS, find_videos, first_di
 from vaemo.ingest.records import SourceRecord
 from vaemo.registry import DATASETS
 
-__all__ = [
-    "VIDEO_EXTENSIONS",
-    "detect_dataset",
-    "find_videos",
-    "iter_videos",
-    "scan_corpus",
-]
+__all__ = ["VIDEO_EXTENSIONS", "detect_dataset", "find_videos", "iter_videos", "scan_corpus"]
 
 # Enough names to recognise a naming rule without walking a million-clip corpus.
 DETECTION_SAMPLE = 200

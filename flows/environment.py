@@ -22,8 +22,11 @@ def prepare(work_dir: Path) -> None:
     # The temporary server migrates its database on first start; a busy machine needs more than 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
-    # The library's own log lines (skips, resumed runs, skipped samples) belong in the flow run's logs.
+    # The library's own log lines (skips, resumed runs, skipped samples) belong in the flow run's logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vaemo")
+    library = logging.getLogger("vaemo")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: the
     # temporary server of a later command can then expire the slot of a command that was killed.

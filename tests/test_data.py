@@ -15,8 +15,9 @@ from pydantic import ValidationError
 from torchaudio.compliance import kaldi
 
 from vaemo.artifacts import IngestFolder
-from vaemo.data import DataConfig, choose_window, count_samples, load_sample, make_loader
-from vaemo.data.samples import decode_audio, decode_video, window_frames, window_waveform
+from vaemo.data.config import DataConfig
+from vaemo.data.loader import count_samples, make_loader
+from vaemo.data.samples import choose_window, decode_audio, decode_video, load_sample, window_frames, window_waveform
 from vaemo.errors import ArtifactError
 from vaemo.ingest import media
 

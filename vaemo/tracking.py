@@ -249,9 +249,8 @@ class PipelineRuns:
     that failed before they could open one.
     """
 
-    def __init__(
-        self, name: str, tracking_uri: str, experiment: str, work_dir: Path, tags: dict[str, str], params: dict
-    ):
+    def __init__(self, name: str, tracking_uri: str, experiment: str, work_dir: Path, tags: dict[str, str],
+                 params: dict):
         self.experiment_id = configure(tracking_uri, experiment, Path(work_dir))
         self.client = mlflow.MlflowClient(tracking_uri)
         self.tags = tags  # every run of this pipeline run carries them (the Prefect flow run)
@@ -288,13 +287,9 @@ class PipelineRuns:
     def failed(self, label: str, message: str) -> None:
         """Mark the parent FAILED; a step that failed before it opened its own run gets a FAILED child run here."""
         stage = label.split(":")[0]
-        started = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{Tag.STAGE}` = '{stage}' and attributes.status "
-                "= 'FAILED'"
-            ),
-        )
+        failed_here = (f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{Tag.STAGE}` = '{stage}' "
+                       "and attributes.status = 'FAILED'")
+        started = self.client.search_runs([self.experiment_id], filter_string=failed_here)
         if not started and stage != "pipeline":
             self._child(label, stage, {Tag.ERROR: message[:5000]}, "FAILED")
         self.client.set_tag(self.parent_id, Tag.ERROR, f"{label}: {message}"[:5000])

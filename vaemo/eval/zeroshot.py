@@ -88,7 +88,7 @@ def probabilities(similarity: np.ndarray, temperature: float) -> np.ndarray:
 def score_clips(source: Path, model_dir: Path, classes: list[str], *, templates: list[str] | None = None,
                 modality: str = "av", batch_size: int = 8):
     """Per-clip class probabilities for a video file, a folder of videos or an ingest folder, as a DataFrame
-    (clip_id, predicted, p_<class>...). ``templates``: default the model's own (``text_alignment.json``)."""
+    (clip_id, predicted, p_<class>...). ``templates``: default the model's own (its alignment file)."""
     import pandas as pd
 
     from vaemo.align.model import read_alignment

@@ -2,7 +2,7 @@
 
 Commit order: shards are renamed into ``shards/``, then the marker is written (atomically). A
 shard without a marker is an interrupted commit and is deleted at the next start, so a killed
-run never leaves a clip twice. Commits take ``.commit.lock`` and check the run token, so a worker
+run never leaves a clip twice. Commits take the commit lock and check the run token, so a worker
 that outlives its killed run cannot commit beside the run that replaced it.
 """
 

@@ -1,6 +1,6 @@
-"""`vaemo run pipelines.yaml --pipeline NAME`: all five stages as subflows of one flow, one MLflow parent run with a
-child run per stage, skipping on a re-run, and `vaemo lineage` from the evaluation back to shards, captions and
-Stage 1."""
+"""`vaemo run --config pipelines.yaml --pipeline NAME`: all five stages as subflows of one flow, one MLflow parent
+run with a child run per stage, skipping on a re-run, and `vaemo lineage` from the evaluation back to shards,
+captions and Stage 1."""
 
 from __future__ import annotations
 

@@ -305,15 +305,23 @@ def summarise(rows: list[dict], run: dict, cfg: IngestConfig) -> dict:
     source_s = sum(r["duration"] for r in measured)
     detect_frames = sum(r["detect_frames"] for r in measured)
     detect_s = sum(r["detect_s"] for r in measured)
-    return {"videos": len(rows), "clips": run["stats"]["clips"], "status_counts": run["stats"]["status_counts"],
-            "source_seconds": round(source_s, 2), "decode_only_s": round(decode_s, 3),
-            "ingest_s": round(run["total_s"], 3), "ingest_batches_only_s": round(run["batches_s"], 3),
-            "ratio_ingest_to_decode": round(run["total_s"] / decode_s, 2) if decode_s else None,
-            "ratio_batches_to_decode": round(run["batches_s"] / decode_s, 2) if decode_s else None,
-            "target_ratio": TARGET_RATIO, "realtime_factor": round(source_s / run["total_s"], 2),
-            "decode_only_realtime_factor": round(source_s / decode_s, 2) if decode_s else None,
-            "mtcnn_ms_per_frame": round(1000.0 * detect_s / detect_frames, 2) if detect_frames else None,
-            "mtcnn_frames": detect_frames, "detect_every": cfg.detect_every}
+    return {
+        "videos": len(rows),
+        "clips": run["stats"]["clips"],
+        "status_counts": run["stats"]["status_counts"],
+        "source_seconds": round(source_s, 2),
+        "decode_only_s": round(decode_s, 3),
+        "ingest_s": round(run["total_s"], 3),
+        "ingest_batches_only_s": round(run["batches_s"], 3),
+        "ratio_ingest_to_decode": round(run["total_s"] / decode_s, 2) if decode_s else None,
+        "ratio_batches_to_decode": round(run["batches_s"] / decode_s, 2) if decode_s else None,
+        "target_ratio": TARGET_RATIO,
+        "realtime_factor": round(source_s / run["total_s"], 2),
+        "decode_only_realtime_factor": round(source_s / decode_s, 2) if decode_s else None,
+        "mtcnn_ms_per_frame": round(1000.0 * detect_s / detect_frames, 2) if detect_frames else None,
+        "mtcnn_frames": detect_frames,
+        "detect_every": cfg.detect_every,
+    }
 
 
 def table(header: list[str], rows: list[list]) -> str:

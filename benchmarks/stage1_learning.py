@@ -29,11 +29,16 @@ MIN_TIMES_CHANCE = 5.0
 def judged(metrics: dict, seconds: float) -> dict:
     ratio = metrics["loss_last"] / metrics["loss_first"]
     times_chance = metrics["av_retrieval_top1"] / metrics["av_retrieval_chance"]
-    return {"minutes": round(seconds / 60, 2), "loss_first": round(metrics["loss_first"], 3),
-            "loss_last": round(metrics["loss_last"], 3), "loss_ratio": round(ratio, 3),
-            "av_retrieval_top1": round(metrics["av_retrieval_top1"], 3), "times_chance": round(times_chance, 2),
-            "clips": metrics["av_retrieval_clips"],
-            "passed": ratio <= MAX_LOSS_RATIO and times_chance >= MIN_TIMES_CHANCE - 1e-6}
+    return {
+        "minutes": round(seconds / 60, 2),
+        "loss_first": round(metrics["loss_first"], 3),
+        "loss_last": round(metrics["loss_last"], 3),
+        "loss_ratio": round(ratio, 3),
+        "av_retrieval_top1": round(metrics["av_retrieval_top1"], 3),
+        "times_chance": round(times_chance, 2),
+        "clips": metrics["av_retrieval_clips"],
+        "passed": ratio <= MAX_LOSS_RATIO and times_chance >= MIN_TIMES_CHANCE - 1e-6,
+    }
 
 
 def main() -> None:

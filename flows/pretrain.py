@@ -70,3 +70,4 @@ def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConf
             key="pretrain-report", markdown=f"# Stage 1 `{settings.model}`\n\n{line}; logged model `{model_id}`."
         )
         return {**metrics, "mlflow_run_id": run.info.run_id, "model_id": model_id, "summary": line}
+

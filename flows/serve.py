@@ -35,7 +35,7 @@ def deployments(settings: Settings) -> list[RunnerDeployment]:
             version=version,
             tags=["vaemo", f"pipeline:{name}"],
             description=f"Pipeline `{name}`: {' -> '.join(spec.stages)} on {', '.join(spec.corpora)}. "
-            "Stages whose inputs and settings did not change are skipped.",
+                        "Stages whose inputs and settings did not change are skipped.",
         )
         for name, spec in settings.pipelines.items()
     ]

@@ -57,8 +57,13 @@ def make_cremad(root: Path) -> None:
 
 
 def make_voxceleb2(root: Path) -> None:
-    touch(root, "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4", "dev/mp4/id00012/21Uxsk56VDQ/00002.mp4",
-          "dev/mp4/id00345/a b'c/00001.mp4", "dev/stray.mp4")
+    touch(
+        root,
+        "dev/mp4/id00012/21Uxsk56VDQ/00001.mp4",
+        "dev/mp4/id00012/21Uxsk56VDQ/00002.mp4",
+        "dev/mp4/id00345/a b'c/00001.mp4",
+        "dev/stray.mp4",
+    )
 
 
 MAFW_SPLITS = "Train & Test Set/single/no_caption"
@@ -107,10 +112,11 @@ def fields(records: list[SourceRecord], *names: str) -> list[tuple]:
 def test_ravdess_keeps_audio_visual_speech_with_actor_folds(tmp_path: Path) -> None:
     make_ravdess(tmp_path)
     records = scan_corpus(tmp_path, "ravdess")
-    assert fields(records, "path", "speaker", "label",
-                  "fold") == [("Actor_01/01-01-01-01-01-01-01.mp4", "ravdess-01", "neutral", 1),
-                              ("Actor_05/01-01-03-02-01-02-05.mp4", "ravdess-05", "happy", 2),
-                              ("Actor_24/01-01-08-01-02-01-24.mp4", "ravdess-24", "surprised", 6)]
+    assert fields(records, "path", "speaker", "label", "fold") == [
+        ("Actor_01/01-01-01-01-01-01-01.mp4", "ravdess-01", "neutral", 1),
+        ("Actor_05/01-01-03-02-01-02-05.mp4", "ravdess-05", "happy", 2),
+        ("Actor_24/01-01-08-01-02-01-24.mp4", "ravdess-24", "surprised", 6),
+    ]
     assert all(record.whole_file and record.dataset == "ravdess" for record in records)
 
 
@@ -137,10 +143,11 @@ def test_cremad_without_matching_names_explains_the_rule(tmp_path: Path) -> None
 def test_voxceleb2_speakers_from_id_folders(tmp_path: Path) -> None:
     make_voxceleb2(tmp_path)
     records = scan_corpus(tmp_path, "voxceleb2")
-    assert fields(records, "path", "speaker", "label", "fold",
-                  "whole_file") == [("dev/mp4/id00012/21Uxsk56VDQ/00001.mp4", "id00012", None, None, False),
-                                    ("dev/mp4/id00012/21Uxsk56VDQ/00002.mp4", "id00012", None, None, False),
-                                    ("dev/mp4/id00345/a b'c/00001.mp4", "id00345", None, None, False)]
+    assert fields(records, "path", "speaker", "label", "fold", "whole_file") == [
+        ("dev/mp4/id00012/21Uxsk56VDQ/00001.mp4", "id00012", None, None, False),
+        ("dev/mp4/id00012/21Uxsk56VDQ/00002.mp4", "id00012", None, None, False),
+        ("dev/mp4/id00345/a b'c/00001.mp4", "id00345", None, None, False),
+    ]
 
 
 def test_mafw_fold_is_the_set_whose_test_split_holds_the_clip(tmp_path: Path) -> None:
@@ -170,12 +177,13 @@ def test_mafw_unknown_emotion_names_file_and_classes(tmp_path: Path) -> None:
 def test_dfew_fold_and_label_codes_from_split_csvs(tmp_path: Path) -> None:
     make_dfew(tmp_path)
     records = scan_corpus(tmp_path, "dfew")
-    assert fields(records, "path", "label", "fold",
-                  "whole_file") == [("Clip/original/part_1/00001.mp4", "happy", 1, True),
-                                    ("Clip/original/part_1/00002.mp4", "sad", 2, True),
-                                    ("Clip/original/part_1/00003.mp4", "neutral", 3, True),
-                                    ("Clip/original/part_1/00004.mp4", "disgust", 4, True),
-                                    ("Clip/original/part_1/00005.mp4", "fear", 5, True)]
+    assert fields(records, "path", "label", "fold", "whole_file") == [
+        ("Clip/original/part_1/00001.mp4", "happy", 1, True),
+        ("Clip/original/part_1/00002.mp4", "sad", 2, True),
+        ("Clip/original/part_1/00003.mp4", "neutral", 3, True),
+        ("Clip/original/part_1/00004.mp4", "disgust", 4, True),
+        ("Clip/original/part_1/00005.mp4", "fear", 5, True),
+    ]
 
 
 def test_dfew_unknown_label_code(tmp_path: Path) -> None:
@@ -196,9 +204,11 @@ def test_generic_without_labels_takes_every_video(tmp_path: Path) -> None:
     make_generic(tmp_path)
     touch(tmp_path, ".cache/hidden.mp4", "sub/.partial.mp4")
     records = scan_corpus(tmp_path, "generic")
-    assert fields(records, "path", "label",
-                  "whole_file") == [("sub/deeper/c.webm", None, False), ('sub/zoë\'s "clip".mkv', None, False),
-                                    ("talk one.MP4", None, False)]
+    assert fields(records, "path", "label", "whole_file") == [
+        ("sub/deeper/c.webm", None, False),
+        ('sub/zoë\'s "clip".mkv', None, False),
+        ("talk one.MP4", None, False),
+    ]
     assert not any(Path(record.path).is_absolute() or "\\" in record.path for record in records)
 
 
@@ -211,17 +221,20 @@ def test_generic_with_labels_csv(tmp_path: Path) -> None:
         "sub\\deeper\\c.webm,angry,3,\n",  # written on Windows
     )
     records = scan_corpus(corpus, labels=labels)
-    assert fields(records, "path", "label", "speaker", "fold",
-                  "whole_file") == [("sub/deeper/c.webm", "angry", None, 3, True),
-                                    ('sub/zoë\'s "clip".mkv', "happy", "zoë", 2, True),
-                                    ("talk one.MP4", None, None, None, True)]
+    assert fields(records, "path", "label", "speaker", "fold", "whole_file") == [
+        ("sub/deeper/c.webm", "angry", None, 3, True),
+        ('sub/zoë\'s "clip".mkv', "happy", "zoë", 2, True),
+        ("talk one.MP4", None, None, None, True),
+    ]
 
 
 @pytest.mark.parametrize(
     ("csv", "message"),
     [
-        ("path,emotion\na.mp4,happy\n",
-         r"unknown column\(s\) 'emotion'.*allowed columns are path, label, speaker, fold"),
+        (
+            "path,emotion\na.mp4,happy\n",
+            r"unknown column\(s\) 'emotion'.*allowed columns are path, label, speaker, fold",
+        ),
         ("label\nhappy\n", r"missing column\(s\) 'path'"),
         ("path,fold\na.mp4,first\n", r"line 2: fold 'first' is not a whole number"),
         ("path,label\nelsewhere/a.mp4,happy\n", r"none of the 1 rows .*'elsewhere/a.mp4'.*relative to the corpus root"),
@@ -248,8 +261,14 @@ def test_linked_folders_are_followed_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("make", "dataset"),
-    [(make_ravdess, "ravdess"), (make_cremad, "crema-d"), (make_voxceleb2, "voxceleb2"), (make_mafw, "mafw"),
-     (make_dfew, "dfew"), (make_generic, "generic")],
+    [
+        (make_ravdess, "ravdess"),
+        (make_cremad, "crema-d"),
+        (make_voxceleb2, "voxceleb2"),
+        (make_mafw, "mafw"),
+        (make_dfew, "dfew"),
+        (make_generic, "generic"),
+    ],
 )
 def test_detection(tmp_path: Path, make, dataset: str) -> None:
     make(tmp_path)

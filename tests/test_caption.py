@@ -78,16 +78,18 @@ def test_a_prompt_extends_another_and_its_digest_covers_both(tmp_path):
     assert bundled.user == load_prompt("cot-v1").user and set(bundled.limits.values()) == {24}
 
 
-@pytest.mark.parametrize("raw, reason",
-                         [("", "empty reply"), ("I think the person is happy.", "not JSON"),
-                          ("[1, 2]", "not an object"),
-                          (json.dumps({**GOOD, "emotion": "Very Happy"}), "invalid emotion"),
-                          (json.dumps({k: v for k, v in GOOD.items() if k != "vocal_cues"}), "invalid vocal_cues"),
-                          (json.dumps({**GOOD, "extra": 1}), "invalid extra"),
-                          (json.dumps({**GOOD, "intensity": "extreme"}), "invalid intensity"),
-                          (json.dumps({**GOOD, "description": "sad " * 40}), "repetitive description"),
-                          (json.dumps({**GOOD, "reasoning": "   "}), "invalid reasoning"),
-                          (json.dumps({**GOOD, "facial_cues": "x" * 601}), "invalid facial_cues")])
+@pytest.mark.parametrize("raw, reason", [
+    ("", "empty reply"),
+    ("I think the person is happy.", "not JSON"),
+    ("[1, 2]", "not an object"),
+    (json.dumps({**GOOD, "emotion": "Very Happy"}), "invalid emotion"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "vocal_cues"}), "invalid vocal_cues"),
+    (json.dumps({**GOOD, "extra": 1}), "invalid extra"),
+    (json.dumps({**GOOD, "intensity": "extreme"}), "invalid intensity"),
+    (json.dumps({**GOOD, "description": "sad " * 40}), "repetitive description"),
+    (json.dumps({**GOOD, "reasoning": "   "}), "invalid reasoning"),
+    (json.dumps({**GOOD, "facial_cues": "x" * 601}), "invalid facial_cues"),
+])
 def test_unusable_replies_get_a_reason(raw, reason):
     parsed = parse_reply(raw, LIMITS)
     assert parsed.description is None and reason in parsed.reason
@@ -106,10 +108,11 @@ def test_usable_replies_parse_and_are_normalised():
 # --- selection ---------------------------------------------------------------------------------
 
 def _clips(n: int = 60) -> pd.DataFrame:
-    return pd.DataFrame({"clip_id": [f"clip{i:03d}" for i in range(n)], "shard": [f"s{i % 4}.tar" for i in range(n)],
-                         "dataset": "crema-d", "speaker": [f"spk{i % 6}" for i in range(n)],
-                         "label": [["angry", "happy", "sad"][i % 3] for i in range(n)],
-                         "fold": [i % 5 for i in range(n)]})
+    return pd.DataFrame({
+        "clip_id": [f"clip{i:03d}" for i in range(n)], "shard": [f"s{i % 4}.tar" for i in range(n)],
+        "dataset": "crema-d", "speaker": [f"spk{i % 6}" for i in range(n)],
+        "label": [["angry", "happy", "sad"][i % 3] for i in range(n)], "fold": [i % 5 for i in range(n)],
+    })
 
 
 def test_selection_is_stratified_reproducible_and_stable():

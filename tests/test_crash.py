@@ -56,9 +56,11 @@ def test_killed_runs_resume_without_losing_or_duplicating_clips(corpus, bad_case
     assert committed >= 1 and not (out / "manifest.parquet").exists()
 
     # Kill 2: while a batch is being written (a shard under .tmp), after at least one more commit.
-    kill_when(start(work, source, config),
-              lambda: len(list((out / "batches").glob("*.json"))) > committed and any((out / ".tmp").glob("*/*.tar")),
-              "a shard in progress")
+    kill_when(
+        start(work, source, config),
+        lambda: len(list((out / "batches").glob("*.json"))) > committed and any((out / ".tmp").glob("*/*.tar")),
+        "a shard in progress",
+    )
 
     final = subprocess.run(
         vaemo_command("--config", str(config), "--work-dir", str(work), "ingest", str(source), "--dataset", "generic",

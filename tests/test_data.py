@@ -150,8 +150,10 @@ def test_fbank_normalisation_matches_the_formula(raw):
     audio = decode_audio(sample["flac"], 16000)
     window = choose_window(n, fps, CFG, None)
     wave = torch.from_numpy(window_waveform(audio, window, n, fps, 16000))[None]
-    reference = kaldi.fbank(wave, htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
-                            num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25, snip_edges=False)
+    reference = kaldi.fbank(
+        wave, htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+        num_mel_bins=128, dither=0.0, frame_shift=10, frame_length=25, snip_edges=False,
+    )
     assert reference.shape == (256, 128)
     hicmae = load_sample(sample, CFG, train=False)["audio"]
     torch.testing.assert_close(hicmae, (reference + 4.2677393) / (2 * 4.5689974))

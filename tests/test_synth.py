@@ -67,9 +67,13 @@ def wav_seconds(path: Path) -> float:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("synth")
-    return {"default": synth.talking_face_video(root / "default.mp4"),
-            "three_seconds": synth.talking_face_video(root / "three_seconds.mp4", seconds=3.0),
-            "cases": synth.bad_inputs(root / "bad"), "demo": synth.demo_corpus(root / "demo", n_videos=2), "root": root}
+    return {
+        "default": synth.talking_face_video(root / "default.mp4"),
+        "three_seconds": synth.talking_face_video(root / "three_seconds.mp4", seconds=3.0),
+        "cases": synth.bad_inputs(root / "bad"),
+        "demo": synth.demo_corpus(root / "demo", n_videos=2),
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +245,10 @@ def test_face_tint_changes_the_face_colour(media: dict, detect_faces, tmp_path: 
     assert red_share(tinted_frame) > red_share(plain_frame) + 0.1
 
 
-@pytest.mark.parametrize(("suffix", "vcodec", "acodec"),
-                         [(".avi", "mpeg4", "mp3"), (".mkv", "h264", "vorbis"), (".webm", "vp9", "opus")])
+@pytest.mark.parametrize(
+    ("suffix", "vcodec", "acodec"),
+    [(".avi", "mpeg4", "mp3"), (".mkv", "h264", "vorbis"), (".webm", "vp9", "opus")],
+)
 def test_container_defaults_and_tone_audio(tmp_path: Path, suffix: str, vcodec: str, acodec: str) -> None:
     path = synth.talking_face_video(tmp_path / f"clip{suffix}", seconds=1.0, audio="tone")
     info = ffprobe(path)

@@ -38,15 +38,16 @@ class StoreError(ArtifactError):
 def captions_schema(dim: int) -> pa.Schema:
     text = pa.string()
     vector = pa.list_(pa.float32(), dim)
-    return pa.schema([("clip_id", text), ("prompt_version", text), ("model", text), ("engine", text),
-                      ("label_aware", pa.bool_()), ("status", text), ("reason", text), ("attempts", pa.int32()),
-                      ("facial_cues", text), ("vocal_cues", text), ("reasoning", text), ("emotion", text),
-                      ("intensity", text), ("description", text), ("raw_output", text), ("failures", text),
-                      ("prompt_digest", text), ("sampling", text), ("prompt_tokens", pa.int32()),
-                      ("generated_tokens", pa.int32()), ("seconds", pa.float32()), ("shard", text), ("dataset", text),
-                      ("speaker", text), ("label", text), ("run_tag", text),
-                      ("created_at", pa.timestamp("us", tz="UTC")), ("text_encoder", text), ("description_vec", vector),
-                      ("facial_vec", vector), ("vocal_vec", vector)])
+    return pa.schema([
+        ("clip_id", text), ("prompt_version", text), ("model", text),
+        ("engine", text), ("label_aware", pa.bool_()), ("status", text), ("reason", text), ("attempts", pa.int32()),
+        ("facial_cues", text), ("vocal_cues", text), ("reasoning", text), ("emotion", text), ("intensity", text),
+        ("description", text), ("raw_output", text), ("failures", text),
+        ("prompt_digest", text), ("sampling", text), ("prompt_tokens", pa.int32()), ("generated_tokens", pa.int32()),
+        ("seconds", pa.float32()), ("shard", text), ("dataset", text), ("speaker", text), ("label", text),
+        ("run_tag", text), ("created_at", pa.timestamp("us", tz="UTC")), ("text_encoder", text),
+        ("description_vec", vector), ("facial_vec", vector), ("vocal_vec", vector),
+    ])
 
 
 def connect(db_dir: str | os.PathLike):

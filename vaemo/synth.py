@@ -49,20 +49,28 @@ _APT_PACKAGE = {"ffmpeg": "ffmpeg", "ffprobe": "ffmpeg", "espeak-ng": "espeak-ng
 
 # Default (video encoder, audio encoder) per container, chosen like the corpora we ingest:
 # FLV + MP3 is CREMA-D's Flash video, MPEG-4 part 2 in AVI is common in older datasets.
-_CONTAINER_CODECS = {".mp4": ("libx264", "aac"), ".m4v": ("libx264", "aac"), ".mov": ("libx264", "aac"),
-                     ".flv": ("flv", "libmp3lame"), ".avi": ("mpeg4", "libmp3lame"), ".mkv": ("libx264", "libvorbis"),
-                     ".webm": ("libvpx-vp9", "libopus")}
+_CONTAINER_CODECS = {
+    ".mp4": ("libx264", "aac"),
+    ".m4v": ("libx264", "aac"),
+    ".mov": ("libx264", "aac"),
+    ".flv": ("flv", "libmp3lame"),
+    ".avi": ("mpeg4", "libmp3lame"),
+    ".mkv": ("libx264", "libvorbis"),
+    ".webm": ("libvpx-vp9", "libopus"),
+}
 # Only the QuickTime family stores a display matrix that ffmpeg 5.1 writes and honours.
 _ROTATABLE = {".mp4", ".m4v", ".mov"}
 # AVI has one fixed frame rate and no per-frame timestamps.
 _VFR_CONTAINERS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".flv"}
 
 # Speed-first settings: the clips are test fixtures, quality only has to keep the face detectable.
-_VIDEO_OPTIONS = {"libx264": ["-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"],
-                  "libvpx-vp9": ["-deadline", "realtime", "-cpu-used", "8", "-b:v", "0", "-crf", "36", "-pix_fmt",
-                                 "yuv420p"],
-                  "libvpx": ["-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k", "-pix_fmt", "yuv420p"],
-                  "flv": ["-q:v", "4", "-pix_fmt", "yuv420p"], "mpeg4": ["-q:v", "4", "-pix_fmt", "yuv420p"]}
+_VIDEO_OPTIONS = {
+    "libx264": ["-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p"],
+    "libvpx-vp9": ["-deadline", "realtime", "-cpu-used", "8", "-b:v", "0", "-crf", "36", "-pix_fmt", "yuv420p"],
+    "libvpx": ["-deadline", "realtime", "-cpu-used", "8", "-b:v", "500k", "-pix_fmt", "yuv420p"],
+    "flv": ["-q:v", "4", "-pix_fmt", "yuv420p"],
+    "mpeg4": ["-q:v", "4", "-pix_fmt", "yuv420p"],
+}
 _AUDIO_OPTIONS = {
     "aac": ["-b:a", "64k", "-aac_coder", "fast"],
     "libmp3lame": ["-b:a", "64k"],
@@ -72,12 +80,14 @@ _AUDIO_OPTIONS = {
 
 AUDIO_MODES = ("speech", "silent", "none", "tone")
 
-_SENTENCES = ("I can't believe you did that again, after everything we talked about.",
-              "This is the best news I have heard all year, thank you so much.",
-              "Please leave the papers on my desk and close the door behind you.",
-              "I am really worried that something terrible has happened to them.",
-              "Wait, what? You are telling me the whole thing was a surprise party?",
-              "Honestly, I feel a little tired today, but I will be fine tomorrow.")
+_SENTENCES = (
+    "I can't believe you did that again, after everything we talked about.",
+    "This is the best news I have heard all year, thank you so much.",
+    "Please leave the papers on my desk and close the door behind you.",
+    "I am really worried that something terrible has happened to them.",
+    "Wait, what? You are telling me the whole thing was a surprise party?",
+    "Honestly, I feel a little tired today, but I will be fine tomorrow.",
+)
 _VOICES = ("en", "en-us", "en+f3", "en+m3", "en-gb-x-rp", "en+f2")
 
 
@@ -133,8 +143,10 @@ def speak(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Text goes through stdin so words starting with '-' are never read as options.
-    _run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path.resolve()), "--stdin"],
-         stdin=text.encode("utf-8"))
+    _run(
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path.resolve()), "--stdin"],
+        stdin=text.encode("utf-8"),
+    )
     if pad_seconds > 0:
         rate, samples = _read_wav(path)
         pad = np.zeros(round(pad_seconds * rate), dtype=np.int16)
@@ -176,9 +188,15 @@ def _scene(size: tuple[int, int], faces: int, seed: int, face_tint: tuple[float,
     if face_tint is not None:
         crop = np.clip(crop * np.asarray(face_tint, dtype=np.float32), 0, 255).astype(np.uint8)
     count = max(faces, 3)  # faces=0 still needs phases for its moving shapes
-    return _Scene(width=width, height=height, faces=faces, background=background, face=Image.fromarray(crop),
-                  phases=tuple(rng.uniform(0, 2 * math.pi, size=count)),
-                  colours=tuple(tuple(int(c) for c in rng.integers(0, 256, size=3)) for _ in range(count)))
+    return _Scene(
+        width=width,
+        height=height,
+        faces=faces,
+        background=background,
+        face=Image.fromarray(crop),
+        phases=tuple(rng.uniform(0, 2 * math.pi, size=count)),
+        colours=tuple(tuple(int(c) for c in rng.integers(0, 256, size=3)) for _ in range(count)),
+    )
 
 
 def _render(scene: _Scene, t: float) -> Image.Image:
@@ -230,8 +248,18 @@ def _audio_input(audio: str, speech: Path | None) -> list[str]:
     return []
 
 
-def _encode(out: Path, frames: bytes, *, stored_size: tuple[int, int], fps: float, seconds: float,
-            audio_input: list[str], vcodec: str, acodec: str, variable_fps: bool) -> None:
+def _encode(
+    out: Path,
+    frames: bytes,
+    *,
+    stored_size: tuple[int, int],
+    fps: float,
+    seconds: float,
+    audio_input: list[str],
+    vcodec: str,
+    acodec: str,
+    variable_fps: bool,
+) -> None:
     """Encode rgb24 ``frames`` (piped on stdin) plus an optional audio input into ``out``."""
     width, height = stored_size
     args = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
@@ -265,11 +293,22 @@ def _set_rotation(source: Path, out: Path, rotate: int) -> None:
     _run(args)
 
 
-def talking_face_video(path: Path, *, text: str | None = DEFAULT_TEXT, seconds: float | None = None,
-                       size: tuple[int, int] = (320, 240), fps: float = 25, faces: int = 1, audio: str = "speech",
-                       vcodec: str | None = None, acodec: str | None = None, rotate: int = 0,
-                       variable_fps: bool = False, seed: int = 0,
-                       face_tint: tuple[float, float, float] | None = None) -> Path:
+def talking_face_video(
+    path: Path,
+    *,
+    text: str | None = DEFAULT_TEXT,
+    seconds: float | None = None,
+    size: tuple[int, int] = (320, 240),
+    fps: float = 25,
+    faces: int = 1,
+    audio: str = "speech",
+    vcodec: str | None = None,
+    acodec: str | None = None,
+    rotate: int = 0,
+    variable_fps: bool = False,
+    seed: int = 0,
+    face_tint: tuple[float, float, float] | None = None,
+) -> Path:
     """Write a clip of ``faces`` swaying astronaut heads over a textured background, with a voice.
 
     ``size`` is the displayed (width, height). Without ``seconds`` the clip lasts as long as the
@@ -284,13 +323,22 @@ def talking_face_video(path: Path, *, text: str | None = DEFAULT_TEXT, seconds: 
     """
     if audio == "speech" and not text:
         raise ValueError("audio='speech' needs a text to speak")
-    return _speaking_clip(Path(path), text, seconds=seconds, size=size, fps=fps, faces=faces, audio=audio,
-                          vcodec=vcodec, acodec=acodec, rotate=rotate, variable_fps=variable_fps, seed=seed,
-                          face_tint=face_tint)
+    return _speaking_clip(
+        Path(path), text, seconds=seconds, size=size, fps=fps, faces=faces, audio=audio, vcodec=vcodec,
+        acodec=acodec, rotate=rotate, variable_fps=variable_fps, seed=seed, face_tint=face_tint,
+    )
 
 
-def _speaking_clip(path: Path, text: str | None, *, voice: str = "en", speed: int = 160, pitch: int = 50,
-                   clamp_seconds: tuple[float, float] | None = None, **options: Any) -> Path:
+def _speaking_clip(
+    path: Path,
+    text: str | None,
+    *,
+    voice: str = "en",
+    speed: int = 160,
+    pitch: int = 50,
+    clamp_seconds: tuple[float, float] | None = None,
+    **options: Any,
+) -> Path:
     """Speak ``text`` (if any), then make the clip; ``clamp_seconds`` bounds a speech-timed length."""
     with tempfile.TemporaryDirectory(prefix="vaemo-synth-") as tmp:
         speech = speak(text, Path(tmp) / "speech.wav", voice=voice, speed=speed, pitch=pitch) if text else None
@@ -300,10 +348,22 @@ def _speaking_clip(path: Path, text: str | None, *, voice: str = "en", speed: in
         return _clip(path, speech=speech, **options)
 
 
-def _clip(path: Path, *, speech: Path | None, seconds: float | None = None, size: tuple[int, int] = (320, 240),
-          fps: float = 25, faces: int = 1, audio: str = "speech", vcodec: str | None = None, acodec: str | None = None,
-          rotate: int = 0, variable_fps: bool = False, seed: int = 0,
-          face_tint: tuple[float, float, float] | None = None) -> Path:
+def _clip(
+    path: Path,
+    *,
+    speech: Path | None,
+    seconds: float | None = None,
+    size: tuple[int, int] = (320, 240),
+    fps: float = 25,
+    faces: int = 1,
+    audio: str = "speech",
+    vcodec: str | None = None,
+    acodec: str | None = None,
+    rotate: int = 0,
+    variable_fps: bool = False,
+    seed: int = 0,
+    face_tint: tuple[float, float, float] | None = None,
+) -> Path:
     """talking_face_video() once the speech WAV (if any) exists; see there for the options."""
     suffix = path.suffix.lower()
     width, height = size
@@ -339,9 +399,17 @@ def _clip(path: Path, *, speech: Path | None, seconds: float | None = None, size
 
     with tempfile.TemporaryDirectory(prefix="vaemo-synth-") as tmp:
         encoded = Path(tmp) / f"encoded{suffix}" if rotate else path
-        _encode(encoded, bytes(frames), stored_size=(height, width) if rotate in (90, 270) else (width, height),
-                fps=fps, seconds=seconds, audio_input=_audio_input(audio, speech), vcodec=vcodec or default_vcodec,
-                acodec=acodec or default_acodec, variable_fps=variable_fps)
+        _encode(
+            encoded,
+            bytes(frames),
+            stored_size=(height, width) if rotate in (90, 270) else (width, height),
+            fps=fps,
+            seconds=seconds,
+            audio_input=_audio_input(audio, speech),
+            vcodec=vcodec or default_vcodec,
+            acodec=acodec or default_acodec,
+            variable_fps=variable_fps,
+        )
         if rotate:
             _set_rotation(encoded, path, rotate)
     return path
@@ -425,10 +493,11 @@ def demo_corpus(folder: Path, *, n_videos: int = 4, seed: int = 0) -> list[Path]
 # Made-up "emotions" for evaluation tests: each changes the face (an RGB tint of the face region)
 # and the voice (espeak-ng pitch 0-99 and speed in words per minute), so a label is truly visible
 # and audible, while speakers differ by voice, background and a small tint of their own.
-LABELLED_STYLES: dict[str,
-                      dict] = {"warm": {"face_tint": (1.35, 0.95, 0.6), "pitch": 15, "speed": 120},
-                               "cold": {"face_tint": (0.6, 0.95, 1.35), "pitch": 90, "speed": 210},
-                               "pale": {"face_tint": (1.0, 1.25, 1.0), "pitch": 50, "speed": 165}}
+LABELLED_STYLES: dict[str, dict] = {
+    "warm": {"face_tint": (1.35, 0.95, 0.6), "pitch": 15, "speed": 120},
+    "cold": {"face_tint": (0.6, 0.95, 1.35), "pitch": 90, "speed": 210},
+    "pale": {"face_tint": (1.0, 1.25, 1.0), "pitch": 50, "speed": 165},
+}
 _SPEAKER_VOICES = ("en", "en-us", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbclan")
 
 
@@ -453,12 +522,17 @@ def labelled_corpus(
                 relative = f"spk{s:02d}/{label}_{i}.mp4"
                 rows.append((relative, label, f"spk{s:02d}"))
                 jobs.append(
-                    functools.partial(_speaking_clip, folder / relative, _SENTENCES[int(rng.integers(len(_SENTENCES)))],
-                                      voice=_SPEAKER_VOICES[s % len(_SPEAKER_VOICES)],
-                                      speed=style["speed"] + int(rng.integers(-10, 11)),
-                                      pitch=int(np.clip(style["pitch"] + rng.integers(-5, 6), 0, 99)),
-                                      clamp_seconds=(2.7, 3.0), seed=seed * 10_000 + s * 100 + len(rows),
-                                      face_tint=tuple((np.asarray(style["face_tint"]) * own_tint).tolist()))
+                    functools.partial(
+                        _speaking_clip,
+                        folder / relative,
+                        _SENTENCES[int(rng.integers(len(_SENTENCES)))],
+                        voice=_SPEAKER_VOICES[s % len(_SPEAKER_VOICES)],
+                        speed=style["speed"] + int(rng.integers(-10, 11)),
+                        pitch=int(np.clip(style["pitch"] + rng.integers(-5, 6), 0, 99)),
+                        clamp_seconds=(2.7, 3.0),
+                        seed=seed * 10_000 + s * 100 + len(rows),
+                        face_tint=tuple((np.asarray(style["face_tint"]) * own_tint).tolist()),
+                    )
                 )
     _in_parallel(jobs)
     labels = folder / LABELS_FILE

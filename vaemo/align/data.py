@@ -94,10 +94,14 @@ def load_captions(db: str | Path, shards_dir: str | Path, cfg: AlignConfig) -> C
     in_shards = chosen[chosen["clip_id"].isin(shard_clips)]
     usable = in_shards[in_shards["status"] == "ok"].sort_values("clip_id")
     not_ok = in_shards[in_shards["status"] != "ok"]
-    counts = {"rows": len(chosen), "captions_ok": len(usable), "captions_skipped": len(not_ok),
-              "captions_skipped_by_status": dict(Counter(not_ok["status"].fillna("missing"))),
-              "captions_not_in_shards": int((~chosen["clip_id"].isin(shard_clips)).sum()),
-              "shard_clips": len(shard_clips)}
+    counts = {
+        "rows": len(chosen),
+        "captions_ok": len(usable),
+        "captions_skipped": len(not_ok),
+        "captions_skipped_by_status": dict(Counter(not_ok["status"].fillna("missing"))),
+        "captions_not_in_shards": int((~chosen["clip_id"].isin(shard_clips)).sum()),
+        "shard_clips": len(shard_clips),
+    }
     if len(usable) < 2:
         raise AlignDataError(
             f"{len(usable)} ok caption(s) of clips in {shards_dir} in {where} (prompt {prompt_version}, "

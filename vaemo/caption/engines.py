@@ -194,9 +194,10 @@ class TransformersEngine:
             torch.manual_seed(request.seed(self.cfg.seed))
             extra = {"use_audio_in_video": True} if self.with_audio else {}
             with torch.inference_mode():
-                out = self.model.generate(**inputs, **extra, max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
-                                          temperature=s.temperature or None, top_p=s.top_p,
-                                          repetition_penalty=s.repetition_penalty)
+                out = self.model.generate(
+                    **inputs, **extra, max_new_tokens=s.max_tokens, do_sample=s.temperature > 0,
+                    temperature=s.temperature or None, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                )
             prompt_len = inputs["input_ids"].shape[1]
             new = out[0, prompt_len:]
             text = self.processor.batch_decode(new[None], skip_special_tokens=True)[0]

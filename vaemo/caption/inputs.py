@@ -26,8 +26,10 @@ class ClipMedia:
 
     def video_metadata(self) -> dict:
         """The metadata Qwen's video processor needs for frames that are already sampled."""
-        return {"total_num_frames": len(self.frame_indices), "fps": self.fps, "duration": self.duration,
-                "frames_indices": list(range(len(self.frame_indices)))}
+        return {
+            "total_num_frames": len(self.frame_indices), "fps": self.fps, "duration": self.duration,
+            "frames_indices": list(range(len(self.frame_indices))),
+        }
 
 
 def clip_media(sample: dict, frames: int) -> ClipMedia:
@@ -42,8 +44,10 @@ def clip_media(sample: dict, frames: int) -> ClipMedia:
     margin = int(meta.get("crop_margin") or 0)  # ingest stores a margin for random crops; the model sees the face
     if margin and min(video.shape[1:3]) > 2 * margin:
         video = video[:, margin:-margin, margin:-margin]
-    return ClipMedia(clip_id=clip_id, frames=np.ascontiguousarray(video[picks]),
-                     frame_indices=tuple(int(i) for i in picks), fps=frames / duration, duration=duration, wave=wave)
+    return ClipMedia(
+        clip_id=clip_id, frames=np.ascontiguousarray(video[picks]), frame_indices=tuple(int(i) for i in picks),
+        fps=frames / duration, duration=duration, wave=wave,
+    )
 
 
 def shard_samples(shard: Path, wanted: set[str]) -> Iterator[tuple[str, dict]]:

@@ -74,13 +74,17 @@ class Prompt:
     def messages(self, label: str | None = None) -> list[dict]:
         """System + user turn; the video placeholder carries the voice too (audio in video)."""
         text = self.user + ("\n" + self.label_hint.format(label=label) if label else "")
-        return [{"role": "system", "content": self.system},
-                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]},
+        ]
 
     def repair_messages(self, first: list[dict], reply: str, reason: str, reply_chars: int = 2000) -> list[dict]:
         """The conversation so far plus a turn that says what was wrong with the reply."""
-        return first + [{"role": "assistant", "content": reply[:reply_chars]},
-                        {"role": "user", "content": self.repair.format(reason=reason)}]
+        return first + [
+            {"role": "assistant", "content": reply[:reply_chars]},
+            {"role": "user", "content": self.repair.format(reason=reason)},
+        ]
 
 
 class PromptError(ConfigError):

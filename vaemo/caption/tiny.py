@@ -15,9 +15,15 @@ from pathlib import Path
 WARNING = "random weights: this model writes meaningless text (for tests and install checks only)"
 
 # The placeholders and markers the Omni processor and vLLM look up by name.
-OMNI_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
-               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
-               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
+OMNI_TOKENS = {
+    "image_token": "<|IMAGE|>",
+    "audio_token": "<|AUDIO|>",
+    "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML with Qwen2.5-Omni's multimodal placeholders, the layout of the released template.
@@ -61,9 +67,14 @@ def _tokenizer():
         vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(_training_text(), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left", chat_template=CHAT_TEMPLATE,
-                                   model_specific_special_tokens=OMNI_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        model_specific_special_tokens=OMNI_TOKENS,
+    )
 
 
 def _config(tokenizer):
@@ -84,21 +95,43 @@ def _config(tokenizer):
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
         "tie_word_embeddings": False,
     }
-    vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 14,
-              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-              "out_hidden_size": text["hidden_size"], "fullatt_block_indexes": [1]}
-    audio = {"num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
-             "d_model": 64, "output_dim": text["hidden_size"], "n_window": 100, "max_source_positions": 1500}
-    thinker = {"text_config": text, "vision_config": vision, "audio_config": audio,
-               "audio_token_index": token(OMNI_TOKENS["audio_token"]),
-               "image_token_index": token(OMNI_TOKENS["image_token"]),
-               "video_token_index": token(OMNI_TOKENS["video_token"]),
-               "audio_start_token_id": token(OMNI_TOKENS["audio_bos_token"]),
-               "audio_end_token_id": token(OMNI_TOKENS["audio_eos_token"]),
-               "vision_start_token_id": token(OMNI_TOKENS["vision_bos_token"]),
-               "vision_end_token_id": token(OMNI_TOKENS["vision_eos_token"]),
-               "user_token_id": token("user") if token("user") is not None else 0, "position_id_per_seconds": 25,
-               "seconds_per_chunk": 2}
+    vision = {
+        "depth": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "out_hidden_size": text["hidden_size"],
+        "fullatt_block_indexes": [1],
+    }
+    audio = {
+        "num_mel_bins": 128,
+        "encoder_layers": 2,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 128,
+        "d_model": 64,
+        "output_dim": text["hidden_size"],
+        "n_window": 100,
+        "max_source_positions": 1500,
+    }
+    thinker = {
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": audio,
+        "audio_token_index": token(OMNI_TOKENS["audio_token"]),
+        "image_token_index": token(OMNI_TOKENS["image_token"]),
+        "video_token_index": token(OMNI_TOKENS["video_token"]),
+        "audio_start_token_id": token(OMNI_TOKENS["audio_bos_token"]),
+        "audio_end_token_id": token(OMNI_TOKENS["audio_eos_token"]),
+        "vision_start_token_id": token(OMNI_TOKENS["vision_bos_token"]),
+        "vision_end_token_id": token(OMNI_TOKENS["vision_eos_token"]),
+        "user_token_id": token("user") if token("user") is not None else 0,
+        "position_id_per_seconds": 25,
+        "seconds_per_chunk": 2,
+    }
     config = Qwen2_5OmniConfig(thinker_config=thinker, enable_audio_output=False)
     config.architectures = ["Qwen2_5OmniModel"]
     return config
@@ -113,8 +146,10 @@ def _processor(tokenizer):
     image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
     video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2, **pixels)
     audio = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000)
-    return Qwen2_5OmniProcessor(image_processor=image, video_processor=video, feature_extractor=audio,
-                                tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return Qwen2_5OmniProcessor(
+        image_processor=image, video_processor=video, feature_extractor=audio,
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_mllm(folder: str | os.PathLike, seed: int = 0) -> Path:

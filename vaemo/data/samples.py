@@ -165,9 +165,15 @@ def choose_window(n_frames: int, clip_fps: float, cfg: DataConfig, rng: np.rando
     else:
         start = int(rng.integers(0, n_frames - span + 1)) if rng is not None else (n_frames - span) // 2
     begin = start / clip_fps
-    return Window(start_frame=start, frame_indices=tuple((start + o) % n_frames for o in offsets),
-                  audio_start=round(begin * cfg.sample_rate), audio_samples=cfg.window_samples, start=begin,
-                  end=begin + cfg.window_seconds, looped=looped)
+    return Window(
+        start_frame=start,
+        frame_indices=tuple((start + o) % n_frames for o in offsets),
+        audio_start=round(begin * cfg.sample_rate),
+        audio_samples=cfg.window_samples,
+        start=begin,
+        end=begin + cfg.window_seconds,
+        looped=looped,
+    )
 
 
 def window_waveform(audio: np.ndarray, window: Window, n_frames: int, clip_fps: float, sample_rate: int) -> np.ndarray:
@@ -191,9 +197,18 @@ def fbank(waveform: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     shortfall (254 of 256 with the AudioMAE framing) repeats the last frame, and a surplus is cut.
     """
     wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
-    feats = kaldi.fbank(wave, htk_compat=cfg.htk_compat, sample_frequency=cfg.sample_rate, use_energy=False,
-                        window_type=cfg.fbank_window_type, num_mel_bins=cfg.mel_bins, dither=cfg.dither,
-                        frame_length=cfg.fbank_window_ms, frame_shift=cfg.fbank_shift_ms, snip_edges=cfg.snip_edges)
+    feats = kaldi.fbank(
+        wave,
+        htk_compat=cfg.htk_compat,
+        sample_frequency=cfg.sample_rate,
+        use_energy=False,
+        window_type=cfg.fbank_window_type,
+        num_mel_bins=cfg.mel_bins,
+        dither=cfg.dither,
+        frame_length=cfg.fbank_window_ms,
+        frame_shift=cfg.fbank_shift_ms,
+        snip_edges=cfg.snip_edges,
+    )
     short = cfg.audio_frames - feats.shape[0]
     if short > 0:
         feats = torch.cat([feats, feats[-1:].expand(short, -1)])

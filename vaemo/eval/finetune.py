@@ -84,9 +84,10 @@ def param_groups(model: Classifier, cfg: FinetuneConfig) -> list[dict]:
             param.requires_grad_(False)
             continue
         decay = param.ndim >= 2 and "modality" not in name
-        group = groups.setdefault((layer, decay),
-                                  {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                                   "lr_scale": cfg.layer_decay ** (depth + 1 - layer), "layer": layer})
+        group = groups.setdefault((layer, decay), {
+            "params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": cfg.layer_decay ** (depth + 1 - layer), "layer": layer,
+        })
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
@@ -116,10 +117,24 @@ def predict(model: Classifier, urls: list[str], data: DataConfig, clip_ids: list
     return ids, (torch.cat(logits).numpy() if logits else np.zeros((0, model.head.out_features), np.float32))
 
 
-def finetune_fold(model_dir: Path, urls: list[str], data: DataConfig, label_of: dict[str, int], train: list[str],
-                  val: list[str], test: list[str], classes: list[str], modality: str, cfg: FinetuneConfig, *,
-                  eval_batch_size: int = 16, num_workers: int = 0, seed: int = 0, device: torch.device | None = None,
-                  log_epoch: EpochLogger | None = None) -> tuple[HeadResult, list[str]]:
+def finetune_fold(
+    model_dir: Path,
+    urls: list[str],
+    data: DataConfig,
+    label_of: dict[str, int],
+    train: list[str],
+    val: list[str],
+    test: list[str],
+    classes: list[str],
+    modality: str,
+    cfg: FinetuneConfig,
+    *,
+    eval_batch_size: int = 16,
+    num_workers: int = 0,
+    seed: int = 0,
+    device: torch.device | None = None,
+    log_epoch: EpochLogger | None = None,
+) -> tuple[HeadResult, list[str]]:
     """Fine-tune on ``train``, select on ``val``; returns the result and the test clip ids in prediction order."""
     device = device or torch.device("cpu")
     n_classes = len(classes)

@@ -36,11 +36,14 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
     f1 = np.where(
         denominator > 0, 2 * precision * np.nan_to_num(recall) / np.where(denominator > 0, denominator, 1), 0.0
     )
-    return {"uar": float(recall[present].mean()), "war": float(hits.sum() / len(y_true)),
-            "macro_f1": float(f1[present].mean()),
-            "per_class_recall": {name: (None if not present[i] else float(recall[i])) for i,
-                                 name in enumerate(classes)},
-            "confusion": matrix.tolist(), "support": {name: int(support[i]) for i, name in enumerate(classes)}}
+    return {
+        "uar": float(recall[present].mean()),
+        "war": float(hits.sum() / len(y_true)),
+        "macro_f1": float(f1[present].mean()),
+        "per_class_recall": {name: (None if not present[i] else float(recall[i])) for i, name in enumerate(classes)},
+        "confusion": matrix.tolist(),
+        "support": {name: int(support[i]) for i, name in enumerate(classes)},
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

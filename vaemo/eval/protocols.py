@@ -76,10 +76,15 @@ class FoldPlan:
     official: bool  # the benchmark's own folds (comparable with published figures)
 
     def summary(self) -> dict:
-        return {"protocol": self.protocol.name, "classes": self.classes, "clips": int(len(self.clips)),
-                "speakers": int(self.clips["speaker"].nunique()) if self.clips["speaker"].notna().any() else None,
-                "clips_per_class": class_counts(self.clips, self.classes), "fold_rule": self.rule,
-                "official_folds": self.official}
+        return {
+            "protocol": self.protocol.name,
+            "classes": self.classes,
+            "clips": int(len(self.clips)),
+            "speakers": int(self.clips["speaker"].nunique()) if self.clips["speaker"].notna().any() else None,
+            "clips_per_class": class_counts(self.clips, self.classes),
+            "fold_rule": self.rule,
+            "official_folds": self.official,
+        }
 
 
 def class_counts(clips: pd.DataFrame, classes: list[str]) -> dict[str, int]:

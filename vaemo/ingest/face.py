@@ -195,6 +195,12 @@ def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCro
             f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})",
         )
     boxes = crop_boxes(best, detected_at, len(frames), cfg)[first:last]
-    return FaceCrop(frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin), span=(first, last),
-                    coverage=coverage, prob_mean=float(np.mean(best.probs)), prob_min=float(np.min(best.probs)),
-                    faces_max=faces_max, tracks=len(tracks))
+    return FaceCrop(
+        frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin),
+        span=(first, last),
+        coverage=coverage,
+        prob_mean=float(np.mean(best.probs)),
+        prob_min=float(np.min(best.probs)),
+        faces_max=faces_max,
+        tracks=len(tracks),
+    )

@@ -93,11 +93,17 @@ def probe(path: Path, timeout: float, require_video: bool = True) -> ProbeInfo:
     if duration <= 0:
         raise MediaError("not_a_video", "the duration is unknown or zero")
     r_rate, avg_rate = _ratio(video.get("r_frame_rate")), _ratio(video.get("avg_frame_rate"))
-    return ProbeInfo(duration=duration, width=int(video.get("width") or 0), height=int(video.get("height") or 0),
-                     fps=avg_rate or r_rate, vcodec=video.get("codec_name", "unknown"), rotation=_rotation(video),
-                     variable_fps=bool(r_rate and avg_rate and abs(r_rate - avg_rate) > 0.01 * r_rate),
-                     acodec=audio.get("codec_name", "unknown") if audio else None,
-                     audio_channels=int(audio.get("channels") or 0) if audio else 0)
+    return ProbeInfo(
+        duration=duration,
+        width=int(video.get("width") or 0),
+        height=int(video.get("height") or 0),
+        fps=avg_rate or r_rate,
+        vcodec=video.get("codec_name", "unknown"),
+        rotation=_rotation(video),
+        variable_fps=bool(r_rate and avg_rate and abs(r_rate - avg_rate) > 0.01 * r_rate),
+        acodec=audio.get("codec_name", "unknown") if audio else None,
+        audio_channels=int(audio.get("channels") or 0) if audio else 0,
+    )
 
 
 def decode_timeout(seconds: float, per_second: float) -> float:

@@ -165,14 +165,31 @@ def _encode_clip(record, video_id, info, start, end, face, samples, segments, cf
         video_bytes = out.read_bytes()
     audio_bytes = media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
     clip_id = clip_id_of(video_id, start, end)
-    meta = {"clip_id": clip_id, "video_id": video_id, "dataset": record.dataset, "source": record.path,
-            "audio_source": record.audio_path, "start": round(start, 3), "end": round(end, 3), "fps": cfg.fps,
-            "frames": int(len(face.frames)), "sample_rate": cfg.sample_rate, "crop_size": cfg.crop_size,
-            "crop_margin": cfg.crop_margin, "face_coverage": round(face.coverage, 4),
-            "face_prob_mean": round(face.prob_mean, 4), "face_prob_min": round(face.prob_min, 4),
-            "faces_max": face.faces_max, "face_tracks": face.tracks,
-            "speech_ratio": round(voice.speech_ratio(segments, start, end), 4), "label": record.label,
-            "speaker": record.speaker, "fold": record.fold, "source_fps": round(info.fps, 3),
-            "source_rotation": info.rotation, "source_variable_fps": info.variable_fps,
-            "processing": cfg.processing_digest()}
+    meta = {
+        "clip_id": clip_id,
+        "video_id": video_id,
+        "dataset": record.dataset,
+        "source": record.path,
+        "audio_source": record.audio_path,
+        "start": round(start, 3),
+        "end": round(end, 3),
+        "fps": cfg.fps,
+        "frames": int(len(face.frames)),
+        "sample_rate": cfg.sample_rate,
+        "crop_size": cfg.crop_size,
+        "crop_margin": cfg.crop_margin,
+        "face_coverage": round(face.coverage, 4),
+        "face_prob_mean": round(face.prob_mean, 4),
+        "face_prob_min": round(face.prob_min, 4),
+        "faces_max": face.faces_max,
+        "face_tracks": face.tracks,
+        "speech_ratio": round(voice.speech_ratio(segments, start, end), 4),
+        "label": record.label,
+        "speaker": record.speaker,
+        "fold": record.fold,
+        "source_fps": round(info.fps, 3),
+        "source_rotation": info.rotation,
+        "source_variable_fps": info.variable_fps,
+        "processing": cfg.processing_digest(),
+    }
     return Clip(clip_id, video_bytes, audio_bytes, meta)

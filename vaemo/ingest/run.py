@@ -29,8 +29,10 @@ from vaemo.ingest.records import SourceRecord
 
 # Statuses worth another try on the next run; every other status is a property of the file.
 RETRIED = {"error", "timeout"}
-MANIFEST_COLUMNS = ["video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold", "dataset",
-                    "audio_path", "duration", "sha256", "batch_id"]
+MANIFEST_COLUMNS = [
+    "video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold",
+    "dataset", "audio_path", "duration", "sha256", "batch_id",
+]
 
 
 class IngestBusy(BusyError):
@@ -216,7 +218,12 @@ def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: flo
         "shard_set_digest": shard_set_digest(markers),
         "processing_digest": cfg.processing_digest(),
         "timings_total": {k: round(v, 3) for k, v in sorted(timings.items())},
-        "last_run": {"planned_videos": plan.pending_videos, "processed_videos": run_videos,
-                     "skipped_videos": plan.skipped, "recovered": plan.removed, "seconds": round(seconds, 2),
-                     "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None},
+        "last_run": {
+            "planned_videos": plan.pending_videos,
+            "processed_videos": run_videos,
+            "skipped_videos": plan.skipped,
+            "recovered": plan.removed,
+            "seconds": round(seconds, 2),
+            "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None,
+        },
     }

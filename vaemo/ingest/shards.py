@@ -88,9 +88,15 @@ def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], d
             for stage, seconds in outcome.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds
             rows.append(
-                {**video, "status": outcome.status, "reason": outcome.reason, "n_clips": len(outcome.clips),
-                 "duration": outcome.duration, "clips": [c.meta for c in outcome.clips],
-                 "seconds": round(time.perf_counter() - begin, 3)}
+                {
+                    **video,
+                    "status": outcome.status,
+                    "reason": outcome.reason,
+                    "n_clips": len(outcome.clips),
+                    "duration": outcome.duration,
+                    "clips": [c.meta for c in outcome.clips],
+                    "seconds": round(time.perf_counter() - begin, 3),
+                }
             )
     return rows, timings
 
@@ -111,9 +117,15 @@ def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
     shards = [p for p in sorted(tmp.glob("*.tar")) if any(r["n_clips"] for r in rows)]
     shard_stats = [{"name": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in shards]
     _assign_shards(shard_stats, rows, cfg.samples_per_shard)
-    marker = {"batch_id": batch.batch_id, "processing": cfg.processing_digest(), "videos": rows, "shards": shard_stats,
-              "timings": {k: round(v, 4) for k, v in timings.items()}, "seconds": round(time.perf_counter() - begin, 3),
-              "worker_pid": os.getpid()}
+    marker = {
+        "batch_id": batch.batch_id,
+        "processing": cfg.processing_digest(),
+        "videos": rows,
+        "shards": shard_stats,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "seconds": round(time.perf_counter() - begin, 3),
+        "worker_pid": os.getpid(),
+    }
     with commit_lock(out_dir):
         token_file = folder / folder.RUN_TOKEN
         token = json.loads(token_file.read_text())["token"] if token_file.exists() else None

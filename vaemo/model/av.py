@@ -271,8 +271,13 @@ def random_mask(
     return ids_keep, mask
 
 
-def tube_mask(batch: int, grid: tuple[int, int, int], ratio: float, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def tube_mask(
+    batch: int,
+    grid: tuple[int, int, int],
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
     """Tube masking: the same spatial patches are masked in every temporal slice.
 
     ``grid`` is (t, h, w); the visible count is t * round((1 - ratio) * h * w).
@@ -533,9 +538,19 @@ class AVMAE(nn.Module):
         contrastive = info_nce(emb_v, emb_a, temperature)
 
         loss = rec_v + rec_a + cfg.contrastive_weight * contrastive
-        return {"loss": loss, "rec_video": rec_v, "rec_audio": rec_a, "contrastive": contrastive,
-                "temperature": temperature.detach(), "video_proj": emb_v, "audio_proj": emb_a, "pred_video": pred_v,
-                "pred_audio": pred_a, "mask_video": mask_v, "mask_audio": mask_a}
+        return {
+            "loss": loss,
+            "rec_video": rec_v,
+            "rec_audio": rec_a,
+            "contrastive": contrastive,
+            "temperature": temperature.detach(),
+            "video_proj": emb_v,
+            "audio_proj": emb_a,
+            "pred_video": pred_v,
+            "pred_audio": pred_a,
+            "mask_video": mask_v,
+            "mask_audio": mask_a,
+        }
 
     def decode(self, joint: Tensor, ids_v: Tensor, ids_a: Tensor) -> tuple[Tensor, Tensor]:
         """Visible encoder outputs (video first) -> patch predictions for every token of both."""
@@ -554,9 +569,15 @@ class AVMAE(nn.Module):
 
     # ---- features ------------------------------------------------------------------------
 
-    def encode(self, video: Tensor | None = None, audio: Tensor | None = None, pool: Literal["mean", "tokens"] = "mean",
-               unimodal: bool = True, video_ids: Tensor | None = None,
-               audio_ids: Tensor | None = None) -> dict[str, Tensor]:
+    def encode(
+        self,
+        video: Tensor | None = None,
+        audio: Tensor | None = None,
+        pool: Literal["mean", "tokens"] = "mean",
+        unimodal: bool = True,
+        video_ids: Tensor | None = None,
+        audio_ids: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Features without masking, for fine-tuning, probing and Stage 2.
 
         Keys present depend on the inputs:
@@ -785,8 +806,12 @@ def model_info(cfg: AVConfig) -> dict:
     return {
         "name": cfg.name,
         "params": params,
-        "tokens": {"video": cfg.video_tokens, "audio": cfg.audio_tokens, "video_visible": cfg.video_visible,
-                   "audio_visible": cfg.audio_visible},
+        "tokens": {
+            "video": cfg.video_tokens,
+            "audio": cfg.audio_tokens,
+            "video_visible": cfg.video_visible,
+            "audio_visible": cfg.audio_visible,
+        },
         "pretrain_gflops": gflops(lambda: model(video, audio)),
         "encode_joint_gflops": gflops(lambda: model.encode(video, audio, unimodal=False)),
         "encode_video_gflops": gflops(lambda: model.encode(video=video)),

@@ -105,10 +105,15 @@ class Position:
 
 def _save_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, position: Position, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "position": [position.step, position.epoch, position.batch], "rng_torch": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-             "rng_python": list(random.getstate()[1])}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "position": [position.step, position.epoch, position.batch],
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": list(random.getstate()[1]),
+    }
     path = folder / f"step-{position.step:08d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -173,8 +178,17 @@ class TrainResult:
     resumed_from: int | None
 
 
-def train(model: nn.Module, objective: Objective, batches: Batches, cfg: TrainConfig, out_dir: Path, *,
-          resume: bool = False, log_step: StepLogger | None = None, seen_clips: list[str] | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    objective: Objective,
+    batches: Batches,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    log_step: StepLogger | None = None,
+    seen_clips: list[str] | None = None,
+) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps; rank 0 writes checkpoints and the step log.
 
     ``seen_clips`` collects the clip ids this process trained on (for checks of data sharding).
@@ -292,11 +306,14 @@ def write_rank_record(out_dir: Path, rank: int, seen: list[str], model: nn.Modul
 
 def run_summary(result, world: int) -> dict:
     """What every training stage reports about its run, beside its own metrics."""
-    return {"skipped_samples": result.skipped, "train_seconds": round(result.seconds, 2),
-            "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
-            "resumed_from_step": result.resumed_from, "processes": world,
-            "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20,
-                                    1) if torch.cuda.is_available() else None}
+    return {
+        "skipped_samples": result.skipped,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
+        "resumed_from_step": result.resumed_from,
+        "processes": world,
+        "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+    }
 
 
 def entry_point(

@@ -105,11 +105,11 @@ def pretrain(
     return metrics
 
 
-main = entry_point("python -m vaemo.train.pretrain", __doc__, PretrainConfig,
-                   lambda parser: parser.add_argument("--shards", required=True, type=Path,
-                                                      help="an ingest output folder"),
-                   lambda args, cfg,
-                   log_step: pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step))
+main = entry_point(
+    "python -m vaemo.train.pretrain", __doc__, PretrainConfig,
+    lambda parser: parser.add_argument("--shards", required=True, type=Path, help="an ingest output folder"),
+    lambda args, cfg, log_step: pretrain(args.shards, args.out, cfg, resume=args.resume, log_step=log_step),
+)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,11 @@ def read_labels(labels: Path) -> dict[str, dict]:
         path = _relative_path(row["path"], labels, line)
         if path in rows:
             raise CorpusError(f"{labels} line {line}: {path!r} is listed twice")
-        rows[path] = {"label": row.get("label") or None, "speaker": row.get("speaker") or None,
-                      "fold": _fold(row.get("fold", ""), labels, line)}
+        rows[path] = {
+            "label": row.get("label") or None,
+            "speaker": row.get("speaker") or None,
+            "fold": _fold(row.get("fold", ""), labels, line),
+        }
     return rows
 
 

@@ -11,8 +11,19 @@ from vaemo.ingest.adapters.splits import FOLDS, scan_test_splits, split_dir
 from vaemo.ingest.records import SourceRecord
 
 # The 11 single-label classes, in the release's order.
-EMOTIONS = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise", "contempt", "anxiety",
-            "helplessness", "disappointment")
+EMOTIONS = (
+    "anger",
+    "disgust",
+    "fear",
+    "happiness",
+    "neutral",
+    "sadness",
+    "surprise",
+    "contempt",
+    "anxiety",
+    "helplessness",
+    "disappointment",
+)
 
 
 def marks_splits(path: PurePosixPath) -> bool:

@@ -19,6 +19,7 @@ from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import EvaluateConfig, TrackingConfig
 from vaemo.eval import REPORT, RESULTS, prepare
 from vaemo.eval import evaluate as run_evaluation
+from vaemo.eval.report import test_set_line
 from vaemo.eval.run import PREDICTIONS
 from vaemo.tracking import Tag
 
@@ -41,6 +42,16 @@ def _table(results: dict) -> list[dict]:
     return rows
 
 
+def _test_set_metrics(test_set: dict) -> dict:
+    """``test_set.scored``, ``test_set.reasons.no_face``, ``fold1.test_set.not_evaluated``, ..."""
+
+    def counts(part: dict) -> dict:
+        return {**part, "reasons": {_metric_name(k): v for k, v in part["reasons"].items()}}
+
+    return {"test_set": {**counts(test_set["total"]), "no_fold": test_set["no_fold"]},
+            **{f"fold{f['fold']}.test_set": counts(f) for f in test_set["folds"]}}
+
+
 def summary(results: dict, out: str, run_id: str) -> str:
     best, last = results["mean"]["best_val"], results["mean"]["last"]
     return (
@@ -48,7 +59,8 @@ def summary(results: dict, out: str, run_id: str) -> str:
         f"{100 * best['uar_std']:.2f} % "
         f"(best on validation), {100 * last['uar']:.2f} ± {100 * last['uar_std']:.2f} % (last epoch); WAR "
         f"{100 * best['war']:.2f} / {100 * last['war']:.2f} %; chance UAR {100 * results['chance_uar']:.2f} %; "
-        f"{Path(out) / RESULTS}, {Path(out) / REPORT}; MLflow run {run_id}"
+        f"{test_set_line(results['test_set']['total'], 'test videos')}; {Path(out) / RESULTS}, {Path(out) / REPORT}; "
+        f"MLflow run {run_id}"
     )
 
 
@@ -107,6 +119,7 @@ def evaluate_flow(model: str, data: str, out: str, settings: EvaluateConfig = Ev
         tracking.log_metrics_flat(
             {"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"]}
         )
+        tracking.log_metrics_flat(_test_set_metrics(results["test_set"]))
         outputs = Path(out)
         tracking.log_files(
             [outputs / RESULTS, outputs / REPORT, outputs / PREDICTIONS]

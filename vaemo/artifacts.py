@@ -140,6 +140,13 @@ class IngestFolder(_Folder):
             raise ArtifactError(f"{path} not found: point to the output folder of a finished ingest run")
         return pd.read_parquet(path, columns=columns)
 
+    def manifest(self, columns: list[str] | None = None):
+        """The manifest (pandas): every source video with its status and reason; None when the folder has none."""
+        import pandas as pd
+
+        path = self.path / self.MANIFEST
+        return pd.read_parquet(path, columns=columns) if path.is_file() else None
+
 
 class ModelFolder(_Folder):
     """A model folder, the ``--out`` of ``vaemo pretrain`` (Stage 1) or ``vaemo align`` (Stage 2)::

@@ -74,6 +74,9 @@ class FoldPlan:
     folds: list[Fold]
     rule: str  # how the folds were made, for results and the report
     official: bool  # the benchmark's own folds (comparable with published figures)
+    # What puts a source video in a fold's test part: "fold" (its fold number), "speaker" (its speaker is one of
+    # the fold's test speakers) or "clip" (stratified by clip: a video without a clip belongs to no fold).
+    test_by: str
 
     def summary(self) -> dict:
         return {
@@ -245,6 +248,7 @@ def make_folds(
             f"official folds {chosen[0]}-{chosen[-1]} of {spec.folds}" if folds else f"the official {spec.folds} folds"
         )
         official = folds is None or folds == spec.folds
+        test_by = "fold"
     elif has_speakers:
         speakers = sorted(clips["speaker"].unique(), key=_speaker_sort_key)
         k = folds or spec.folds or DEFAULT_GENERIC_FOLDS
@@ -259,7 +263,7 @@ def make_folds(
                 )
             test_sets = [sorted(by_fold.get_group(f).index) for f in range(1, spec.folds + 1)]
             rule = f"the official {spec.folds} subject-independent folds"
-            official = True
+            official, test_by = True, "fold"
         else:
             if len(speakers) < k:
                 raise EvaluationError(
@@ -269,6 +273,7 @@ def make_folds(
             groups = _contiguous_groups(speakers, k)
             test_sets = [sorted(clips.index[clips["speaker"].isin(group)]) for group in groups]
             rule = f"{k} subject-independent folds over {len(speakers)} speakers (contiguous groups in speaker order)"
+            test_by = "speaker"
             # Regrouped speakers are not the benchmark's folds, even with the official count.
     else:
         if spec.grouping == "speaker-folds":
@@ -284,6 +289,7 @@ def make_folds(
             )
         test_sets = _stratified_folds(clips, k, seed)
         rule = f"{k} stratified folds (speakers unknown, so not subject-independent)"
+        test_by = "clip"
 
     result = []
     for number, test in enumerate(test_sets, start=1):
@@ -305,7 +311,7 @@ def make_folds(
             )
         test_speakers = sorted(clips.loc[test, "speaker"].dropna().unique().tolist())
         result.append(Fold(number, train_ids, val_ids, sorted(test), how, test_speakers))
-    return FoldPlan(spec, classes, clips, result, rule, official)
+    return FoldPlan(spec, classes, clips, result, rule, official, test_by)
 
 
 def _fewer_folds_hint(speakers: int) -> str:

@@ -20,6 +20,7 @@ PUBLISHED: list[tuple[str, str, dict[str, tuple[float | None, float | None]]]] =
 NOTES = {"dfew": "HiCMAE-B's DFEW WAR is the paper's figure", "crema-d": "VAEmo's own figures are not public"}
 
 UNOFFICIAL = " (not the official protocol: not comparable with published figures)"
+LISTED = 50  # not-evaluated videos listed in the report; results.json lists all
 
 
 def published_for(protocol: str) -> list[dict]:
@@ -39,6 +40,44 @@ def _pm(summary: dict, key: str) -> str:
     return f"{100 * summary[key]:.2f} ± {100 * summary[key + '_std']:.2f}"
 
 
+def test_set_line(counts: dict, what: str) -> str:
+    """``scored 118 of 120 test videos of fold 1; 2 not evaluated: 1 no_audio_stream, 1 no_face``."""
+    line = f"scored {counts['scored']} of {counts['test_videos']} {what}"
+    if counts["not_evaluated"]:
+        line += f"; {counts['not_evaluated']} not evaluated: " + ", ".join(
+            f"{n} {status}" for status, n in counts["reasons"].items()
+        )
+    return line
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _test_set(test_set: dict) -> list[str]:
+    total = test_set_line(test_set["total"], "test videos in all")
+    lines = ["## Test set: what was scored", "", f"**{total[0].upper() + total[1:]}.**", ""]
+    lines += [f"- {test_set_line(f, 'test videos of fold ' + str(f['fold']))}" for f in test_set["folds"]]
+    if test_set["no_fold"]:
+        lines.append(f"- {test_set['no_fold']} of those not evaluated are in no fold's test part: they have no clip, "
+                     "and neither has their speaker (or the folds are stratified by clip)")
+    lines.append("")
+    if test_set["manifest"] is None:
+        lines += ["The ingest folder has no manifest, so test videos that did not ingest are not counted here; only "
+                  "those that did not decode are.", ""]
+    missing = test_set["not_evaluated"]
+    if missing:
+        lines += ["A video is not evaluated when ingest made no clip of it (the status and reason of the ingest "
+                  "manifest) or when none of its clips decoded at evaluation (not_decodable).", "",
+                  "| fold | video (relative to the corpus root) | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {'-' if e['fold'] is None else e['fold']} | {_cell(e['path'])} | {e['status']} | "
+                  f"{_cell(e['reason'])} |" for e in missing[:LISTED]]
+        if len(missing) > LISTED:
+            lines.append(f"| | ... and {len(missing) - LISTED} more (results.json: test_set.not_evaluated) | | |")
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     setup, model, data = results["setup"], results["model"], results["data"]
     rules = results["checkpoint_rules"]
@@ -54,6 +93,7 @@ def markdown(results: dict) -> str:
         f"({', '.join(sorted({f['validation_split'] for f in results['folds']}))}), "
         "never from its test part; the test part is scored once, after training",
         "",
+        *_test_set(results["test_set"]),
         "## Our results (mean ± std over folds, %)",
         "",
         "| checkpoint rule | UAR | WAR | macro-F1 |",

@@ -21,11 +21,12 @@ from vaemo.artifacts import IngestFolder
 from vaemo.config import EvaluateConfig
 from vaemo.embed import encode
 from vaemo.eval import plots
+from vaemo.eval.accounting import account
 from vaemo.eval.finetune import finetune_fold
 from vaemo.eval.metrics import classification_metrics, summarise
 from vaemo.eval.probe import RULES, HeadResult, linear_probe
 from vaemo.eval.protocols import FOLDS_DIR, EvaluationError, FoldPlan, make_folds, save_folds
-from vaemo.eval.report import markdown, published_for
+from vaemo.eval.report import markdown, published_for, test_set_line
 from vaemo.eval.zeroshot import (
     class_prompts,
     load_clip_encoder,
@@ -125,7 +126,7 @@ def evaluate(
 
     urls = IngestFolder(prepared.ingest_dir).shard_urls()
     data = cfg.data.for_model(prepared.model_cfg)
-    fold_results, histories, prediction_rows = [], {}, []
+    fold_results, histories, prediction_rows, scored_ids = [], {}, [], {}
     dim = len(next(iter(vectors.values()))) if vectors else 0
 
     def stack(ids: list[str]) -> np.ndarray:
@@ -151,6 +152,7 @@ def evaluate(
             test_ids = test
         if not test_ids:
             raise EvaluationError(f"fold {fold.number}: no test clip could be decoded")
+        scored_ids[fold.number] = test_ids
         truth = np.array([label_of[c] for c in test_ids])
         scored = _scored(result, truth, classes)
         entry = {"fold": fold.number, "sizes": {"train": len(train), "val": len(val), "test": len(test_ids)},
@@ -166,6 +168,9 @@ def evaluate(
         if on_fold:
             on_fold(fold.number, len(plan.folds), entry)
 
+    test_set = account(prepared.ingest_dir, plan, scored_ids)
+    if test_set["total"]["not_evaluated"]:
+        log.warning("%s", test_set_line(test_set["total"], "test videos of the protocol"))
     rules = ZERO_SHOT_RULES if cfg.mode == "zeroshot" else RULES
     results = {
         "setup": {"protocol": cfg.protocol, "mode": cfg.mode, "modality": cfg.modality, "seed": cfg.seed,
@@ -175,6 +180,7 @@ def evaluate(
         "data": {"dir": str(prepared.ingest_dir), **plan.summary(), "left_out_clips": missing},
         "checkpoint_rules": rules,
         "primary_rule": "best_val",
+        "test_set": test_set,
         "folds": fold_results,
         "mean": {rule: summarise([f[rule] for f in fold_results], classes) for rule in ("last", "best_val")},
         "chance_uar": 1 / len(classes),

@@ -8,10 +8,10 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
+import lancedb
 import mlflow
 import pytest
 import torch
@@ -135,8 +135,6 @@ def test_captioning_counts_a_broken_shard_with_the_same_check(one_shard, tmp_pat
     assert summary["lost_samples"] == lost == 1 and summary["lost_by_shard"] == {shard.name: lost}
     assert len(loss_warnings(caplog, shard)) == 1
     assert summary["status_counts"] == {"ok": 1, "failed": 2} and len(engine.requests) == 1
-    import lancedb
-
     rows = lancedb.connect(str(tmp_path / "db")).open_table("captions").to_pandas().set_index("clip_id")
     reasons = rows.loc[rows["status"] == "failed", "reason"].tolist()
     assert sorted(r.split(":")[0] for r in reasons) == ["lost", "unreadable media"]

@@ -98,6 +98,8 @@ class ShardLoss:
         return self.expected - self.read
 
 
+Record = Skipped | ShardLoss  # what the decoder passes on in place of samples
+
 def expected_samples(urls: Iterable[str]) -> dict[str, int]:
     """url -> samples the shard holds, by the commit markers of the ingest folders the shards lie in.
 
@@ -127,14 +129,18 @@ class ShardLosses:
 
     by_shard: dict[str, ShardLoss] = field(default_factory=dict)
 
+    def _keep(self, loss: ShardLoss) -> bool:
+        """Keep the largest loss met for the shard; True when the shard is new here."""
+        known = self.by_shard.get(loss.shard)
+        if known is None or loss.lost > known.lost:
+            self.by_shard[loss.shard] = loss
+        return known is None
+
     def add(self, losses: Iterable[ShardLoss]) -> None:
         for loss in losses:
-            if loss.shard not in self.by_shard:
+            if self._keep(loss):
                 log.warning("shard %s lost %d of its %d samples (%d read): %s", loss.shard, loss.lost, loss.expected,
                             loss.read, loss.reason)
-            known = self.by_shard.get(loss.shard)
-            if known is None or loss.lost > known.lost:
-                self.by_shard[loss.shard] = loss
 
     def check(self, url: str, read: int, expected: Mapping[str, int], error: str | None = None) -> ShardLoss | None:
         """:func:`shard_loss` for a reader in this process (captioning), recorded here."""
@@ -149,9 +155,7 @@ class ShardLosses:
             dist.all_gather_object(parts, list(self.by_shard.values()))
             for part in parts:
                 for loss in part:
-                    known = self.by_shard.get(loss.shard)
-                    if known is None or loss.lost > known.lost:
-                        self.by_shard[loss.shard] = loss
+                    self._keep(loss)  # the rank that read the shard has warned about it
 
     @property
     def total(self) -> int:
@@ -185,7 +189,7 @@ class _Context:
         self.passes = 0
         self.shared: list[int] = [seed]  # the same on every rank and worker within a pass
         self.local: list[int] = [seed]  # distinct per rank and worker
-        self.errors: list[Skipped | ShardLoss] = []
+        self.errors: list[Record] = []
         self.bad_shards: set[str] = set()
         self.read_errors: list[Exception] = []
 
@@ -224,7 +228,7 @@ class _Context:
             self.bad_shards.add(url)
             self.errors.append(loss)
 
-    def drain(self) -> list[Skipped | ShardLoss]:
+    def drain(self) -> list[Record]:
         errors, self.errors = self.errors, []
         return errors
 
@@ -301,7 +305,7 @@ class _Decode:
     train: bool
     ctx: _Context
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict | Skipped | ShardLoss]:
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict | Record]:
         rng = self.ctx.rng(2)
         for sample in src:
             yield from self.ctx.drain()
@@ -312,9 +316,6 @@ class _Decode:
                 log.warning("skipped %s: %s", clip_id, exc)
                 yield Skipped(clip_id, str(exc))
         yield from self.ctx.drain()
-
-
-Record = Skipped | ShardLoss
 
 
 def collate(samples: list[dict], records: list[Record], cfg: DataConfig) -> dict:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -16,15 +18,17 @@ import mlflow
 import pytest
 import torch
 
-from tests.conftest import cli_env, ingest_folder, vaemo_command
+from tests.conftest import ROOT, cli_env, ingest_folder, vaemo_command
 from tests.test_caption import GOOD, ScriptedEngine
 from tests.test_data import write_shard
 from tests.test_pretrain import settings_file, stage1
+from vaemo import synth
 from vaemo.artifacts import IngestFolder
 from vaemo.caption.run import caption
 from vaemo.config import CaptionConfig, IngestConfig, PretrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import ShardLosses, make_loader
+from vaemo.embed import encode
 from vaemo.errors import ArtifactError
 from vaemo.train.loop import train
 
@@ -42,9 +46,13 @@ def one_shard(corpus, tmp_path_factory) -> Path:
 
 def broken_copy(folder: Path, dest: Path, member: int, how: str) -> tuple[Path, Path]:
     """A copy of an ingest folder whose one shard breaks at tar member ``member``: its header damaged
-    ("header": the tar stream just ends there) or the file cut inside the member's data ("cut")."""
-    shutil.copytree(folder, dest)
-    (shard,) = (dest / "shards").glob("*.tar")
+    ("header": the tar stream just ends there) or the file cut inside the member's data ("cut").
+    Given a shard (``dest`` the same path), that shard is broken in place."""
+    if folder.is_dir():
+        shutil.copytree(folder, dest)
+        (shard,) = (dest / "shards").glob("*.tar")
+    else:
+        shard = dest
     with tarfile.open(shard) as tar:
         info = tar.getmembers()[member]
     data = bytearray(shard.read_bytes())
@@ -122,6 +130,38 @@ def test_pretraining_reports_the_lost_samples_in_metrics_and_mlflow(one_shard, t
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     (run,) = mlflow.search_runs(experiment_names=["vaemo"], output_format="list")
     assert run.data.metrics["lost_samples"] == lost
+    # Evaluation's features come from the same loader: the same count.
+    losses = ShardLosses()
+    assert len(encode(folder, out, losses=losses)) == 1 and losses.total == lost
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_ranks_with_workers_report_the_losses_of_every_rank_once(tmp_path):
+    """Two shards of three clips, each broken after its second clip; two ranks with one DataLoader worker each."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    synth.demo_corpus(corpus, n_videos=6, seed=2)
+    ingest_folder(corpus, tmp_path / "ingest", IngestConfig(videos_per_batch=6, samples_per_shard=3))
+    folder = tmp_path / "ingest"
+    shards = sorted((folder / "shards").glob("*.tar"))
+    assert list(IngestFolder(folder).shard_samples().values()) == [3, 3]
+    for shard in shards:
+        broken_copy(shard, shard, 6, "header")
+    out = tmp_path / "ddp"
+    # Rank 0 learns of the shard rank 1 trained on only by the ranks' gathering: without it that shard's count
+    # is missing, or, when rank 0's retrieval pass reads that shard again, it is warned about a second time.
+    settings = settings_file(tmp_path, steps=2, batch_size=1, num_workers=1, eval_clips=2)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            *stage1(folder, out, settings)[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [set(json.loads((out / "ranks" / f"rank-{r}.json").read_text())["clips_seen"]) for r in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]  # each rank read its own shard
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lost_samples"] == 2 and metrics["lost_by_shard"] == {s.name: 1 for s in shards}
+    for shard in shards:
+        assert done.stderr.count(f"shard {shard} lost 1 of its 3 samples (2 read)") == 1
 
 
 @pytest.mark.timeout(300)

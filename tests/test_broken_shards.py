@@ -25,11 +25,14 @@ from tests.test_pretrain import settings_file, stage1
 from vaemo import synth
 from vaemo.artifacts import IngestFolder
 from vaemo.caption.run import caption
-from vaemo.config import CaptionConfig, IngestConfig, PretrainConfig
+from vaemo.config import CaptionConfig, FinetuneConfig, IngestConfig, PretrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.embed import encode
 from vaemo.errors import ArtifactError
+from vaemo.eval.finetune import finetune_fold
+from vaemo.eval.protocols import EvaluationError
+from vaemo.model import av
 from vaemo.train.loop import train
 
 CFG = DataConfig()
@@ -213,3 +216,16 @@ def test_an_epoch_without_a_decodable_clip_stops_with_one_line(shards, tmp_path)
                                             r"skipped so far\)"):
         train(torch.nn.Linear(1, 1), lambda model, batch: {}, batches, cfg, tmp_path / "out")
     assert epochs == [0]
+
+
+@pytest.mark.timeout(120)
+def test_a_fine_tuning_epoch_without_a_training_clip_is_an_error(shards, tmp_path):
+    """A fold whose training clips are not in the shards: one clear line, not epochs that train on nothing."""
+    model_dir = tmp_path / "model"
+    av.save(av.AVMAE(av.config_for("tiny")), model_dir)
+    test_clip = IngestFolder(shards).clips()["clip_id"].iloc[0]
+    cfg = FinetuneConfig(epochs=3)
+    with pytest.raises(EvaluationError, match=r"^fine-tuning epoch 1: none of the 2 training clips of this fold "
+                                              r"could be decoded$"):
+        finetune_fold(model_dir, IngestFolder(shards).shard_urls(), CFG, {test_clip: 0}, ["gone-1", "gone-2"], [],
+                      [test_clip], ["a", "b"], "av", cfg, num_workers=2)

@@ -64,7 +64,7 @@ def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig()
             summary = run.finalize(plan, time.perf_counter() - start)
             sample = run.sample_rows()
         tracking.log_metrics_flat(
-            {k: summary[k] for k in ("selected", "captioned_now", "already_stored", "generated_tokens")}
+            {k: summary[k] for k in ("selected", "captioned_now", "already_stored", "generated_tokens", "lost_samples")}
         )
         tracking.log_metrics_flat(summary["status_counts"], "status.")
         tracking.log_metrics_flat(

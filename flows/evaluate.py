@@ -117,7 +117,8 @@ def evaluate_flow(model: str, data: str, out: str, settings: EvaluateConfig = Ev
             recall = {_metric_name(k): v for k, v in mean["per_class_recall"].items() if v is not None}
             tracking.log_metrics_flat({"per_class_recall": recall}, f"{rule}.")
         tracking.log_metrics_flat(
-            {"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"]}
+            {"chance_uar": results["chance_uar"], "model.encoder_params": results["model"]["encoder_params"],
+             "data.lost_samples": results["data"]["lost_samples"]}
         )
         tracking.log_metrics_flat(_test_set_metrics(results["test_set"]))
         outputs = Path(out)

@@ -81,6 +81,11 @@ class IngestFolder(_Folder):
     def shards_dir(self) -> Path:
         return self.path / self.SHARDS
 
+    @classmethod
+    def holding(cls, shard: str | os.PathLike) -> IngestFolder:
+        """The ingest folder a shard path lies in."""
+        return cls(Path(shard).parent.parent)
+
     def is_ingest_folder(self) -> bool:
         return self.shards_dir.is_dir()
 

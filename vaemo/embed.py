@@ -18,7 +18,7 @@ import torch
 from vaemo.artifacts import IngestFolder
 from vaemo.config import IngestConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader
+from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.data.samples import load_sample
 from vaemo.errors import MediaError
 from vaemo.ingest.adapters import find_videos
@@ -55,10 +55,12 @@ def _counted(batches, bar) -> Iterator[dict]:
 
 @torch.no_grad()
 def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality = "av", *, batch_size: int = 8,
-           num_workers: int = 0, ingest: IngestConfig | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+           num_workers: int = 0, ingest: IngestConfig | None = None, progress: bool = False,
+           losses: ShardLosses | None = None) -> dict[str, np.ndarray]:
     """clip_id -> embedding (float32) for a video file, a folder of videos, or an ingest folder.
 
-    ``progress`` shows a tqdm bar over the clips of an ingest folder.
+    ``progress`` shows a tqdm bar over the clips of an ingest folder; ``losses`` collects what its
+    broken shards lost.
     """
     model = (
         av.load(model) if isinstance(model, (str, Path)) else model
@@ -69,7 +71,8 @@ def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality 
     source = Path(source)
     if IngestFolder(source).is_ingest_folder():
         folder = IngestFolder(source)
-        batches = make_loader(folder.shard_urls(), data, train=False, batch_size=batch_size, num_workers=num_workers)
+        batches = make_loader(folder.shard_urls(), data, train=False, batch_size=batch_size, num_workers=num_workers,
+                              losses=losses)
         if progress:
             from tqdm import tqdm
 

@@ -34,7 +34,7 @@ from vaemo.align.search import write_clip_embeddings
 from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import AlignConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader
+from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.model import av
 from vaemo.train.loop import (
     StepLogger,
@@ -107,14 +107,15 @@ def _with_reconstruction(captioned: Iterable[dict], uncaptioned: Callable[[int],
 
 @torch.no_grad()
 def embed_clips(model: AlignedAV, urls: list[str], data: DataConfig, batch_size: int, num_workers: int,
-                clip_ids: list[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+                clip_ids: list[str] | None = None,
+                losses: ShardLosses | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
     """Text-space embeddings (joint, video, audio) of the clips, centred windows, no augmentation."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, parts = [], {key: [] for key in PATHS}
     for batch in make_loader(
-        urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids
+        urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids, losses=losses
     ):
         if not batch["clip_id"]:
             continue
@@ -193,27 +194,30 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
         )
     rec_size = max(1, min(batch_size, len(captions.uncaptioned) // env.world))
 
+    broken = ShardLosses()  # one for every loader of the run: each broken shard is warned about and counted once
     before = {}
     if env.main and cfg.retrieval_before:
         with single_process():
-            ids, emb = embed_clips(model.to(env.device), urls, data, batch_size, cfg.num_workers, captions.clip_ids)
+            ids, emb = embed_clips(model.to(env.device), urls, data, batch_size, cfg.num_workers, captions.clip_ids,
+                                   broken)
         before = text_retrieval(ids, emb, captions, prefix="init_")
 
     def batches(epoch: int):
         # Seeded by epoch (and pass), so a resumed run replays exactly the stream it left.
         captioned = make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=batch_size,
-                                num_workers=cfg.num_workers, clip_ids=captions.clip_ids)
+                                num_workers=cfg.num_workers, clip_ids=captions.clip_ids, losses=broken)
         if not rec:
             return captioned
         return _with_reconstruction(captioned, lambda k: make_loader(
             urls, data, train=True, seed=cfg.seed * 1000 + 500_000 + 1000 * epoch + k, batch_size=rec_size,
-            num_workers=cfg.num_workers, clip_ids=captions.uncaptioned))
+            num_workers=cfg.num_workers, clip_ids=captions.uncaptioned, losses=broken))
 
     seen: list[str] = []
     result = train(
         model, make_objective(captions, cfg), batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen
     )
     write_rank_record(out, env.rank, seen, model)
+    broken.gather()
     if env.world > 1:
         torch.distributed.barrier()
     if not env.main:
@@ -221,7 +225,7 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
 
     with single_process():
         ids, emb = embed_clips(
-            model, urls, data, batch_size, cfg.num_workers, None if cfg.embeddings_table else captions.clip_ids
+            model, urls, data, batch_size, cfg.num_workers, None if cfg.embeddings_table else captions.clip_ids, broken
         )
     retrieval = text_retrieval(ids, emb, captions)
     info = {"text_encoder": captions.text_encoder, "prompt_templates": list(cfg.prompt_templates),
@@ -246,7 +250,7 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
         "captions_skipped": captions.counts["captions_skipped"],
         "embeddings": embeddings,
         "model_key": model_key,
-        **run_summary(result, env.world),
+        **run_summary(result, env.world, broken),
     }
     folder = ModelFolder(out)
     (folder / folder.METRICS).write_text(json.dumps(metrics, indent=1))

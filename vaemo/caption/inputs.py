@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
+from vaemo.data.loader import ShardLoss, ShardLosses, expected_samples
 from vaemo.data.samples import SampleError, audio_bytes, decode_audio, decode_video, read_meta
 
 SAMPLE_RATE = 16000  # what the Omni audio encoder expects
@@ -50,20 +51,42 @@ def clip_media(sample: dict, frames: int) -> ClipMedia:
     )
 
 
-def shard_samples(shard: Path, wanted: set[str]) -> Iterator[tuple[str, dict]]:
-    """The raw samples of the wanted clips in one tar shard, in shard order (members of a key are adjacent)."""
-    current, sample = None, {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = base_plus_ext(member.name)
-            if key is None or key not in wanted:
-                continue
-            if key != current:
-                if sample:
-                    yield current, sample
-                current, sample = key, {"__key__": key}
-            sample[ext] = tar.extractfile(member).read()
-    if sample:
+@dataclass
+class ShardRead:
+    """What one read of a shard gave: the samples it read, and what its marker says it lost."""
+
+    read: int = 0
+    loss: ShardLoss | None = None
+
+
+def shard_samples(shard: Path, wanted: set[str], losses: ShardLosses | None = None,
+                  result: ShardRead | None = None) -> Iterator[tuple[str, dict]]:
+    """The raw samples of the wanted clips in one tar shard, in shard order (members of a key are adjacent).
+
+    A tar structure that breaks ends the read; once the shard is read, ``result`` and ``losses`` hold
+    what it lost by its commit marker (the check the training loader makes, and its warning).
+    """
+    losses, result = losses if losses is not None else ShardLosses(), result if result is not None else ShardRead()
+    current, sample, keys, error = None, {}, set(), None
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                keys.add(key)
+                if key not in wanted:
+                    continue
+                if key != current:
+                    if sample:
+                        yield current, sample
+                    current, sample = key, {"__key__": key}
+                sample[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as exc:
+        error = f"shard read error: {type(exc).__name__}: {exc}"
+    if sample:  # a sample the break cut short still goes to the decoder, which rejects it
         yield current, sample
+    result.read = len(keys)
+    result.loss = losses.check(str(shard), len(keys), expected_samples([str(shard)]), error)

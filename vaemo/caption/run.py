@@ -21,10 +21,11 @@ import pyarrow as pa
 from vaemo import store
 from vaemo.artifacts import IngestFolder
 from vaemo.caption.engines import CaptionEngine, Generation, Request, resolve_model
-from vaemo.caption.inputs import ClipMedia, clip_media, shard_samples
+from vaemo.caption.inputs import ClipMedia, ShardRead, clip_media, shard_samples
 from vaemo.caption.prompt import LABEL_AWARE_SUFFIX, json_schema, load_prompt, parse_reply
 from vaemo.caption.select import select_clips
 from vaemo.config import CaptionConfig
+from vaemo.data.loader import ShardLosses
 from vaemo.data.samples import SampleError
 from vaemo.text import text_encoder
 
@@ -69,6 +70,7 @@ class CaptionRun:
         self.tag = store.new_run_tag("caption")
         self.schema = json_schema(self.prompt.limits)
         self.written: Counter = Counter()
+        self.losses = ShardLosses()
         self.tokens = 0
         self.generation_seconds = 0.0
 
@@ -125,16 +127,18 @@ class CaptionRun:
 
     def caption_shard(self, shard: str, clip_ids: list[str], engine: CaptionEngine) -> dict[str, int]:
         """Describe the given clips of one shard and store their rows; returns counts per status."""
-        media, unreadable = {}, {}
+        media, unreadable, read = {}, {}, ShardRead()
         path = self.ingest.shards_dir / shard
         if path.is_file():
-            for clip_id, sample in shard_samples(path, set(clip_ids)):
+            for clip_id, sample in shard_samples(path, set(clip_ids), self.losses, read):
                 try:
                     media[clip_id] = clip_media(sample, self.cfg.frames)
                 except SampleError as exc:
                     unreadable[clip_id] = f"unreadable media: {exc}"
+        missing = (f"lost: shard {shard} gave {read.loss.read} of its {read.loss.expected} samples ({read.loss.reason})"
+                   if read.loss else f"not found in shard {shard}")
         for clip_id in set(clip_ids) - media.keys() - unreadable.keys():
-            unreadable[clip_id] = f"not found in shard {shard}"
+            unreadable[clip_id] = missing
         history = self._generate(engine, media) if media else {}
         rows = [self._row(cid, shard, history.get(cid), unreadable.get(cid)) for cid in clip_ids]
         self._embed(rows)
@@ -201,6 +205,7 @@ class CaptionRun:
             "already_stored": plan.already_stored,
             "status_counts": dict(Counter(rows["status"])),
             "written_counts": dict(self.written),
+            **self.losses.summary(),
             "generated_tokens": self.tokens,
             "seconds": round(seconds, 3),
             "clips_per_second": round(captioned / seconds, 4) if seconds > 0 else None,

@@ -19,16 +19,31 @@ Skipped samples. A sample whose bytes do not decode (mp4, flac, json, a clip_id 
 match its key, audio and video of different lengths) is skipped, never zero-filled or swapped for
 another clip, and it is counted. DataLoader workers are separate processes, so a counter in a
 worker is invisible to the training loop; instead the count travels with the data. The decode
-stage emits a :class:`Skipped` record in place of each bad sample (an unreadable or truncated
-shard counts once per pass, named by its url), and the batching stage, which runs in the same
-worker, folds the records into the next batch it emits: ``batch["skipped"]`` (int) and
-``batch["skipped_clips"]`` (ids). The batcher holds one finished batch back, so records met after
-the last full batch of a stream are added to that batch rather than lost (in a fixed-length epoch,
-records past the cut belong to no epoch, and the held-back batch costs one extra decoded batch per
-worker per epoch). Summing ``batch["skipped"]`` over an epoch gives the total; only a worker that
-found no good clip at all emits a batch with zero clips, to carry its count, so a loop should skip
-batches whose ``clip_id`` is empty after adding their count. Each skip is also logged at WARNING
-by the worker.
+stage emits a :class:`Skipped` record in place of each bad sample, and the batching stage, which
+runs in the same worker, folds the records into the next batch it emits: ``batch["skipped"]`` (int)
+and ``batch["skipped_clips"]`` (ids). The batcher holds one finished batch back, so records met
+after the last full batch of a stream are added to that batch rather than lost (in a fixed-length
+epoch, records past the cut belong to no epoch, and the held-back batch costs one extra decoded
+batch per worker per epoch). Summing ``batch["skipped"]`` over an epoch gives the total; only a
+worker that found no good clip at all emits a batch with zero clips, to carry its count, so a loop
+should skip batches whose ``clip_id`` is empty after adding their count. Each skip is also logged
+at WARNING by the worker.
+
+Broken shards. A tar stream whose structure breaks mid-file (a damaged member header) simply ends,
+without an error, and a truncated one raises; either way the samples after the break never reach
+the decoder. So shards are read one at a time and the samples each gave are compared with what its
+commit marker says it holds (:func:`shard_loss`, the one check every reader of shards makes,
+captioning's included). A shortfall travels like a skip, as a :class:`ShardLoss` in
+``batch["shard_losses"]``; :func:`make_loader`'s DataLoader folds them, in the main process, into a
+:class:`ShardLosses`, which warns once per shard and counts each shard's loss once however often
+it is read (epochs, resampled shards, workers; :meth:`ShardLosses.gather` merges the ranks'). A
+shard without a marker (made by other tools) that fails to read counts as one skipped record, by
+its url, once per pass.
+
+Small corpora. In training a reader drops its last partial batch, except when it has no full batch
+in a pass: it then trains on the partial batch (or, with no good clip, emits an empty batch carrying
+its counts), so every pass yields a batch and no epoch, fixed-length or not, waits forever for one.
+Training warns once per process when the shards hold fewer clips than one batch per reader.
 
 Randomness. All randomness derives from ``seed``, the rank, the worker id, and a per-epoch
 number: the worker's DataLoader seed (drawn each epoch from the loader's generator, which
@@ -42,17 +57,19 @@ import logging
 import math
 import re
 import tarfile
-from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+from torch import distributed as dist
 from torch.utils.data import DataLoader
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
+from vaemo.artifacts import IngestFolder
 from vaemo.data.config import DataConfig
 from vaemo.data.samples import SampleError, load_sample
 
@@ -65,6 +82,89 @@ class Skipped:
 
     clip_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ShardLoss:
+    """Samples a shard holds by its commit marker that a reader did not get: its tar stream broke first."""
+
+    shard: str  # the shard's url
+    expected: int
+    read: int
+    reason: str
+
+    @property
+    def lost(self) -> int:
+        return self.expected - self.read
+
+
+Record = Skipped | ShardLoss  # what the decoder passes on in place of samples
+
+def expected_samples(urls: Iterable[str]) -> dict[str, int]:
+    """url -> samples the shard holds, by the commit markers of the ingest folders the shards lie in.
+
+    Shards without a marker (made by other tools, or not on a local disk) are left out.
+    """
+    urls = [str(u) for u in urls if Path(u).parent.name == IngestFolder.SHARDS]
+    folders = {IngestFolder.holding(url).path for url in urls}
+    held = {folder: IngestFolder(folder).shard_samples() for folder in folders}
+    counts = {url: held[IngestFolder.holding(url).path].get(Path(url).name) for url in urls}
+    return {url: n for url, n in counts.items() if n is not None}
+
+
+def shard_loss(url: str, read: int, expected: Mapping[str, int], error: str | None = None) -> ShardLoss | None:
+    """What one complete read of a shard lost: its marker's count minus the samples read (None when nothing).
+
+    ``error``: why the read stopped, when the tar reader raised; a stream that just ends early had a
+    broken member header.
+    """
+    if url not in expected or read >= expected[url]:
+        return None
+    return ShardLoss(url, expected[url], read, error or "the tar stream ends early (a broken member header)")
+
+
+@dataclass
+class ShardLosses:
+    """The samples broken shards lost, in the main process: each shard warned about once and counted once."""
+
+    by_shard: dict[str, ShardLoss] = field(default_factory=dict)
+
+    def _keep(self, loss: ShardLoss) -> bool:
+        """Keep the largest loss met for the shard; True when the shard is new here."""
+        known = self.by_shard.get(loss.shard)
+        if known is None or loss.lost > known.lost:
+            self.by_shard[loss.shard] = loss
+        return known is None
+
+    def add(self, losses: Iterable[ShardLoss]) -> None:
+        for loss in losses:
+            if self._keep(loss):
+                log.warning("shard %s lost %d of its %d samples (%d read): %s", loss.shard, loss.lost, loss.expected,
+                            loss.read, loss.reason)
+
+    def check(self, url: str, read: int, expected: Mapping[str, int], error: str | None = None) -> ShardLoss | None:
+        """:func:`shard_loss` for a reader in this process (captioning), recorded here."""
+        loss = shard_loss(url, read, expected, error)
+        self.add([loss] if loss else [])
+        return loss
+
+    def gather(self) -> None:
+        """Merge every rank's losses into each rank's (a collective call under torch.distributed)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, list(self.by_shard.values()))
+            for part in parts:
+                for loss in part:
+                    self._keep(loss)  # the rank that read the shard has warned about it
+
+    @property
+    def total(self) -> int:
+        return sum(loss.lost for loss in self.by_shard.values())
+
+    def summary(self) -> dict:
+        """What a stage reports: ``lost_samples`` (all shards) and ``lost_by_shard`` (shard file name -> lost)."""
+        return {"lost_samples": self.total,
+                "lost_by_shard": {Path(url).name: loss.lost for url, loss in sorted(self.by_shard.items())}}
 
 
 def count_samples(urls: Iterable[str]) -> int:
@@ -83,13 +183,15 @@ def count_samples(urls: Iterable[str]) -> int:
 class _Context:
     """Per-process state shared by the stages of one pipeline copy: seeds and shard read errors."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, expected: dict[str, int]):
         self.seed = seed
+        self.expected = expected
         self.passes = 0
         self.shared: list[int] = [seed]  # the same on every rank and worker within a pass
         self.local: list[int] = [seed]  # distinct per rank and worker
-        self.errors: list[Skipped] = []
+        self.errors: list[Record] = []
         self.bad_shards: set[str] = set()
+        self.read_errors: list[Exception] = []
 
     def begin_pass(self) -> None:
         self.passes += 1
@@ -104,21 +206,29 @@ class _Context:
         return np.random.default_rng([*self.local, purpose])
 
     def tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: record the unreadable shard (once per pass) and carry on with the next."""
-        text = " ".join(str(a) for a in exn.args)
-        named = re.search(r"name='([^']+)'", text)  # a member error names the stream, not the url
-        url = (
-            next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), named and named.group(1))
-            or "?"
-        )
-        reason = f"shard read error: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        log.warning("skipped %s: %s", url, reason)
-        if url not in self.bad_shards:
-            self.bad_shards.add(url)
-            self.errors.append(Skipped(url, reason))
+        """webdataset handler: note the error (the shard being read is judged when it ends) and carry on."""
+        self.read_errors.append(exn)
         return True
 
-    def drain(self) -> list[Skipped]:
+    def shard_read(self, url: str, read: int) -> None:
+        """One shard read to its end: record what it lost (once per pass, for the next batch to carry)."""
+        errors, self.read_errors = self.read_errors, []
+        reason = None
+        if errors:
+            exn = errors[0]
+            detail = re.sub(r" @ <.*", "", str(exn.args[0])) if exn.args else str(exn)  # webdataset appends the stream
+            reason = f"shard read error: {type(exn).__name__}: {detail}"
+        if url in self.bad_shards:
+            return
+        loss = shard_loss(url, read, self.expected, reason)
+        if loss is None and reason and url not in self.expected:  # no marker to count by: the shard counts once
+            log.warning("skipped %s: %s", url, reason)
+            loss = Skipped(url, reason)
+        if loss is not None:
+            self.bad_shards.add(url)
+            self.errors.append(loss)
+
+    def drain(self) -> list[Record]:
         errors, self.errors = self.errors, []
         return errors
 
@@ -142,6 +252,21 @@ class _Shards:
         if self.train:  # the same permutation on every rank and worker, so the splits partition it
             np.random.default_rng(self.ctx.shared).shuffle(order)
         return iter([dict(url=url) for url in order])
+
+
+@dataclass
+class _TarSamples:
+    """Tar samples, one shard at a time, so each complete read of a shard is checked against its marker."""
+
+    ctx: _Context
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            read = 0
+            for sample in wds.tarfile_samples(iter([shard]), handler=self.ctx.tar_error):
+                read += 1
+                yield sample
+            self.ctx.shard_read(shard["url"], read)
 
 
 @dataclass
@@ -180,7 +305,7 @@ class _Decode:
     train: bool
     ctx: _Context
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict | Skipped]:
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict | Record]:
         rng = self.ctx.rng(2)
         for sample in src:
             yield from self.ctx.drain()
@@ -193,8 +318,8 @@ class _Decode:
         yield from self.ctx.drain()
 
 
-def collate(samples: list[dict], skipped: list[Skipped], cfg: DataConfig) -> dict:
-    """Stack decoded samples; ``skipped`` are the records this batch reports."""
+def collate(samples: list[dict], records: list[Record], cfg: DataConfig) -> dict:
+    """Stack decoded samples; ``records`` are the skips and shard losses this batch reports."""
     if samples:
         video = torch.stack([s["video"] for s in samples])
         audio = torch.stack([s["audio"] for s in samples])
@@ -208,44 +333,49 @@ def collate(samples: list[dict], skipped: list[Skipped], cfg: DataConfig) -> dic
         "window": torch.tensor([[s["window"].start, s["window"].end] for s in samples], dtype=torch.float64).reshape(
             -1, 2
         ),
-        "skipped": len(skipped),
-        "skipped_clips": [s.clip_id for s in skipped],
+        **_records({"skipped": 0, "skipped_clips": [], "shard_losses": []}, records),
     }
 
 
-def _add_skips(batch: dict, skipped: list[Skipped]) -> dict:
+def _records(batch: dict, records: list[Record]) -> dict:
+    skipped = [r.clip_id for r in records if isinstance(r, Skipped)]
     batch["skipped"] += len(skipped)
-    batch["skipped_clips"] = batch["skipped_clips"] + [s.clip_id for s in skipped]
+    batch["skipped_clips"] = batch["skipped_clips"] + skipped
+    batch["shard_losses"] = batch["shard_losses"] + [r for r in records if isinstance(r, ShardLoss)]
     return batch
 
 
 @dataclass
 class _Batches:
-    """Batches made in the worker, carrying the Skipped records met since the previous batch."""
+    """Batches made in the worker, carrying the records (skips, shard losses) met since the previous batch.
+
+    ``partial``: keep the last partial batch (evaluation). Training keeps it only when the pass made no
+    full batch, and then emits a batch even without clips: a pass always yields one.
+    """
 
     cfg: DataConfig
     size: int
     partial: bool
 
-    def __call__(self, src: Iterator[dict | Skipped]) -> Iterator[dict]:
-        held, samples, skipped = None, [], []
+    def __call__(self, src: Iterator[dict | Record]) -> Iterator[dict]:
+        held, samples, records = None, [], []
         for item in src:
-            if isinstance(item, Skipped):
-                skipped.append(item)
+            if isinstance(item, (Skipped, ShardLoss)):
+                records.append(item)
                 continue
             samples.append(item)
             if len(samples) == self.size:
-                batch, samples, skipped = collate(samples, skipped, self.cfg), [], []
+                batch, samples, records = collate(samples, records, self.cfg), [], []
                 if held is not None:
                     yield held
                 held = batch
-        if samples and self.partial:
-            batch, skipped = collate(samples, skipped, self.cfg), []
+        if samples and (self.partial or held is None):
+            batch, records = collate(samples, records, self.cfg), []
             if held is not None:
                 yield held
             held = batch
-        if skipped:
-            held = _add_skips(held, skipped) if held is not None else collate([], skipped, self.cfg)
+        if records or (held is None and not self.partial):
+            held = _records(held, records) if held is not None else collate([], records, self.cfg)
         if held is not None:
             yield held
 
@@ -255,9 +385,9 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
                  clip_ids: Collection[str] | None = None) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
-    Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}) and
-    :class:`Skipped` records in place of bad samples. ``num_workers`` is the DataLoader's, used to
-    see whether every reader gets a shard. ``epoch_samples``: clips per
+    Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}),
+    :class:`Skipped` records in place of bad samples and :class:`ShardLoss` records. ``num_workers``
+    is the DataLoader's, used to see whether every reader gets a shard. ``epoch_samples``: clips per
     epoch over all ranks and workers (training only); by default the natural pass over the shards,
     or, when the epoch must be fixed (resampled shards, DDP), the number of samples in the shards.
     ``clip_ids``: only these clips (e.g. one fold's training part); the others are passed over
@@ -281,14 +411,23 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
             log.warning(
                 "%d shard(s) for %d readers: some readers stay idle; every clip is still read once", len(urls), readers
             )
+    expected = expected_samples(urls)
+    clips = len(clip_ids) if clip_ids is not None else sum(expected.values()) if len(expected) == len(urls) else None
     if train and epoch_samples is None and (resample or world > 1):
-        epoch_samples = len(clip_ids) if clip_ids is not None else count_samples(urls)
+        epoch_samples = clips if clips is not None else count_samples(urls)
+    if train and batch_size and clips is not None and clips < readers * batch_size:
+        _warn_once(
+            f"{clips} clip(s) for {readers} reader(s) ({world} rank(s) x {max(num_workers, 1)} worker(s)) with "
+            f"batch_size {batch_size}: fewer than one batch per reader; "
+            + ("resampled shards fill each batch by drawing clips again, so batches repeat clips" if resample else
+               "a reader short of a full batch trains on a partial batch of the clips it holds, once per epoch")
+        )
 
-    ctx = _Context(seed)
+    ctx = _Context(seed, expected)
     stages: list = [_Shards(urls, ctx, train, resample)]
     if not resample:  # resampled readers each draw from the whole list
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=ctx.tar_error))
+    stages.append(_TarSamples(ctx))
     if clip_ids is not None:
         stages.append(_Select(frozenset(clip_ids)))
     if train and cfg.shuffle_buffer > 1:
@@ -303,18 +442,43 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
     return dataset
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A training stage makes one loader per epoch: say a setting's consequence once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader whose batches' shard losses are folded into ``losses`` as the batches arrive."""
+
+    def __init__(self, dataset, *, losses: ShardLosses, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.losses = losses
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            self.losses.add(batch["shard_losses"])
+            yield batch
+
+
 def make_loader(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0, epoch_samples: int | None = None,
                 batch_size: int, num_workers: int = 0, clip_ids: Collection[str] | None = None,
-                **loader_kwargs) -> DataLoader:
+                losses: ShardLosses | None = None, **loader_kwargs) -> ShardLoader:
     """A DataLoader of batches {"video": (B,3,T,S,S), "audio": (B,F,M), "clip_id": [str], "window": (B,2) s,
-    "skipped": int, "skipped_clips": [str]}, batched inside the workers.
+    "skipped": int, "skipped_clips": [str], "shard_losses": [ShardLoss]}, batched inside the workers.
 
-    Training drops a last partial batch; evaluation (train=False) yields every clip exactly once
-    with a centred window and no augmentation. Extra keyword arguments go to the DataLoader
-    (timeout, pin_memory, prefetch_factor, ...).
+    Training drops a last partial batch (unless a reader has no full one); evaluation (train=False)
+    yields every clip exactly once with a centred window and no augmentation. ``losses``: where the
+    shard losses go (pass one to every loader of a run to count and warn about each shard once).
+    Extra keyword arguments go to the DataLoader (timeout, pin_memory, prefetch_factor, ...).
     """
     dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=batch_size,
                            num_workers=num_workers, clip_ids=clip_ids)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=generator, **loader_kwargs)
+    return ShardLoader(dataset, losses=losses if losses is not None else ShardLosses(), batch_size=None,
+                       num_workers=num_workers, generator=generator, **loader_kwargs)

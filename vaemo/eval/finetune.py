@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from vaemo.config import FinetuneConfig, TrainConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader
+from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.eval.metrics import classification_metrics
 from vaemo.eval.probe import EpochLogger, HeadResult, Selector
+from vaemo.eval.protocols import EvaluationError
 from vaemo.model import av
 from vaemo.registry import MODALITIES
 from vaemo.train.loop import autocast, lr_factor
@@ -104,11 +105,12 @@ def _soft_targets(y: Tensor, n_classes: int, smoothing: float) -> Tensor:
 
 @torch.no_grad()
 def predict(model: Classifier, urls: list[str], data: DataConfig, clip_ids: list[str], batch_size: int,
-            num_workers: int, device: torch.device) -> tuple[list[str], np.ndarray]:
+            num_workers: int, device: torch.device, losses: ShardLosses | None = None) -> tuple[list[str], np.ndarray]:
     """Logits of the given clips (centred windows, no augmentation), in loader order."""
     model.eval()
     ids, logits = [], []
-    loader = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids)
+    loader = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers, clip_ids=clip_ids,
+                         losses=losses)
     for batch in loader:
         if not batch["clip_id"]:
             continue
@@ -134,8 +136,12 @@ def finetune_fold(
     seed: int = 0,
     device: torch.device | None = None,
     log_epoch: EpochLogger | None = None,
+    losses: ShardLosses | None = None,
 ) -> tuple[HeadResult, list[str]]:
-    """Fine-tune on ``train``, select on ``val``; returns the result and the test clip ids in prediction order."""
+    """Fine-tune on ``train``, select on ``val``; returns the result and the test clip ids in prediction order.
+
+    ``losses`` collects what broken shards lost; an epoch without a training clip is an EvaluationError.
+    """
     device = device or torch.device("cpu")
     n_classes = len(classes)
     torch.manual_seed(seed)
@@ -153,7 +159,7 @@ def finetune_fold(
         model.train()
         begin, total, seen = time.perf_counter(), 0.0, 0
         loader = make_loader(urls, data, train=True, seed=seed * 1000 + epoch, batch_size=batch_size,
-                             num_workers=num_workers, clip_ids=train)
+                             num_workers=num_workers, clip_ids=train, losses=losses)
         for batch in tqdm(
             loader, desc=f"fine-tune epoch {epoch}/{cfg.epochs}", unit="batch", total=steps_per_epoch, leave=False
         ):
@@ -180,10 +186,13 @@ def finetune_fold(
             optimizer.step()
             step += 1
             total, seen = total + float(loss.detach()) * len(y), seen + len(y)
+        if not seen:
+            raise EvaluationError(f"fine-tuning epoch {epoch}: none of the {len(train)} training clips of this fold "
+                                  "could be decoded")
         row = {"epoch": epoch, "train_loss": total / max(seen, 1), "lr": cfg.lr * lr_factor(max(step - 1, 0), schedule),
                "epoch_seconds": time.perf_counter() - begin}
         if val:
-            ids, logits = predict(model, urls, data, val, eval_batch_size, num_workers, device)
+            ids, logits = predict(model, urls, data, val, eval_batch_size, num_workers, device, losses)
             truth = np.array([label_of[c] for c in ids]) if ids else y_val[:0]
             if len(ids):
                 row["val_loss"] = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(truth)))
@@ -203,7 +212,7 @@ def finetune_fold(
     test_ids: list[str] = []
     for rule, state in states.items():  # the test part, once, with weights chosen without it
         model.load_state_dict(state)
-        test_ids, logits = predict(model, urls, data, test, eval_batch_size, num_workers, device)
+        test_ids, logits = predict(model, urls, data, test, eval_batch_size, num_workers, device, losses)
         probabilities = torch.from_numpy(logits).softmax(dim=1).numpy()
         result.scores[rule], result.predictions[rule] = probabilities, probabilities.argmax(axis=1)
     return result, test_ids

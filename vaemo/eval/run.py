@@ -19,6 +19,7 @@ import torch
 
 from vaemo.artifacts import IngestFolder
 from vaemo.config import EvaluateConfig
+from vaemo.data.loader import ShardLosses
 from vaemo.embed import encode
 from vaemo.eval import plots
 from vaemo.eval.accounting import account
@@ -80,16 +81,15 @@ def _params(model_dir: Path) -> dict:
             "total_params": int(sum(p.numel() for p in model.parameters()))}
 
 
-def features(prepared: Prepared, device: torch.device) -> dict[str, np.ndarray]:
+def features(prepared: Prepared, device: torch.device, losses: ShardLosses | None = None) -> dict[str, np.ndarray]:
     """Frozen clip embeddings of the chosen input (centred window), via the same path as `vaemo embed`."""
     cfg = prepared.cfg
     if cfg.mode == "zeroshot":  # the aligned model's text-space embeddings, comparable with the prompts'
         model = load_clip_encoder(prepared.model_dir, device)
     else:
         model = av.load(prepared.model_dir, map_location=device)
-    return encode(
-        prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=True
-    )
+    return encode(prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  progress=True, losses=losses)
 
 
 def _scored(result: HeadResult, truth: np.ndarray, classes: list[str]) -> dict:
@@ -111,8 +111,9 @@ def evaluate(
     index = {name: i for i, name in enumerate(classes)}
     label_of = {clip: index[label] for clip, label in plan.clips["label"].items()}
 
+    broken = ShardLosses()  # every pass over the shards reports here: each broken shard counted once
     needs_features = cfg.mode in ("probe", "zeroshot") or cfg.tsne_clips > 0
-    vectors = features(prepared, device) if needs_features else {}
+    vectors = features(prepared, device, broken) if needs_features else {}
     missing = sorted(set(plan.clips.index) - set(vectors)) if needs_features else []
     if missing:
         log.warning("%d labelled clips could not be decoded and are left out, e.g. %s", len(missing), missing[0])
@@ -144,7 +145,7 @@ def evaluate(
             result, test_ids = finetune_fold(prepared.model_dir, urls, data, label_of, fold.train, fold.val, fold.test,
                                              classes, cfg.modality, cfg.finetune, eval_batch_size=cfg.batch_size,
                                              num_workers=cfg.num_workers, seed=cfg.seed + fold.number, device=device,
-                                             log_epoch=hook)
+                                             log_epoch=hook, losses=broken)
         else:
             predicted, similarity = zero_shot_predict(np.stack([vectors[c] for c in test]), prompts)
             result = HeadResult(best_epoch=0, predictions={"last": predicted, "best_val": predicted},
@@ -177,7 +178,7 @@ def evaluate(
                   "val_fraction": cfg.val_fraction, "device": str(device)},
         "settings": cfg.model_dump(mode="json"),
         "model": _params(prepared.model_dir),
-        "data": {"dir": str(prepared.ingest_dir), **plan.summary(), "left_out_clips": missing},
+        "data": {"dir": str(prepared.ingest_dir), **plan.summary(), "left_out_clips": missing, **broken.summary()},
         "checkpoint_rules": rules,
         "primary_rule": "best_val",
         "test_set": test_set,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from vaemo.artifacts import ModelFolder
 from vaemo.config import TrainConfig
+from vaemo.data.loader import ShardLosses
 from vaemo.errors import ArtifactError
 
 # batches(epoch) -> the epoch's batches; objective(model, batch) -> {"loss": ..., other scalars}
@@ -141,11 +142,16 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, device:
 
 
 class _Stream:
-    """Endless batches across epochs, remembering the position; skipped-sample counts are summed."""
+    """Endless batches across epochs, remembering the position; skipped-sample counts are summed.
+
+    An epoch that ends without a batch of clips is an error, not a reason to start another: the
+    next one would read the same data (and DataLoader workers restart for each).
+    """
 
     def __init__(self, batches: Batches, position: Position):
         self.batches, self.position, self.skipped = batches, position, 0
         self._iter = self._epoch_iter(fast_forward=position.batch)
+        self._usable = position.batch > 0  # the batches replayed on resume were usable when first met
 
     def _epoch_iter(self, fast_forward: int = 0) -> Iterator[dict]:
         iterator = iter(self.batches(self.position.epoch))
@@ -154,19 +160,25 @@ class _Stream:
         return iterator
 
     def next(self) -> dict:
-        for _ in range(1000):
+        while True:
             try:
                 batch = next(self._iter)
             except StopIteration:
+                if not self._usable:
+                    raise ArtifactError(
+                        f"epoch {self.position.epoch} of the training data gave no batch of clips "
+                        f"({self.skipped} sample(s) skipped so far): no clip of the shards could be decoded"
+                    ) from None
                 self.position.epoch += 1
                 self.position.batch = 0
+                self._usable = False
                 self._iter = self._epoch_iter()
                 continue
             self.position.batch += 1
             self.skipped += int(batch.get("skipped", 0))
             if len(batch.get("clip_id", [None])):
+                self._usable = True
                 return batch
-        raise ArtifactError("the data stream yields no usable batch: every sample is being skipped")
 
 
 @dataclass
@@ -304,10 +316,11 @@ def write_rank_record(out_dir: Path, rank: int, seen: list[str], model: nn.Modul
     (ranks / f"rank-{rank}.json").write_text(json.dumps({"clips_seen": seen, "weights_sha256": weights_digest(model)}))
 
 
-def run_summary(result, world: int) -> dict:
-    """What every training stage reports about its run, beside its own metrics."""
+def run_summary(result, world: int, losses: ShardLosses) -> dict:
+    """What every training stage reports about its run, beside its own metrics (``losses``: already gathered)."""
     return {
         "skipped_samples": result.skipped,
+        **losses.summary(),
         "train_seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples / result.seconds, 3) if result.seconds else None,
         "resumed_from_step": result.resumed_from,

@@ -14,7 +14,7 @@ import torch
 from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import PretrainConfig
 from vaemo.data.config import DataConfig
-from vaemo.data.loader import make_loader
+from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.model import av
 from vaemo.train.loop import (
     StepLogger,
@@ -43,14 +43,13 @@ def pretraining_objective(model, batch: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def av_retrieval(
-    model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: int, batch_size: int, num_workers: int
-) -> dict:
+def av_retrieval(model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: int, batch_size: int,
+                 num_workers: int, losses: ShardLosses | None = None) -> dict:
     """Video-to-audio retrieval top-1 among the evaluated clips (centred windows, no augmentation)."""
     model.eval()
     device = next(model.parameters()).device
     videos, audios, ids = [], [], []
-    loader = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers)
+    loader = make_loader(urls, data, train=False, batch_size=batch_size, num_workers=num_workers, losses=losses)
     for batch in loader:
         if not batch["clip_id"]:
             continue
@@ -80,25 +79,27 @@ def pretrain(
     if cfg.init is not None:
         av.load_weights(model, cfg.init)  # continued pre-training; checkpoints of a resumed run replace these
 
+    broken = ShardLosses()  # one for every loader of the run: each broken shard is warned about and counted once
+
     def batches(epoch: int):
         # Seeded by epoch, so a resumed run replays exactly the stream it left.
-        return make_loader(
-            urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size, num_workers=cfg.num_workers
-        )
+        return make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, losses=broken)
 
     seen: list[str] = []
     result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)
     write_rank_record(out, env.rank, seen, model)
+    broken.gather()
     if env.world > 1:
         torch.distributed.barrier()
     if not env.main:
         return {}
     with single_process():
-        retrieval = av_retrieval(model, urls, data, cfg.eval_clips, cfg.batch_size, cfg.num_workers)
+        retrieval = av_retrieval(model, urls, data, cfg.eval_clips, cfg.batch_size, cfg.num_workers, broken)
     av.save(model, out)
     losses = [row["loss"] for row in read_step_log(out)]
     metrics = {"loss_first": edge_mean(losses, first=True), "loss_last": edge_mean(losses, first=False),
-               "steps": len(losses), **run_summary(result, env.world), **retrieval}
+               "steps": len(losses), **run_summary(result, env.world, broken), **retrieval}
     folder = ModelFolder(out)
     (folder / folder.METRICS).write_text(json.dumps(metrics, indent=1))
     folder.settings_file("pretrain").write_text(cfg.model_dump_json(indent=1))

@@ -124,8 +124,8 @@ def test_results_report_and_mlflow_count_every_test_video_not_evaluated(broken_t
         assert (fold["test_videos"], fold["scored"], fold["not_evaluated"]) == (videos, videos - len(lost), len(lost))
         assert fold["reasons"] == dict(Counter(lost))
         assert results["folds"][fold["fold"] - 1]["sizes"]["test"] == fold["scored"]  # the figures' own test size
-    assert test_set["total"] == {"test_videos": total_videos, "scored": total_videos - 5, "not_evaluated": 5,
-                                 "reasons": dict(Counter(all_lost))}
+    assert test_set["total"] == {"test_videos": total_videos, "scored": total_videos - 5, "scored_video_only": 0,
+                                 "not_evaluated": 5, "reasons": dict(Counter(all_lost))}
     listed = {(e["fold"], e["path"]): e for e in test_set["not_evaluated"]}
     assert set(listed) == {(key[3], key[0]) for key in BROKEN} | {(UNDECODABLE_FOLD, victim)}
     for key, status in BROKEN.items():
@@ -198,8 +198,8 @@ def test_which_fold_claims_a_video_without_clips(tmp_path):
     got = account(data, plan, scored_all_but(plan, set()))
     claimed = next(f for f in plan.folds if "s1" in f.test_speakers).number
     assert [f["not_evaluated"] for f in got["folds"]] == [int(f.number == claimed) for f in plan.folds]
-    assert got["no_fold"] == 1 and got["total"] == {"test_videos": 14, "scored": 12, "not_evaluated": 2,
-                                                    "reasons": {"no_face": 1, "silent_audio": 1}}
+    assert got["no_fold"] == 1 and got["total"] == {"test_videos": 14, "scored": 12, "scored_video_only": 0,
+                                                    "not_evaluated": 2, "reasons": {"no_face": 1, "silent_audio": 1}}
     assert got["not_evaluated"][-1] == {"fold": None, "path": "s9/a.mp4", "status": "silent_audio",
                                         "reason": "no face found"}
 
@@ -215,5 +215,5 @@ def test_which_fold_claims_a_video_without_clips(tmp_path):
     # Without a manifest only what did not decode can be counted, and the result says so.
     (data / "manifest.parquet").unlink()
     got = account(data, plan, scored_all_but(plan, {plan.folds[0].test[0]}))
-    assert got["manifest"] is None and got["total"] == {"test_videos": 8, "scored": 7, "not_evaluated": 1,
-                                                        "reasons": {NOT_DECODABLE: 1}}
+    assert got["manifest"] is None and got["total"] == {"test_videos": 8, "scored": 7, "scored_video_only": 0,
+                                                        "not_evaluated": 1, "reasons": {NOT_DECODABLE: 1}}

@@ -83,14 +83,26 @@ class IngestConfig(Strict):
     samples_per_shard: int = Field(500, ge=1)
     torch_threads: int = Field(1, ge=1, description="CPU threads per ingest worker")
     batch_timeout_seconds: float = Field(3600.0, gt=0, description="a batch task running longer fails (and is retried)")
+    video_only_clips: bool = Field(
+        False,
+        description="a labelled file with a face but no usable audio (no_audio_stream, silent_audio, no_speech) still "
+        "becomes a clip, without audio and flagged video_only: only video-only evaluation scores it; "
+        "training and captioning pass over it",
+    )
 
     # Settings renamed since ingest folders were first written, under the names their digests hold:
     # a rename must not make existing folders look as if they were made with other settings.
     DIGEST_NAMES: ClassVar[dict[str, str]] = {"max_cut_seconds": "window_seconds"}
 
     def digest_view(self) -> dict:
-        """The settings as digests and keys see them (JSON values, the names of DIGEST_NAMES)."""
-        return {self.DIGEST_NAMES.get(k, k): v for k, v in self.model_dump(mode="json").items()}
+        """The settings as digests and keys see them (JSON values, the names of DIGEST_NAMES).
+
+        Options added later are left out at their default, so folders made before them keep their digest.
+        """
+        view = {self.DIGEST_NAMES.get(k, k): v for k, v in self.model_dump(mode="json").items()}
+        if not self.video_only_clips:
+            del view["video_only_clips"]
+        return view
 
     def processing_digest(self) -> str:
         """Digest of the settings that change the clips' content (batching, threads and timeouts do not)."""
@@ -239,6 +251,12 @@ class EvaluateConfig(Strict):
     )
     zeroshot_prompt: str = Field(
         "a person who sounds and looks {label}", description="class prompt for zero-shot (Stage 2 models)"
+    )
+    video_only_fallback: bool = Field(
+        False,
+        description="modality av, probe mode: score the video_only clips of an ingest made with video_only_clips by a "
+        "video probe trained per fold on the video embeddings of the fold's training clips; off: they count as not "
+        "evaluated (video_only)",
     )
     tsne_clips: int = Field(2000, ge=0, description="most clips in the t-SNE map (0: no map)")
     tsne_perplexity: float = Field(30.0, gt=0, description="upper bound; lowered for small sets")

@@ -71,8 +71,9 @@ def encode(source: str | Path, model: str | Path | av.AVMAE, modality: Modality 
     source = Path(source)
     if IngestFolder(source).is_ingest_folder():
         folder = IngestFolder(source)
+        # Video embeddings read no audio, so they also cover the video-only clips an ingest may hold.
         batches = make_loader(folder.shard_urls(), data, train=False, batch_size=batch_size, num_workers=num_workers,
-                              losses=losses)
+                              losses=losses, video_only=modality == "video")
         if progress:
             from tqdm import tqdm
 

@@ -31,8 +31,10 @@ def excluded_ids(cfg: CaptionConfig) -> set[str]:
 
 
 def eligible(clips: pd.DataFrame, cfg: CaptionConfig) -> pd.DataFrame:
-    """Clips that may be captioned: not in an excluded (test) fold, not listed in exclude_clips."""
+    """Clips that may be captioned: not in an excluded (test) fold, not listed in exclude_clips, with audio."""
     keep = ~clips["clip_id"].isin(excluded_ids(cfg))
+    if "video_only" in clips:  # ingested without audio (video_only_clips): the captioning model must hear the voice
+        keep &= clips["video_only"].isna()
     if cfg.exclude_folds and "fold" in clips:
         keep &= ~clips["fold"].isin(cfg.exclude_folds)
     return clips[keep]

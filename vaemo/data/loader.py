@@ -304,13 +304,14 @@ class _Decode:
     cfg: DataConfig
     train: bool
     ctx: _Context
+    video_only: bool = False
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict | Record]:
         rng = self.ctx.rng(2)
         for sample in src:
             yield from self.ctx.drain()
             try:
-                yield load_sample(sample, self.cfg, train=self.train, rng=rng)
+                yield load_sample(sample, self.cfg, train=self.train, rng=rng, video_only=self.video_only)
             except SampleError as exc:
                 clip_id = str(sample.get("__key__") or sample.get("__url__") or "?")
                 log.warning("skipped %s: %s", clip_id, exc)
@@ -382,7 +383,7 @@ class _Batches:
 
 def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0,
                  epoch_samples: int | None = None, batch_size: int | None = None, num_workers: int = 0,
-                 clip_ids: Collection[str] | None = None) -> wds.DataPipeline:
+                 clip_ids: Collection[str] | None = None, video_only: bool = False) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
     Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}),
@@ -391,7 +392,8 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
     epoch over all ranks and workers (training only); by default the natural pass over the shards,
     or, when the epoch must be fixed (resampled shards, DDP), the number of samples in the shards.
     ``clip_ids``: only these clips (e.g. one fold's training part); the others are passed over
-    before decoding, and a fixed epoch then counts only these.
+    before decoding, and a fixed epoch then counts only these. ``video_only``: frames only, see
+    :func:`~vaemo.data.samples.load_sample`.
     """
     urls = [str(u) for u in shard_urls]
     if not urls:
@@ -432,7 +434,7 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
         stages.append(_Select(frozenset(clip_ids)))
     if train and cfg.shuffle_buffer > 1:
         stages.append(_Shuffle(ctx, cfg.shuffle_buffer))
-    stages.append(_Decode(cfg, train, ctx))
+    stages.append(_Decode(cfg, train, ctx, video_only))
     if batch_size:
         stages.append(_Batches(cfg, batch_size, partial=not train))
     dataset = wds.DataPipeline(*stages)
@@ -467,7 +469,7 @@ class ShardLoader(DataLoader):
 
 def make_loader(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0, epoch_samples: int | None = None,
                 batch_size: int, num_workers: int = 0, clip_ids: Collection[str] | None = None,
-                losses: ShardLosses | None = None, **loader_kwargs) -> ShardLoader:
+                losses: ShardLosses | None = None, video_only: bool = False, **loader_kwargs) -> ShardLoader:
     """A DataLoader of batches {"video": (B,3,T,S,S), "audio": (B,F,M), "clip_id": [str], "window": (B,2) s,
     "skipped": int, "skipped_clips": [str], "shard_losses": [ShardLoss]}, batched inside the workers.
 
@@ -477,7 +479,7 @@ def make_loader(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: in
     Extra keyword arguments go to the DataLoader (timeout, pin_memory, prefetch_factor, ...).
     """
     dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=batch_size,
-                           num_workers=num_workers, clip_ids=clip_ids)
+                           num_workers=num_workers, clip_ids=clip_ids, video_only=video_only)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return ShardLoader(dataset, losses=losses if losses is not None else ShardLosses(), batch_size=None,

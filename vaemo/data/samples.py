@@ -283,19 +283,31 @@ def video_tensor(frames: np.ndarray, cfg: DataConfig, rng: np.random.Generator |
     return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
 
 
-def load_sample(sample: dict, cfg: DataConfig, *, train: bool, rng: np.random.Generator | None = None) -> dict:
+def load_sample(
+    sample: dict, cfg: DataConfig, *, train: bool, rng: np.random.Generator | None = None, video_only: bool = False
+) -> dict:
     """Decode one shard sample into {"video": (3,T,S,S), "audio": (F,M), "clip_id", "window": Window}.
 
     train=True draws the window start, crop, flip and masks from ``rng`` (in that order, all here);
     train=False is deterministic: centred window, centre crop, no flip, no masks. Bad bytes raise
     SampleError; anything else is a bug and propagates.
+
+    ``video_only``: the audio is not read, and "audio" is an empty (0, M) tensor. A clip that ingest
+    stored without audio (meta ``video_only``) decodes only this way; otherwise it raises SampleError,
+    so nothing that needs the voice (training, AV or audio embeddings) ever uses it.
     """
     if train and rng is None:
         rng = np.random.default_rng()
     draw = rng if train else None
-    clip_id, _meta = read_meta(sample)
+    clip_id, meta = read_meta(sample)
     if "mp4" not in sample:
         raise SampleError("missing mp4")
+    if video_only:
+        frames, _fps, _count, window = decode_video(sample["mp4"], lambda n, fps: choose_window(n, fps, cfg, draw))
+        return {"video": video_tensor(frames, cfg, draw), "audio": torch.empty(0, cfg.mel_bins), "clip_id": clip_id,
+                "window": window}
+    if meta.get("video_only"):
+        raise SampleError(f"a video-only clip ({meta['video_only']}): it has no audio to use")
     audio = decode_audio(audio_bytes(sample), cfg.sample_rate)
 
     def pick(n_frames: int, clip_fps: float) -> Window:

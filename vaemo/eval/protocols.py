@@ -96,7 +96,8 @@ def class_counts(clips: pd.DataFrame, classes: list[str]) -> dict[str, int]:
 
 
 def load_clips(ingest_dir: Path) -> pd.DataFrame:
-    """The labelled clips of an ingest folder: index clip_id; columns label, speaker, fold, source, dataset."""
+    """The labelled clips of an ingest folder: index clip_id; columns label, speaker, fold, source, dataset and
+    video_only (why a clip has no audio, None for the others)."""
     folder = IngestFolder(ingest_dir)
     path = folder / folder.CLIPS
     try:
@@ -107,7 +108,7 @@ def load_clips(ingest_dir: Path) -> pd.DataFrame:
         raise EvaluationError(
             f"{path} lists no clips: the ingest produced none (its manifest gives each video's status)"
         )
-    for column in ("label", "speaker", "fold", "source", "dataset"):
+    for column in ("label", "speaker", "fold", "source", "dataset", "video_only"):
         if column not in table:
             table[column] = None
     labelled = table[table["label"].notna() & (table["label"].astype(str) != "")]
@@ -116,7 +117,7 @@ def load_clips(ingest_dir: Path) -> pd.DataFrame:
             f"none of the {len(table)} clips in {path} has a label; ingest a labelled corpus "
             "(a benchmark adapter, or generic with --labels path,label[,speaker] CSV)"
         )
-    clips = labelled[["clip_id", "label", "speaker", "fold", "source", "dataset"]].copy()
+    clips = labelled[["clip_id", "label", "speaker", "fold", "source", "dataset", "video_only"]].copy()
     clips["label"] = clips["label"].astype(str)
     clips["speaker"] = clips["speaker"].map(lambda s: None if s is None or pd.isna(s) or s == "" else str(s))
     clips["fold"] = clips["fold"].map(lambda f: None if f is None or pd.isna(f) else int(f))

@@ -41,8 +41,10 @@ def _pm(summary: dict, key: str) -> str:
 
 
 def test_set_line(counts: dict, what: str) -> str:
-    """``scored 118 of 120 test videos of fold 1; 2 not evaluated: 1 no_audio_stream, 1 no_face``."""
+    """``scored 118 of 120 test videos of fold 1 (3 video-only); 2 not evaluated: 1 no_audio_stream, 1 no_face``."""
     line = f"scored {counts['scored']} of {counts['test_videos']} {what}"
+    if counts["scored_video_only"]:
+        line += f" ({counts['scored_video_only']} video-only)"
     if counts["not_evaluated"]:
         line += f"; {counts['not_evaluated']} not evaluated: " + ", ".join(
             f"{n} {status}" for status, n in counts["reasons"].items()
@@ -68,7 +70,8 @@ def _test_set(test_set: dict) -> list[str]:
     missing = test_set["not_evaluated"]
     if missing:
         lines += ["A video is not evaluated when ingest made no clip of it (the status and reason of the ingest "
-                  "manifest) or when none of its clips decoded at evaluation (not_decodable).", "",
+                  "manifest), when none of its clips decoded at evaluation (not_decodable), or when it was "
+                  "ingested without audio and not scored by its video alone (video_only).", "",
                   "| fold | video (relative to the corpus root) | status | reason |", "|---|---|---|---|"]
         lines += [f"| {'-' if e['fold'] is None else e['fold']} | {_cell(e['path'])} | {e['status']} | "
                   f"{_cell(e['reason'])} |" for e in missing[:LISTED]]

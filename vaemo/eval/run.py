@@ -59,6 +59,11 @@ def prepare(model_dir: Path, ingest_dir: Path, cfg: EvaluateConfig) -> Prepared:
     """Check the model, the mode and the data, and make the folds; every refusal is a VaemoError."""
     model_dir, ingest_dir = Path(model_dir), Path(ingest_dir)
     model_cfg = av.load_config(model_dir)
+    if cfg.video_only_fallback and (cfg.mode != "probe" or cfg.modality != "av"):
+        raise EvaluationError(
+            f"video_only_fallback needs mode probe and modality av (got {cfg.mode}, {cfg.modality}): only a linear "
+            "probe on video embeddings can score the clips without audio; turn the option off"
+        )
     if cfg.mode == "zeroshot":
         require_aligned(model_dir)
     IngestFolder(ingest_dir).shard_urls()
@@ -81,15 +86,31 @@ def _params(model_dir: Path) -> dict:
             "total_params": int(sum(p.numel() for p in model.parameters()))}
 
 
-def features(prepared: Prepared, device: torch.device, losses: ShardLosses | None = None) -> dict[str, np.ndarray]:
-    """Frozen clip embeddings of the chosen input (centred window), via the same path as `vaemo embed`."""
+def features(prepared: Prepared, device: torch.device, losses: ShardLosses | None = None,
+             modality: str | None = None) -> dict[str, np.ndarray]:
+    """Frozen clip embeddings of the chosen input (or ``modality``; centred window), as `vaemo embed` makes them."""
     cfg = prepared.cfg
     if cfg.mode == "zeroshot":  # the aligned model's text-space embeddings, comparable with the prompts'
         model = load_clip_encoder(prepared.model_dir, device)
     else:
         model = av.load(prepared.model_dir, map_location=device)
-    return encode(prepared.ingest_dir, model, cfg.modality, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  progress=True, losses=losses)
+    return encode(prepared.ingest_dir, model, modality or cfg.modality, batch_size=cfg.batch_size,
+                  num_workers=cfg.num_workers, progress=True, losses=losses)
+
+
+def _with_video_probe(result, test_ids, video_ids, fold, seen, stack, label_of, classes, cfg):
+    """The fold's AV predictions followed by those of a video probe for its test clips without audio.
+
+    The video probe trains like the AV one, on the video embeddings of the fold's training part.
+    """
+    train, val = ([c for c in part if c in seen] for part in (fold.train, fold.val))
+    video = linear_probe(stack(train, seen), np.array([label_of[c] for c in train]), stack(val, seen),
+                         np.array([label_of[c] for c in val]), stack(video_ids, seen), classes, cfg.probe,
+                         seed=cfg.seed + fold.number)
+    merged = HeadResult(result.history, result.best_epoch,
+                        {r: np.concatenate([result.predictions[r], video.predictions[r]]) for r in result.predictions},
+                        {r: np.concatenate([result.scores[r], video.scores[r]]) for r in result.scores})
+    return merged, test_ids + video_ids
 
 
 def _scored(result: HeadResult, truth: np.ndarray, classes: list[str]) -> dict:
@@ -114,12 +135,16 @@ def evaluate(
     broken = ShardLosses()  # every pass over the shards reports here: each broken shard counted once
     needs_features = cfg.mode in ("probe", "zeroshot") or cfg.tsne_clips > 0
     vectors = features(prepared, device, broken) if needs_features else {}
-    missing = sorted(set(plan.clips.index) - set(vectors)) if needs_features else []
+    # Clips ingested without audio (video_only): the chosen input cannot use them unless it is the video alone.
+    unheard = set(plan.clips.index[plan.clips["video_only"].notna()]) - set(vectors)
+    missing = sorted(set(plan.clips.index) - set(vectors) - unheard) if needs_features else []
     if missing:
         log.warning("%d labelled clips could not be decoded and are left out, e.g. %s", len(missing), missing[0])
-    if needs_features and len(missing) == len(plan.clips):
+    if needs_features and len(missing) + len(unheard) == len(plan.clips):
         raise EvaluationError(f"none of the {len(plan.clips)} labelled clips of {prepared.ingest_dir} could be decoded")
-    keep = set(plan.clips.index) - set(missing)
+    keep = set(plan.clips.index) - set(missing) - unheard
+    # The fallback's own probe sees video embeddings only; every clip with a decodable video has one.
+    seen = features(prepared, device, broken, "video") if cfg.video_only_fallback and unheard else {}
 
     prompts = None
     if cfg.mode == "zeroshot":
@@ -127,11 +152,11 @@ def evaluate(
 
     urls = IngestFolder(prepared.ingest_dir).shard_urls()
     data = cfg.data.for_model(prepared.model_cfg)
-    fold_results, histories, prediction_rows, scored_ids = [], {}, [], {}
-    dim = len(next(iter(vectors.values()))) if vectors else 0
+    fold_results, histories, prediction_rows, scored_ids, by_video = [], {}, [], {}, {}
 
-    def stack(ids: list[str]) -> np.ndarray:
-        return np.stack([vectors[c] for c in ids]) if ids else np.zeros((0, dim), np.float32)
+    def stack(ids: list[str], table: dict[str, np.ndarray] = vectors) -> np.ndarray:
+        dim = len(next(iter(table.values()))) if table else 0
+        return np.stack([table[c] for c in ids]) if ids else np.zeros((0, dim), np.float32)
 
     for fold in plan.folds:
         train, val, test = ([c for c in part if c in keep] for part in (fold.train, fold.val, fold.test))
@@ -141,6 +166,10 @@ def evaluate(
                                   np.array([label_of[c] for c in val]), stack(test), classes, cfg.probe,
                                   seed=cfg.seed + fold.number, log_epoch=hook)
             test_ids = test
+            by_video[fold.number] = [c for c in fold.test if c in unheard and c in seen]
+            if by_video[fold.number]:
+                result, test_ids = _with_video_probe(result, test_ids, by_video[fold.number], fold, seen, stack,
+                                                     label_of, classes, cfg)
         elif cfg.mode == "finetune":
             result, test_ids = finetune_fold(prepared.model_dir, urls, data, label_of, fold.train, fold.val, fold.test,
                                              classes, cfg.modality, cfg.finetune, eval_batch_size=cfg.batch_size,
@@ -156,7 +185,10 @@ def evaluate(
         scored_ids[fold.number] = test_ids
         truth = np.array([label_of[c] for c in test_ids])
         scored = _scored(result, truth, classes)
-        entry = {"fold": fold.number, "sizes": {"train": len(train), "val": len(val), "test": len(test_ids)},
+        sizes = {"train": len(train), "val": len(val), "test": len(test_ids)}
+        if by_video.get(fold.number):
+            sizes["test_video_only"] = len(by_video[fold.number])
+        entry = {"fold": fold.number, "sizes": sizes,
                  "test_speakers": fold.test_speakers, "validation_split": fold.validation_split,
                  "best_epoch": result.best_epoch, **scored}
         fold_results.append(entry)
@@ -164,12 +196,13 @@ def evaluate(
         for i, clip in enumerate(test_ids):
             prediction_rows.append(
                 {"clip_id": clip, "fold": fold.number, "label": classes[truth[i]],
+                 "input": "video" if clip in unheard else cfg.modality,
                  **{f"pred_{rule}": classes[result.predictions[rule][i]] for rule in ("last", "best_val")}}
             )
         if on_fold:
             on_fold(fold.number, len(plan.folds), entry)
 
-    test_set = account(prepared.ingest_dir, plan, scored_ids)
+    test_set = account(prepared.ingest_dir, plan, scored_ids, by_video)
     if test_set["total"]["not_evaluated"]:
         log.warning("%s", test_set_line(test_set["total"], "test videos of the protocol"))
     rules = ZERO_SHOT_RULES if cfg.mode == "zeroshot" else RULES

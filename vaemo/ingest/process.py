@@ -17,6 +17,9 @@ from vaemo.ingest.records import SourceRecord
 
 HASH_CHUNK = 1 << 20
 MIN_FRAMES_SLACK = 0.95
+# Outcomes of a labelled file whose face may still be usable: with video_only_clips it becomes a video-only clip.
+# (no_speech cannot happen to a labelled file: it is one clip whatever its speech.)
+NO_USABLE_AUDIO = ("no_audio_stream", "silent_audio")
 
 
 def content_hash(root: Path, record: SourceRecord) -> str:
@@ -47,7 +50,7 @@ def clip_id_of(video_id: str, start: float, end: float) -> str:
 class Clip:
     clip_id: str
     video: bytes  # mp4
-    audio: bytes  # flac or wav
+    audio: bytes | None  # flac or wav; None for a video-only clip (meta "video_only" says why)
     meta: dict
 
 
@@ -86,9 +89,34 @@ def process_video(root: Path, record: SourceRecord, video_id: str, cfg: IngestCo
     """Probe, decode, find speech and the speaker's face, and cut clips. Never raises for bad media."""
     timings: dict[str, float] = defaultdict(float)
     try:
-        return _process(root, record, video_id, cfg, timings)
+        outcome = _process(root, record, video_id, cfg, timings)
+        if cfg.video_only_clips and record.whole_file and outcome.status in NO_USABLE_AUDIO:
+            return _video_only(root, record, video_id, cfg, timings, outcome)
+        return outcome
     except media.MediaError as exc:
         return VideoOutcome(exc.status, exc.reason, timings=timings)
+
+
+def _video_only(
+    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float], audio: VideoOutcome
+) -> VideoOutcome:
+    """A labelled file without usable audio as face-only clips, each flagged ``video_only`` with why.
+
+    Only labelled files (one clip each): they are what a benchmark's test set counts, and an
+    unlabelled recording serves only training, which needs the voice.
+    """
+    path = root / record.path
+    info = media.probe(path, cfg.probe_timeout)
+    timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
+    windows = plan_windows(record, info.duration, [], cfg)
+    outcome = _face_clips(path, record, video_id, info, windows, None, cfg, timings, timeout)
+    if outcome.status != "ok":
+        return outcome  # no face either: the face path's status says so, as without the option
+    why = f"{audio.status}: {audio.reason}"
+    for clip in outcome.clips:
+        clip.meta["video_only"] = why
+    outcome.reason = "; ".join(filter(None, [f"video-only clips, no usable audio ({why})", outcome.reason]))
+    return outcome
 
 
 def _process(
@@ -124,6 +152,12 @@ def _process(
         return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
                             duration=info.duration, timings=timings)
 
+    return _face_clips(path, record, video_id, info, windows, (samples, segments), cfg, timings, timeout)
+
+
+def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings, timeout) -> VideoOutcome:
+    """The speaker's face over each window, cut and encoded; ``voice_track`` (samples, segments) or None (no audio)."""
+    samples, segments = voice_track or (None, None)
     size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
     clips, skipped = [], defaultdict(list)
     for start, end in windows:
@@ -143,8 +177,9 @@ def _process(
                 continue
         start, end = start + face.span[0] / cfg.fps, start + face.span[1] / cfg.fps
         a, b = round(start * cfg.sample_rate), round(end * cfg.sample_rate)
+        voice_span = None if samples is None else samples[a:b]
         with _timed(timings, "encode"):
-            clips.append(_encode_clip(record, video_id, info, start, end, face, samples[a:b], segments, cfg, timeout))
+            clips.append(_encode_clip(record, video_id, info, start, end, face, voice_span, segments, cfg, timeout))
 
     if not clips:
         status = next(iter(skipped))
@@ -163,14 +198,14 @@ def _encode_clip(record, video_id, info, start, end, face, samples, segments, cf
         out = Path(tmp) / "clip.mp4"
         media.encode_video(face.frames, cfg.fps, cfg.video_crf, cfg.video_preset, out, timeout)
         video_bytes = out.read_bytes()
-    audio_bytes = media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
+    audio_bytes = None if samples is None else media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
     clip_id = clip_id_of(video_id, start, end)
     meta = {
         "clip_id": clip_id,
         "video_id": video_id,
         "dataset": record.dataset,
         "source": record.path,
-        "audio_source": record.audio_path,
+        "audio_source": None if samples is None else record.audio_path,
         "start": round(start, 3),
         "end": round(end, 3),
         "fps": cfg.fps,
@@ -183,7 +218,7 @@ def _encode_clip(record, video_id, info, start, end, face, samples, segments, cf
         "face_prob_min": round(face.prob_min, 4),
         "faces_max": face.faces_max,
         "face_tracks": face.tracks,
-        "speech_ratio": round(voice.speech_ratio(segments, start, end), 4),
+        "speech_ratio": None if segments is None else round(voice.speech_ratio(segments, start, end), 4),
         "label": record.label,
         "speaker": record.speaker,
         "fold": record.fold,

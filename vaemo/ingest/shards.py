@@ -81,9 +81,8 @@ def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], d
                 outcome = VideoOutcome("error", f"{type(exc).__name__}: {exc}")
             write_begin = time.perf_counter()
             for clip in outcome.clips:
-                writer.write(
-                    {"__key__": clip.clip_id, "mp4": clip.video, cfg.audio_format: clip.audio, "json": clip.meta}
-                )
+                audio = {} if clip.audio is None else {cfg.audio_format: clip.audio}  # a video-only clip has none
+                writer.write({"__key__": clip.clip_id, "mp4": clip.video, **audio, "json": clip.meta})
             outcome.timings["write"] += time.perf_counter() - write_begin
             for stage, seconds in outcome.timings.items():
                 timings[stage] = timings.get(stage, 0.0) + seconds

@@ -13,23 +13,51 @@ from pathlib import Path
 from vaemo.config import IngestConfig
 from vaemo.ingest import media, voice
 from vaemo.ingest.face import NoFace, face_crop
+from vaemo.ingest.files import open_regular, regular_file
 from vaemo.ingest.records import SourceRecord
 
 HASH_CHUNK = 1 << 20
 MIN_FRAMES_SLACK = 0.95
+# Audio that decodes this much shorter than the container claims marks a truncated or damaged file
+# (an audio track a little shorter than the video is normal).
+TRUNCATED_SECONDS, TRUNCATED_SHARE = 1.0, 0.9
+
+
+@contextmanager
+def _source_file(record: SourceRecord, rel: str):
+    """Name the separate audio file in the reason when it, not the video, is the bad entry."""
+    try:
+        yield
+    except media.MediaError as exc:
+        if rel == record.path:
+            raise
+        raise media.MediaError(exc.status, f"the audio file {rel}: {exc.reason}") from None
+
+
+def _files(record: SourceRecord) -> list[str]:
+    return [rel for rel in (record.path, record.audio_path) if rel is not None]
+
+
+def stat_key(root: Path, record: SourceRecord) -> str:
+    """What re-runs compare to skip hashing an unchanged file: size and mtime, which tools like ``cp -p`` and
+    rsync restore, and ctime and inode, which no write can keep. A MediaError when an entry is not a regular file."""
+    parts = []
+    for rel in _files(record):
+        with _source_file(record, rel):
+            st = regular_file(root / rel)
+        parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
+    return "|".join(parts)
 
 
 def content_hash(root: Path, record: SourceRecord) -> str:
     """sha256 of the video bytes, followed by the separate audio file's bytes when there is one.
 
     Hashing both means a replaced audio file gives a new id, so a clip can never pair a new
-    video with old audio (or the reverse).
+    video with old audio (or the reverse). Only regular files are read (a MediaError otherwise).
     """
     digest = hashlib.sha256()
-    for rel in (record.path, record.audio_path):
-        if rel is None:
-            continue
-        with open(root / rel, "rb") as handle:
+    for rel in _files(record):
+        with _source_file(record, rel), open_regular(root / rel) as handle:
             while chunk := handle.read(HASH_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -95,6 +123,9 @@ def _process(
     root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]
 ) -> VideoOutcome:
     path = root / record.path
+    for rel in _files(record):  # still a regular file: a pipe swapped in after the scan must not reach ffmpeg
+        with _source_file(record, rel):
+            regular_file(root / rel)
     with _timed(timings, "probe"):
         info = media.probe(path, cfg.probe_timeout)
         audio_info = (
@@ -104,25 +135,36 @@ def _process(
         return VideoOutcome("too_long",
                             f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}",
                             duration=info.duration, timings=timings)
-    if info.duration < cfg.min_source_seconds:
-        return VideoOutcome("too_short", f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}",
-                            duration=info.duration, timings=timings)
     if not audio_info.has_audio:
         return VideoOutcome("no_audio_stream", "the file has no audio stream", duration=info.duration, timings=timings)
 
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     with _timed(timings, "decode"):
         samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
+    # Work with what decodes, and say so: a reason about faces or speech would hide a truncated file.
+    duration, truncated = info.duration, ""
+    decoded = len(samples) / cfg.sample_rate
+    if decoded < min(info.duration - TRUNCATED_SECONDS, info.duration * TRUNCATED_SHARE):
+        duration = decoded
+        truncated = f"the container claims {info.duration:.2f} s but its audio decodes {decoded:.2f} s"
+
+    def outcome(status: str, reason: str, clips: list[Clip] | None = None) -> VideoOutcome:
+        if truncated and clips:
+            reason = "; ".join(filter(None, (truncated, reason)))
+        elif truncated:
+            status, reason = "truncated", f"{truncated}; what decodes gives {status}: {reason}"
+        return VideoOutcome(status, reason, clips=clips or [], duration=duration, timings=timings)
+
+    if duration < cfg.min_source_seconds:
+        return outcome("too_short", f"{duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}")
     level = voice.peak_dbfs(samples)
     if level < cfg.silence_dbfs:
-        return VideoOutcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)",
-                            duration=info.duration, timings=timings)
+        return outcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)")
     with _timed(timings, "vad"):
         segments = voice.speech_segments(samples, cfg.sample_rate, cfg.vad_threshold)
-    windows = plan_windows(record, info.duration, segments, cfg)
+    windows = plan_windows(record, duration, segments, cfg)
     if not windows:
-        return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
-                            duration=info.duration, timings=timings)
+        return outcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, duration):.2f} s")
 
     size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
     clips, skipped = [], defaultdict(list)
@@ -130,13 +172,16 @@ def _process(
         with _timed(timings, "decode"):
             frames = media.decode_frames(path, start, end - start, cfg.fps, size, timeout)
         frames = frames[: int((end - start) * cfg.fps + 1e-6)]  # whole frames only: clips never overlap
+        # Frame counts round at the ends, so allow a frame or two under the shortest clip.
+        min_frames = int(min(cfg.min_clip_seconds, end - start) * cfg.fps * MIN_FRAMES_SLACK)
         if len(frames) == 0:
             skipped["no_frames"].append("the decoder returned no frames")
             continue
+        if len(frames) < min_frames:  # no face could cover the clip: the video stream ends early
+            skipped["truncated"].append(f"the video of {start:.2f}-{end:.2f} s decodes {len(frames) / cfg.fps:.2f} s")
+            continue
         with _timed(timings, "detect"):
             try:
-                # Frame counts round at the ends, so allow a frame or two under the shortest clip.
-                min_frames = int(min(cfg.min_clip_seconds, end - start) * cfg.fps * MIN_FRAMES_SLACK)
                 face = face_crop(frames, cfg, min_frames)
             except NoFace as exc:
                 skipped[exc.status].append(exc.reason)
@@ -148,14 +193,14 @@ def _process(
 
     if not clips:
         status = next(iter(skipped))
-        return VideoOutcome(status, "; ".join(sorted(set(skipped[status]))), duration=info.duration, timings=timings)
+        return outcome(status, "; ".join(sorted(set(skipped[status]))))
     dropped = sum(len(v) for v in skipped.values())
     reason = (
         ""
         if not dropped
         else f"{dropped} of {len(windows)} windows dropped: " + ", ".join(f"{k} x{len(v)}" for k, v in skipped.items())
     )
-    return VideoOutcome("ok", reason, clips=clips, duration=info.duration, timings=timings)
+    return outcome("ok", reason, clips)
 
 
 def _encode_clip(record, video_id, info, start, end, face, samples, segments, cfg, timeout) -> Clip:

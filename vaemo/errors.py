@@ -73,8 +73,9 @@ def storage_error(exc: OSError, what: str, where: str | os.PathLike | None = Non
     if exc.errno not in STORAGE_ERRNOS:
         return None
     where = where or exc.filename
+    verb = "cannot read or write" if exc.errno == errno.EIO else "cannot write"  # a failing disk fails reads too
     return StorageError(
-        f"cannot write {what}{f' in {where}' if where else ''}: {os.strerror(exc.errno)} "
+        f"{verb} {what}{f' in {where}' if where else ''}: {os.strerror(exc.errno)} "
         f"({errno.errorcode[exc.errno]}); what earlier runs committed is intact: free space (or fix the storage, or "
         "choose another folder) and re-run"
     )

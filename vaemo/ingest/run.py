@@ -61,6 +61,11 @@ class Plan:
     def pending_videos(self) -> int:
         return sum(len(b.videos) for b in self.batches)
 
+    @property
+    def refused(self) -> int:
+        """Entries that are not readable files (their rows carry the status)."""
+        return sum("video_id" not in r for r in self.records)
+
 
 class IngestRun:
     """Holds the folder's lock for the duration of a run: a second run refuses, it never interleaves."""
@@ -140,8 +145,9 @@ class IngestRun:
                     hashlib.sha256(key.encode()).hexdigest()[:16], str(self.source.resolve()), self.token, videos
                 )
             )
-        readable = sum("video_id" in item for item in records)
-        return Plan(batches, records, readable - len(pending), removed, retired)
+        plan = Plan(batches, records, 0, removed, retired)
+        plan.skipped = len(records) - plan.refused - len(pending)
+        return plan
 
     def _scan(self, known: dict[str, str]) -> list[dict]:
         """Every corpus entry with its content hash (not read again when its stat key is known, unless ``rehash``),

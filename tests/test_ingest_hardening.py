@@ -53,7 +53,7 @@ def assert_one_copy_of_each_clip(out: Path, stats: dict) -> None:
 def test_special_entries_get_a_status_and_never_block(corpus, tmp_path):
     """A pipe, a socket, a link to /dev/zero, a broken link, a link loop and a file that fails to read (root reads any
     file whatever its mode, so /proc/self/mem, whose first page gives EIO, is the unreadable file) beside two good
-    clips; a folder named like a video is walked as a folder."""
+    clips; a folder named like a video is walked as a folder (the clip inside is ingested)."""
     source = good_source(corpus, tmp_path / "src", 2)
     os.mkfifo(source / "pipe.mp4")
     listener = socket.socket(socket.AF_UNIX)
@@ -64,21 +64,22 @@ def test_special_entries_get_a_status_and_never_block(corpus, tmp_path):
     (source / "loop_b.mp4").symlink_to("loop_a.mp4")
     (source / "mem.mp4").symlink_to("/proc/self/mem")
     (source / "folder.mp4").mkdir()
+    shutil.copy(sorted(corpus.glob("*.mp4"))[2], source / "folder.mp4" / "inner.mp4")
     try:
         out = tmp_path / "out"
         stats, _ = ingest_folder(source, out, CFG)
         rows = manifest(out)
         good = sorted(p.name for p in corpus.glob("*.mp4"))[:2]
         assert {path: row["status"] for path, row in rows.items()} == {
-            **dict.fromkeys(good, "ok"), "pipe.mp4": "not_a_file", "socket.mp4": "not_a_file",
-            "zero.mp4": "not_a_file", "gone.mp4": "broken_link", "loop_a.mp4": "link_loop", "loop_b.mp4": "link_loop",
-            "mem.mp4": "unreadable"}
+            **dict.fromkeys(good, "ok"), "folder.mp4/inner.mp4": "ok", "pipe.mp4": "not_a_file",
+            "socket.mp4": "not_a_file", "zero.mp4": "not_a_file", "gone.mp4": "broken_link", "loop_a.mp4": "link_loop",
+            "loop_b.mp4": "link_loop", "mem.mp4": "unreadable"}
         assert "named pipe" in rows["pipe.mp4"]["reason"] and "socket" in rows["socket.mp4"]["reason"]
         assert "/dev/zero" in rows["zero.mp4"]["reason"] and "character device" in rows["zero.mp4"]["reason"]
         assert "'nowhere.mp4'" in rows["gone.mp4"]["reason"] and "loop" in rows["loop_a.mp4"]["reason"]
         assert "Input/output error" in rows["mem.mp4"]["reason"]
-        assert stats["status_counts"] == {"broken_link": 1, "link_loop": 2, "not_a_file": 3, "ok": 2, "unreadable": 1}
-        assert stats["last_run"]["skipped_videos"] == 0 and stats["last_run"]["processed_videos"] == 2
+        assert stats["status_counts"] == {"broken_link": 1, "link_loop": 2, "not_a_file": 3, "ok": 3, "unreadable": 1}
+        assert stats["last_run"]["skipped_videos"] == 0 and stats["last_run"]["processed_videos"] == 3
         assert_one_copy_of_each_clip(out, stats)
 
         # A re-run tries the bad entries again (a link may be fixed meanwhile) and does no other work.

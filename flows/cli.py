@@ -2,8 +2,8 @@
 
 Prefect and MLflow keep their state in the work directory (``./vaemo-work`` by default), so a
 fresh checkout runs without any server: Prefect starts a temporary one unless PREFECT_API_URL is
-set. Exit codes: 0 done; 1 did not complete (some work failed; or a bug, whose traceback is
-printed and logged); 2 refused, with one line that says what to fix.
+set. Exit codes: 0 done; 1 did not complete (some work failed, or the storage refused a write: one
+line; or a bug, whose traceback is printed and logged); 2 refused, with one line that says what to fix.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def cmd_dev_demo_inputs(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from vaemo.config import AlignConfig, CaptionConfig, EvaluateConfig, PretrainConfig
+    from vaemo.config import AlignConfig, CaptionConfig, EvaluateConfig, IngestConfig, PretrainConfig
 
     # --config and --work-dir before or after the command's name (after it, they win); absent unless given.
     shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
@@ -193,8 +193,10 @@ def parser() -> argparse.ArgumentParser:
         kind = next(a for a in typing.get_args(field.annotation) if a is not type(None)) if union else field.annotation
         choices = list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
         default = "" if extra.get("required") else f" (default: from --config, else {field.default})"
-        return opt(flag or f"--{name.replace('_', '-')}", dest=SETTING + name, type=str if choices else kind,
-                   choices=choices, help=f"{field.description}{default}".replace("%", "%%"), **extra)
+        flag, about = flag or f"--{name.replace('_', '-')}", f"{field.description}{default}".replace("%", "%%")
+        if kind is bool:  # a switch: given, it turns the setting on; absent, the file's value stands
+            return opt(flag, dest=SETTING + name, action="store_const", const=True, help=about, **extra)
+        return opt(flag, dest=SETTING + name, type=str if choices else kind, choices=choices, help=about, **extra)
 
     modality = opt("--modality", choices=list(MODALITIES), default="av", help="joint (av) or one stream's input "
                    "(default: %(default)s)")
@@ -210,7 +212,8 @@ def parser() -> argparse.ArgumentParser:
             opt("--dataset", choices=list(DatasetName.__args__), default="auto", help="naming rule (default: guessed)"),
             opt("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW)"),
             opt("--workers", type=int, help="local Dask worker processes (default: from --config, else 2)"),
-            opt("--dask-address", help="an existing Dask scheduler instead of a local cluster"))
+            opt("--dask-address", help="an existing Dask scheduler instead of a local cluster"),
+            setting(IngestConfig, "rehash"))
     command("pretrain", cmd_pretrain, "Stage 1: pre-train the unified AV encoder on ingest shards", shards,
             opt("--out", required=True, help="the model folder to write (with checkpoints)"),
             setting(PretrainConfig, "model", "--preset"), setting(PretrainConfig, "steps"),
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if isinstance(done, str) else done
     except VaemoError as exc:
         print(f"vaemo: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("vaemo: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ from prefect.states import Failed
 from vaemo import tracking
 from vaemo.artifacts import ModelFolder
 from vaemo.config import TrackingConfig
-from vaemo.errors import VaemoError
+from vaemo.errors import VaemoError, writing
 from vaemo.tracking import Tag
 
 GPU_SLOT = "gpu"
@@ -44,7 +44,8 @@ def vaemo_flow(name: str, check=None):
     """Decorate a stage's flow function: ``check(**parameters)`` refuses what cannot work (a VaemoError) before
     any work, and the command line runs it too before it starts a Prefect server (``flow.fn.check``). A refusal
     ends the flow Failed with its one line, and with the error as its data, so the command line can tell a
-    refusal (exit 2) from a bug (a traceback)."""
+    refusal (exit 2) from a bug (a traceback). The storage's refusal of a write (a full disk), in any stage, is
+    such an error too (StorageError, exit 1)."""
 
     def decorate(flow_function):
         signature = inspect.signature(flow_function, eval_str=True)
@@ -52,11 +53,12 @@ def vaemo_flow(name: str, check=None):
         @functools.wraps(flow_function)
         def run(*args, **kwargs):
             try:
-                if check:
-                    bound = signature.bind(*args, **kwargs)
-                    bound.apply_defaults()
-                    check(**bound.arguments)
-                return flow_function(*args, **kwargs)
+                with writing(f"the output of the {name} stage"):
+                    if check:
+                        bound = signature.bind(*args, **kwargs)
+                        bound.apply_defaults()
+                        check(**bound.arguments)
+                    return flow_function(*args, **kwargs)
             except VaemoError as exc:
                 get_run_logger().error("%s", exc)
                 return Failed(message=str(exc), data=exc)

@@ -22,11 +22,16 @@ from flows.common import stage_run, vaemo_flow
 from vaemo import tracking
 from vaemo.artifacts import IngestFolder
 from vaemo.config import DaskConfig, IngestConfig, TrackingConfig
+from vaemo.errors import StorageError, VaemoError
 from vaemo.ingest import shards
 from vaemo.ingest.run import IngestRun, check_source
 
 
-@task(name="ingest-batch", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _worth_a_retry(task, task_run, state) -> bool:
+    return not isinstance(state.data, VaemoError)  # a full disk or a superseded run stays so on a retry
+
+
+@task(name="ingest-batch", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=_worth_a_retry)
 def ingest_batch(batch: shards.BatchSpec, out_dir: str, cfg: IngestConfig) -> dict:
     marker = shards.run_batch(batch, Path(out_dir), cfg)
     statuses: dict[str, int] = {}
@@ -88,8 +93,11 @@ def ingest_flow(source: str, out: str, dataset: str = "auto", labels: str | None
             plan = ingest_run.plan(parallelism=workers)
             if plan.removed:
                 logger.warning("Removed leftovers of an interrupted run: %s", ", ".join(plan.removed))
-            logger.info("%d videos found, %d already ingested, %d to process in %d batches", len(plan.records),
-                        plan.skipped, plan.pending_videos, len(plan.batches))
+            if plan.retired:
+                logger.warning("Source files changed since they were ingested: their batches %s are done again",
+                               ", ".join(plan.retired))
+            logger.info("%d videos found (%d not readable files), %d already ingested, %d to process in %d batches",
+                        len(plan.records), plan.refused, plan.skipped, plan.pending_videos, len(plan.batches))
             failed = _run_batches(plan, out, settings)
             stats = ingest_run.finalize(plan, failed)
         tracking.log_metrics_flat({k: v for k, v in stats.items() if k != "last_run"})
@@ -127,6 +135,8 @@ def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:
             state = future.state
             if state.is_completed():
                 bar.set_postfix(clips=future.result()["clips"], refresh=False)
+            elif isinstance(error := future.result(raise_on_failure=False), StorageError):
+                raise error  # every later batch would fail the same way; the committed ones stay
             else:
                 failed[batch.batch_id] = f"batch failed: {state.message}"
             bar.update(len(batch.videos))

@@ -1,5 +1,7 @@
 """One video at a time: good clips become samples, every bad input gets a status and a reason."""
 
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +46,27 @@ def test_bad_input_gets_a_status_and_reason(bad_cases, case):
         assert outcome.clips
 
 
-def test_truncated_file_keeps_only_what_decodes(bad_cases):
-    """The index still claims the full length; only the first part decodes."""
+def test_a_truncated_file_says_what_it_claims_and_what_decodes(bad_cases):
+    """The index still claims the full length; only the first 0.65 s decode, too short for a clip."""
     outcome = run(bad_cases["truncated"])
-    assert outcome.status in {"ok", "decode_error", "no_speech", "no_face"}, outcome.reason
-    assert outcome.reason or outcome.clips
-    for clip in outcome.clips:
-        assert clip.meta["end"] <= outcome.duration + 1e-3
+    assert outcome.status == "truncated" and not outcome.clips
+    assert re.fullmatch(r"the container claims 4\.\d+ s but its audio decodes 0\.\d+ s; what decodes gives "
+                        r"too_short: 0\.\d+ s is under min_source_seconds=1\.0", outcome.reason), outcome.reason
+
+
+def test_a_truncated_file_keeps_only_what_decodes(corpus, tmp_path):
+    """A container that claims 20 s of which about 4 s decode: clips from those, and the reason says so."""
+    looped = tmp_path / "looped.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-stream_loop", "4", "-i", str(sorted(corpus.glob("*.mp4"))[0]), "-c",
+                    "copy", "-movflags", "+faststart", str(looped)], check=True)
+    data = looped.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 4])
+    assert media.probe(cut, 10).duration > 15
+    outcome = run(cut)
+    assert outcome.status == "ok" and outcome.clips and outcome.duration < 6, outcome.reason
+    assert re.match(r"the container claims \d\d\.\d+ s but its audio decodes \d\.\d+ s", outcome.reason)
+    assert all(clip.meta["end"] <= outcome.duration + 1e-3 for clip in outcome.clips)
 
 
 def test_clip_content_and_metadata(corpus):

@@ -13,24 +13,44 @@ nothing heavy: torch, pandas and LanceDB are imported by the methods that need t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaemo.errors import ArtifactError, ModelError
+from vaemo.errors import ArtifactError, ModelError, writing
 
 log = logging.getLogger(__name__)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write a JSON file that readers see whole or not at all (temporary name, then rename)."""
+# Temporary names of atomic writes: ``.<name>.tmp-<pid>`` beside the file they replace.
+TEMPORARY_GLOB = ".*.tmp-*"
+
+
+def write_atomic(path: Path, write: Callable[[Path], object], what: str) -> None:
+    """Write a file that readers see whole or not at all: ``write(tmp)`` fills a temporary name beside ``path``,
+    which then replaces it. A failed write removes its temporary file; the storage's refusal (a full disk) is one
+    StorageError naming ``what`` and the folder, and the previous ``path`` stays as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with writing(what, path.parent):
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # best effort: what is left matches TEMPORARY_GLOB for a later clean-up
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: dict, what: str | None = None) -> None:
+    """Write a JSON file that readers see whole or not at all (temporary name, then rename)."""
+    text = json.dumps(data, indent=1, sort_keys=True, default=str)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), what or Path(path).name)
 
 
 def file_sha256(path: Path) -> str:
@@ -70,6 +90,7 @@ class IngestFolder(_Folder):
         stats.json               counts of the whole folder and of the last run
         ingest.json              the processing settings the shards were made with
         .tmp/<batch>/            work in progress; removed at the start of every run
+        .<name>.tmp-<pid>        a file being replaced atomically; leftovers removed at the start of every run
         .lock, .commit.lock, .run-token   one run at a time; commits of a superseded run are refused
     """
 
@@ -88,6 +109,10 @@ class IngestFolder(_Folder):
 
     def is_ingest_folder(self) -> bool:
         return self.shards_dir.is_dir()
+
+    def temporaries(self) -> list[Path]:
+        """Temporary files of atomic writes (of the folder's files and of the markers) that a failed run left."""
+        return sorted(self.path.glob(TEMPORARY_GLOB)) + sorted((self.path / self.BATCHES).glob(TEMPORARY_GLOB))
 
     def markers(self) -> list[dict]:
         """The commit markers of every committed batch, oldest commit first."""

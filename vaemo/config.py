@@ -89,6 +89,9 @@ class IngestConfig(Strict):
         "becomes a clip, without audio and flagged video_only: only video-only evaluation scores it; "
         "training and captioning pass over it",
     )
+    rehash: bool = Field(
+        False, description="hash every source file again, even one whose size, mtime, ctime and inode are unchanged"
+    )
 
     # Settings renamed since ingest folders were first written, under the names their digests hold:
     # a rename must not make existing folders look as if they were made with other settings.
@@ -106,7 +109,7 @@ class IngestConfig(Strict):
 
     def processing_digest(self) -> str:
         """Digest of the settings that change the clips' content (batching, threads and timeouts do not)."""
-        skip = {"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds"}
+        skip = {"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds", "rehash"}
         relevant = {k: v for k, v in self.digest_view().items() if k not in skip}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

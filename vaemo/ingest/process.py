@@ -13,6 +13,7 @@ from pathlib import Path
 from vaemo.config import IngestConfig
 from vaemo.ingest import media, voice
 from vaemo.ingest.face import NoFace, face_crop
+from vaemo.ingest.files import open_regular, regular_file
 from vaemo.ingest.records import SourceRecord
 
 HASH_CHUNK = 1 << 20
@@ -20,19 +21,46 @@ MIN_FRAMES_SLACK = 0.95
 # Outcomes of a labelled file whose face may still be usable: with video_only_clips it becomes a video-only clip.
 # (no_speech cannot happen to a labelled file: it is one clip whatever its speech.)
 NO_USABLE_AUDIO = ("no_audio_stream", "silent_audio")
+# Audio that decodes this much shorter than the container claims marks a truncated or damaged file
+# (an audio track a little shorter than the video is normal).
+TRUNCATED_SECONDS, TRUNCATED_SHARE = 1.0, 0.9
+
+
+@contextmanager
+def _source_file(record: SourceRecord, rel: str):
+    """Name the separate audio file in the reason when it, not the video, is the bad entry."""
+    try:
+        yield
+    except media.MediaError as exc:
+        if rel == record.path:
+            raise
+        raise media.MediaError(exc.status, f"the audio file {rel}: {exc.reason}") from None
+
+
+def _files(record: SourceRecord) -> list[str]:
+    return [rel for rel in (record.path, record.audio_path) if rel is not None]
+
+
+def stat_key(root: Path, record: SourceRecord) -> str:
+    """What re-runs compare to skip hashing an unchanged file: size and mtime, which tools like ``cp -p`` and
+    rsync restore, and ctime and inode, which no write can keep. A MediaError when an entry is not a regular file."""
+    parts = []
+    for rel in _files(record):
+        with _source_file(record, rel):
+            st = regular_file(root / rel)
+        parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
+    return "|".join(parts)
 
 
 def content_hash(root: Path, record: SourceRecord) -> str:
     """sha256 of the video bytes, followed by the separate audio file's bytes when there is one.
 
     Hashing both means a replaced audio file gives a new id, so a clip can never pair a new
-    video with old audio (or the reverse).
+    video with old audio (or the reverse). Only regular files are read (a MediaError otherwise).
     """
     digest = hashlib.sha256()
-    for rel in (record.path, record.audio_path):
-        if rel is None:
-            continue
-        with open(root / rel, "rb") as handle:
+    for rel in _files(record):
+        with _source_file(record, rel), open_regular(root / rel) as handle:
             while chunk := handle.read(HASH_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
@@ -109,20 +137,23 @@ def _video_only(
     info = media.probe(path, cfg.probe_timeout)
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     windows = plan_windows(record, info.duration, [], cfg)
-    outcome = _face_clips(path, record, video_id, info, windows, None, cfg, timings, timeout)
-    if outcome.status != "ok":
-        return outcome  # no face either: the face path's status says so, as without the option
-    why = f"{audio.status}: {audio.reason}"
-    for clip in outcome.clips:
-        clip.meta["video_only"] = why
-    outcome.reason = "; ".join(filter(None, [f"video-only clips, no usable audio ({why})", outcome.reason]))
-    return outcome
+    status, reason, clips = _face_clips(path, record, video_id, info, windows, None, cfg, timings, timeout)
+    if status == "ok":
+        why = f"{audio.status}: {audio.reason}"
+        for clip in clips:
+            clip.meta["video_only"] = why
+        reason = "; ".join(filter(None, [f"video-only clips, no usable audio ({why})", reason]))
+    # Without a face either, the face path's status says so, as without the option.
+    return VideoOutcome(status, reason, clips=clips, duration=info.duration, timings=timings)
 
 
 def _process(
     root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]
 ) -> VideoOutcome:
     path = root / record.path
+    for rel in _files(record):  # still a regular file: a pipe swapped in after the scan must not reach ffmpeg
+        with _source_file(record, rel):
+            regular_file(root / rel)
     with _timed(timings, "probe"):
         info = media.probe(path, cfg.probe_timeout)
         audio_info = (
@@ -132,31 +163,44 @@ def _process(
         return VideoOutcome("too_long",
                             f"{info.duration:.0f} s is over max_duration_seconds={cfg.max_duration_seconds:.0f}",
                             duration=info.duration, timings=timings)
-    if info.duration < cfg.min_source_seconds:
-        return VideoOutcome("too_short", f"{info.duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}",
-                            duration=info.duration, timings=timings)
     if not audio_info.has_audio:
         return VideoOutcome("no_audio_stream", "the file has no audio stream", duration=info.duration, timings=timings)
 
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     with _timed(timings, "decode"):
         samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
+    # Work with what decodes, and say so: a reason about faces or speech would hide a truncated file.
+    duration, truncated = info.duration, ""
+    decoded = len(samples) / cfg.sample_rate
+    if decoded < min(info.duration - TRUNCATED_SECONDS, info.duration * TRUNCATED_SHARE):
+        duration = decoded
+        truncated = f"the container claims {info.duration:.2f} s but its audio decodes {decoded:.2f} s"
+
+    def outcome(status: str, reason: str, clips: list[Clip] | None = None) -> VideoOutcome:
+        if truncated and clips:
+            reason = "; ".join(filter(None, (truncated, reason)))
+        elif truncated:
+            status, reason = "truncated", f"{truncated}; what decodes gives {status}: {reason}"
+        return VideoOutcome(status, reason, clips=clips or [], duration=duration, timings=timings)
+
+    if duration < cfg.min_source_seconds:
+        return outcome("too_short", f"{duration:.2f} s is under min_source_seconds={cfg.min_source_seconds}")
     level = voice.peak_dbfs(samples)
     if level < cfg.silence_dbfs:
-        return VideoOutcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)",
-                            duration=info.duration, timings=timings)
+        return outcome("silent_audio", f"the audio track is silent (peak {level:.0f} dBFS)")
     with _timed(timings, "vad"):
         segments = voice.speech_segments(samples, cfg.sample_rate, cfg.vad_threshold)
-    windows = plan_windows(record, info.duration, segments, cfg)
+    windows = plan_windows(record, duration, segments, cfg)
     if not windows:
-        return VideoOutcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, info.duration):.2f} s",
-                            duration=info.duration, timings=timings)
+        return outcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, duration):.2f} s")
 
-    return _face_clips(path, record, video_id, info, windows, (samples, segments), cfg, timings, timeout)
+    return outcome(*_face_clips(path, record, video_id, info, windows, (samples, segments), cfg, timings, timeout))
 
 
-def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings, timeout) -> VideoOutcome:
-    """The speaker's face over each window, cut and encoded; ``voice_track`` (samples, segments) or None (no audio)."""
+def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings, timeout) -> tuple[str, str, list]:
+    """The speaker's face over each window, cut and encoded: (status, reason, clips).
+
+    ``voice_track``: (samples, segments), or None for clips without audio."""
     samples, segments = voice_track or (None, None)
     size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
     clips, skipped = [], defaultdict(list)
@@ -164,13 +208,16 @@ def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings
         with _timed(timings, "decode"):
             frames = media.decode_frames(path, start, end - start, cfg.fps, size, timeout)
         frames = frames[: int((end - start) * cfg.fps + 1e-6)]  # whole frames only: clips never overlap
+        # Frame counts round at the ends, so allow a frame or two under the shortest clip.
+        min_frames = int(min(cfg.min_clip_seconds, end - start) * cfg.fps * MIN_FRAMES_SLACK)
         if len(frames) == 0:
             skipped["no_frames"].append("the decoder returned no frames")
             continue
+        if len(frames) < min_frames:  # no face could cover the clip: the video stream ends early
+            skipped["truncated"].append(f"the video of {start:.2f}-{end:.2f} s decodes {len(frames) / cfg.fps:.2f} s")
+            continue
         with _timed(timings, "detect"):
             try:
-                # Frame counts round at the ends, so allow a frame or two under the shortest clip.
-                min_frames = int(min(cfg.min_clip_seconds, end - start) * cfg.fps * MIN_FRAMES_SLACK)
                 face = face_crop(frames, cfg, min_frames)
             except NoFace as exc:
                 skipped[exc.status].append(exc.reason)
@@ -183,14 +230,14 @@ def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings
 
     if not clips:
         status = next(iter(skipped))
-        return VideoOutcome(status, "; ".join(sorted(set(skipped[status]))), duration=info.duration, timings=timings)
+        return status, "; ".join(sorted(set(skipped[status]))), []
     dropped = sum(len(v) for v in skipped.values())
     reason = (
         ""
         if not dropped
         else f"{dropped} of {len(windows)} windows dropped: " + ", ".join(f"{k} x{len(v)}" for k, v in skipped.items())
     )
-    return VideoOutcome("ok", reason, clips=clips, duration=info.duration, timings=timings)
+    return "ok", reason, clips
 
 
 def _encode_clip(record, video_id, info, start, end, face, samples, segments, cfg, timeout) -> Clip:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -18,17 +17,18 @@ from pathlib import Path
 import pandas as pd
 
 from vaemo import locks
-from vaemo.artifacts import IngestFolder, shard_set_digest, write_json_atomic
+from vaemo.artifacts import IngestFolder, shard_set_digest, write_atomic, write_json_atomic
 from vaemo.config import IngestConfig
-from vaemo.errors import ArtifactError, BusyError
+from vaemo.errors import ArtifactError, BusyError, MediaError, writing
 from vaemo.ingest import shards
 from vaemo.ingest.adapters import scan_corpus
+from vaemo.ingest.files import ENTRY_STATUSES
 from vaemo.ingest.media import require_ffmpeg
-from vaemo.ingest.process import content_hash, video_id_of
+from vaemo.ingest.process import content_hash, stat_key, video_id_of
 from vaemo.ingest.records import SourceRecord
 
-# Statuses worth another try on the next run; every other status is a property of the file.
-RETRIED = {"error", "timeout"}
+# Statuses worth another try on the next run; every other status is a property of the file's content.
+RETRIED = {"error", "timeout", *ENTRY_STATUSES}
 MANIFEST_COLUMNS = [
     "video_id", "path", "status", "reason", "n_clips", "label", "speaker", "fold",
     "dataset", "audio_path", "duration", "sha256", "batch_id",
@@ -52,13 +52,19 @@ def check_source(source: Path, dataset: str, labels: Path | None) -> list[Source
 @dataclass
 class Plan:
     batches: list[shards.BatchSpec]
-    records: list[dict]  # every scanned video with its ids
+    records: list[dict]  # every scanned video with its ids, or with the status of an entry that cannot be read
     skipped: int  # already ingested
     removed: list[str] = field(default_factory=list)  # leftovers of an interrupted run
+    retired: list[str] = field(default_factory=list)  # batches processed again: a source file's content changed
 
     @property
     def pending_videos(self) -> int:
         return sum(len(b.videos) for b in self.batches)
+
+    @property
+    def refused(self) -> int:
+        """Entries that are not readable files (their rows carry the status)."""
+        return sum("video_id" not in r for r in self.records)
 
 
 class IngestRun:
@@ -72,9 +78,11 @@ class IngestRun:
         self._lock_handle = None
 
     def __enter__(self) -> IngestRun:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with writing("the ingest folder and its lock", self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock_handle = locks.acquire(self.folder / IngestFolder.LOCK)
+            with writing("the ingest lock", self.out_dir):
+                self._lock_handle = locks.acquire(self.folder / IngestFolder.LOCK)
         except locks.Busy as busy:
             raise IngestBusy(
                 f"{self.out_dir} is being written by another ingest run ({busy.holder}); wait for it to finish or "
@@ -83,7 +91,7 @@ class IngestRun:
         try:
             self._check_settings()
             with shards.commit_lock(self.out_dir):
-                write_json_atomic(self.folder / IngestFolder.RUN_TOKEN, {"token": self.token})
+                write_json_atomic(self.folder / IngestFolder.RUN_TOKEN, {"token": self.token}, "the run token")
         except BaseException:
             self.__exit__()
             raise
@@ -105,25 +113,24 @@ class IngestRun:
                     f"{self.out_dir} was ingested with other processing settings (changed: {', '.join(changed)}); "
                     "use a new --out folder so shards of different settings never mix"
                 )
-        write_json_atomic(path, current)
+        write_json_atomic(path, current, "the processing settings")
 
     def plan(self, parallelism: int = 1) -> Plan:
         """Batches of new videos. Small corpora are split so ``parallelism`` workers all get work."""
         removed = shards.recover(self.out_dir)
         markers = self.folder.markers()
-        known = _known_hashes(markers)
+        records = self._scan(_known_hashes(markers))
+        # A committed video whose path now holds other content: its batch is retired and its other videos done again,
+        # so the manifest and the shards keep one version of every source file.
+        now = {item["path"]: item["video_id"] for item in records if "video_id" in item}
+        retired = shards.retire(self.out_dir, {m["batch_id"] for m in markers for v in m["videos"]
+                                               if now.get(v["path"], v["video_id"]) != v["video_id"]})
+        markers = [m for m in markers if m["batch_id"] not in retired]
         done = {v["video_id"] for m in markers for v in m["videos"] if v["status"] not in RETRIED}
-        records = []
-        for record in scan_corpus(self.source, self.dataset, self.labels):
-            sha = known.get(_stat_key(self.source, record)) or content_hash(self.source, record)
-            records.append(
-                {**record.to_dict(), "sha256": sha, "video_id": video_id_of(sha),
-                 "stat_key": _stat_key(self.source, record)}
-            )
         pending, seen = [], set()
         for item in records:
-            if item["video_id"] in done or item["video_id"] in seen:
-                continue  # already ingested, or a second copy of the same content
+            if "video_id" not in item or item["video_id"] in done or item["video_id"] in seen:
+                continue  # not a readable file, already ingested, or a second copy of the same content
             seen.add(item["video_id"])
             pending.append(item)
         pending.sort(key=lambda r: r["video_id"])
@@ -131,13 +138,30 @@ class IngestRun:
         batches = []
         for begin in range(0, len(pending), size):
             videos = pending[begin : begin + size]
-            key = json.dumps([self.cfg.processing_digest()] + [v["video_id"] for v in videos])
+            # The run's token makes a retried video's batch new, not the committed batch of its earlier attempt.
+            key = json.dumps([self.cfg.processing_digest(), self.token] + [v["video_id"] for v in videos])
             batches.append(
                 shards.BatchSpec(
                     hashlib.sha256(key.encode()).hexdigest()[:16], str(self.source.resolve()), self.token, videos
                 )
             )
-        return Plan(batches, records, len(records) - len(pending), removed)
+        plan = Plan(batches, records, 0, removed, retired)
+        plan.skipped = len(records) - plan.refused - len(pending)
+        return plan
+
+    def _scan(self, known: dict[str, str]) -> list[dict]:
+        """Every corpus entry with its content hash (not read again when its stat key is known, unless ``rehash``),
+        or with the status and reason of an entry that is not a readable file."""
+        records = []
+        for record in scan_corpus(self.source, self.dataset, self.labels):
+            try:
+                key = stat_key(self.source, record)
+                sha = (not self.cfg.rehash and known.get(key)) or content_hash(self.source, record)
+            except MediaError as exc:
+                records.append({**record.to_dict(), "status": exc.status, "reason": exc.reason, "n_clips": 0})
+                continue
+            records.append({**record.to_dict(), "sha256": sha, "video_id": video_id_of(sha), "stat_key": key})
+        return records
 
     def finalize(self, plan: Plan, failed_batches: dict[str, str] | None = None) -> dict:
         """Write the clip table, the manifest and the stats of the folder, each atomically.
@@ -154,7 +178,10 @@ class IngestRun:
                 latest[video["video_id"]] = {**video, "batch_id": marker["batch_id"]}
         rows, first_path = [], {}
         for item in plan.records:
-            vid = item["video_id"]
+            vid = item.get("video_id")
+            if vid is None:
+                rows.append(item)  # an entry that is not a readable file: its status came from the scan
+                continue
             if vid in first_path:
                 rows.append(
                     {**item, "status": "duplicate", "reason": f"same content as {first_path[vid]}", "n_clips": 0}
@@ -175,31 +202,19 @@ class IngestRun:
             for clip in row["clips"]
         ]
         manifest = pd.DataFrame([{c: row.get(c) for c in MANIFEST_COLUMNS} for row in rows], columns=MANIFEST_COLUMNS)
-        _write_parquet_atomic(pd.DataFrame(clips), self.folder / IngestFolder.CLIPS)
-        _write_parquet_atomic(manifest, self.folder / IngestFolder.MANIFEST)
+        _write_parquet_atomic(pd.DataFrame(clips), self.folder / IngestFolder.CLIPS, "the clip table")
+        _write_parquet_atomic(manifest, self.folder / IngestFolder.MANIFEST, "the manifest")
         stats = _stats(markers, manifest, plan, time.time() - self.started, self.cfg)
-        write_json_atomic(self.folder / IngestFolder.STATS, stats)
+        write_json_atomic(self.folder / IngestFolder.STATS, stats, "the ingest stats")
         return stats
-
-
-def _stat_key(root: Path, record: SourceRecord) -> str:
-    """Size and mtime of the files, so an unchanged file is not hashed again on re-runs."""
-    parts = []
-    for rel in (record.path, record.audio_path):
-        if rel is not None:
-            st = (root / rel).stat()
-            parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
 
 
 def _known_hashes(markers: list[dict]) -> dict[str, str]:
     return {v["stat_key"]: v["sha256"] for m in markers for v in m["videos"] if "stat_key" in v}
 
 
-def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path, what: str) -> None:
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False), what)
 
 
 def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: float, cfg: IngestConfig) -> dict:
@@ -223,6 +238,7 @@ def _stats(markers: list[dict], manifest: pd.DataFrame, plan: Plan, seconds: flo
             "processed_videos": run_videos,
             "skipped_videos": plan.skipped,
             "recovered": plan.removed,
+            "retired": plan.retired,
             "seconds": round(seconds, 2),
             "videos_per_second": round(run_videos / seconds, 3) if seconds > 0 else None,
         },

@@ -22,7 +22,7 @@ import webdataset as wds
 
 from vaemo.artifacts import IngestFolder, file_sha256, write_json_atomic
 from vaemo.config import IngestConfig
-from vaemo.errors import BusyError
+from vaemo.errors import BusyError, writing
 from vaemo.ingest.process import VideoOutcome, process_video
 from vaemo.ingest.records import SourceRecord
 
@@ -63,7 +63,25 @@ def recover(out_dir: Path) -> list[str]:
         for leftover in sorted((folder / folder.TMP).glob("*")):
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(f"{folder.TMP}/{leftover.name}")
+        for leftover in folder.temporaries():  # of an atomic write that failed (a full disk) or was killed
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover.relative_to(folder.path).as_posix())
     return removed
+
+
+def retire(out_dir: Path, batch_ids: set[str]) -> list[str]:
+    """Remove committed batches, marker first: their videos are no longer done, and what a kill leaves of their
+    shards is an interrupted commit that ``recover`` removes. Returns the ids removed."""
+    folder = IngestFolder(out_dir)
+    if not batch_ids:
+        return []
+    with commit_lock(out_dir):
+        for marker in folder.markers():
+            if marker["batch_id"] in batch_ids:
+                (folder / folder.BATCHES / f"{marker['batch_id']}.json").unlink()
+                for shard in marker["shards"]:
+                    (folder.shards_dir / shard["name"]).unlink(missing_ok=True)
+    return sorted(batch_ids)
 
 
 def _pack(batch: BatchSpec, cfg: IngestConfig, tmp: Path) -> tuple[list[dict], dict[str, float]]:
@@ -108,10 +126,20 @@ def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
     if marker_path.exists():
         return json.loads(marker_path.read_text(encoding="utf-8"))
     tmp = folder / folder.TMP / batch.batch_id
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    begin = time.perf_counter()
-    rows, timings = _pack(batch, cfg, tmp)
+    try:
+        with writing(f"the shards of batch {batch.batch_id}", tmp.parent):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            begin = time.perf_counter()
+            rows, timings = _pack(batch, cfg, tmp)
+        return _commit(batch, out_dir, cfg, tmp, marker_path, rows, timings, time.perf_counter() - begin)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what a failed batch wrote at once, not at the next run
+
+
+def _commit(batch: BatchSpec, out_dir: Path, cfg: IngestConfig, tmp: Path, marker_path: Path, rows: list[dict],
+            timings: dict, seconds: float) -> dict:
+    folder = IngestFolder(out_dir)
     # ShardWriter opens a shard before the first sample, so a batch without clips leaves an empty tar.
     shards = [p for p in sorted(tmp.glob("*.tar")) if any(r["n_clips"] for r in rows)]
     shard_stats = [{"name": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size} for p in shards]
@@ -122,22 +150,27 @@ def run_batch(batch: BatchSpec, out_dir: Path, cfg: IngestConfig) -> dict:
         "videos": rows,
         "shards": shard_stats,
         "timings": {k: round(v, 4) for k, v in timings.items()},
-        "seconds": round(time.perf_counter() - begin, 3),
+        "seconds": round(seconds, 3),
         "worker_pid": os.getpid(),
     }
-    with commit_lock(out_dir):
+    with writing(f"the commit of batch {batch.batch_id}", out_dir), commit_lock(out_dir):
         token_file = folder / folder.RUN_TOKEN
         token = json.loads(token_file.read_text())["token"] if token_file.exists() else None
         if token != batch.run_token:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise Superseded(f"batch {batch.batch_id}: a newer ingest run owns {out_dir}")
         folder.shards_dir.mkdir(exist_ok=True)
         marker_path.parent.mkdir(exist_ok=True)
-        for shard in shards:
-            os.replace(shard, folder.shards_dir / shard.name)
-        marker["committed_at"] = time.time()
-        write_json_atomic(marker_path, marker)
-    shutil.rmtree(tmp, ignore_errors=True)
+        moved = []
+        try:
+            for shard in shards:
+                os.replace(shard, folder.shards_dir / shard.name)
+                moved.append(folder.shards_dir / shard.name)
+            marker["committed_at"] = time.time()
+            write_json_atomic(marker_path, marker, f"the commit marker of batch {batch.batch_id}")
+        except BaseException:
+            for shard in moved:  # not committed without the marker; removed now rather than by the next run
+                shard.unlink(missing_ok=True)
+            raise
     return marker
 
 

@@ -20,12 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def source_listing_digest(folder: Path, labels: Path | None) -> str:
-    """A cheap key of a corpus folder: every file's relative path, size and mtime (and the labels file's bytes)."""
+    """A cheap key of a corpus folder: every file's relative path, size, mtime, ctime and inode (and the labels
+    file's bytes); ctime and inode change with any write, also one that restores size and mtime."""
     entries = []
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file():
             stat = path.stat()
-            entries.append(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}")
+            entries.append(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:"
+                           f"{stat.st_ino}")
     digest = hashlib.sha256("\n".join(entries).encode())
     if labels is not None and Path(labels).is_file():
         digest.update(Path(labels).read_bytes())

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from vaemo.errors import CorpusError
+from vaemo.errors import CorpusError, MediaError
+from vaemo.ingest.files import open_regular
 from vaemo.ingest.records import SourceRecord
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts", ".mts", ".ogv"}
@@ -23,7 +27,7 @@ def _walk(root: Path) -> Iterator[tuple[PurePosixPath, list[str], list[str]]]:
     is visited once so a link back to an ancestor cannot loop.
     """
     visited: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=_unlisted):
         real = os.path.realpath(folder)
         if real in visited:
             subfolders.clear()
@@ -33,6 +37,11 @@ def _walk(root: Path) -> Iterator[tuple[PurePosixPath, list[str], list[str]]]:
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         relative = PurePosixPath(Path(folder).relative_to(root).as_posix())
         yield relative, subfolders, sorted(name for name in files if not name.startswith("."))
+
+
+def _unlisted(error: OSError) -> None:
+    # A folder that cannot be listed holds no entry to give a status to; say so rather than skip it silently.
+    log.warning("cannot list %s: %s; its files are left out", error.filename, error.strerror)
 
 
 def iter_files(root: Path) -> Iterator[str]:
@@ -101,17 +110,18 @@ def scan_named_videos(root: Path, rule: str, to_record: Callable[[str], SourceRe
 
 
 def read_text(path: Path, what: str) -> str:
-    """The text of a small label file, with file problems turned into CorpusError."""
+    """The text of a small label file, with file problems turned into CorpusError; a pipe or device is not read."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise CorpusError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise CorpusError(f"{what} {path} is a folder, expected a file") from None
+        with open_regular(path) as handle:
+            data = handle.read()
+    except MediaError as error:
+        if error.status == "vanished":
+            raise CorpusError(f"{what} {path} does not exist") from None
+        raise CorpusError(f"{what} {path}: {error.reason}") from None
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise CorpusError(f"{what} {path} is not UTF-8 text") from None
-    except OSError as error:
-        raise CorpusError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
 def read_csv(

@@ -106,7 +106,8 @@ def cmd_serve(args) -> int:
 
 def cmd_ui(args) -> int:
     settings = settings_of(args, prefect=True)
-    return import_module("vaemo.servers").run_local_servers(settings, args.host, args.prefect_port, args.mlflow_port)
+    return import_module("vaemo.servers").run_local_servers(settings, args.host, args.prefect_port, args.mlflow_port,
+                                                            args.allow_unauthenticated)
 
 
 # The commands below are library calls without a flow: each returns the text to print (exit 0).
@@ -256,7 +257,10 @@ def parser() -> argparse.ArgumentParser:
             opt("--workers", type=int, help="local Dask worker processes for ingest (default: from --config)"))
     command("serve", cmd_serve, "serve the pipelines file as Prefect deployments (UI triggers, schedules, new corpora)")
     command("ui", cmd_ui, "start a local Prefect server and an MLflow server; Ctrl-C stops both",
-            opt("--host", default="127.0.0.1", help="address to bind (default: %(default)s)"),
+            opt("--host", default="127.0.0.1", help="address to bind (default: %(default)s); another than loopback "
+                "needs --allow-unauthenticated"),
+            opt("--allow-unauthenticated", action="store_true", help="serve on a --host reachable from other "
+                "machines although neither server asks for credentials (README: \"Serving beyond this machine\")"),
             opt("--prefect-port", type=int, default=4200, help="default: %(default)s"),
             opt("--mlflow-port", type=int, help="default: the port of tracking.ui_url, else 5000"))
     command("lineage", cmd_lineage, "walk an MLflow run back to its shards, captions and models",

@@ -7,6 +7,7 @@ either outlives the command.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaemo.errors import ToolError
+from vaemo.errors import ConfigError, ToolError
 
 START_TIMEOUT_SECONDS = 240  # the Prefect server migrates its database on first start; slow on a busy laptop
 
@@ -90,6 +91,28 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only: every address it resolves to is loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in found)
+
+
+def check_host(host: str, allow_unauthenticated: bool) -> None:
+    """Neither server asks for credentials: the Prefect API accepts writes (runs, deployments, their commands) from
+    anyone who reaches it. Beyond loopback that takes an explicit acknowledgement."""
+    if not is_loopback(host) and not allow_unauthenticated:
+        raise ConfigError(f"--host {host} is reachable from other machines, and neither the Prefect nor the MLflow "
+                          "server asks for credentials: bind 127.0.0.1 and put an authenticating reverse proxy in front "
+                          "(README, \"Serving beyond this machine\"), or add --allow-unauthenticated to serve anyway")
+
+
 def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int, mlflow_port: int) -> list[Server]:
     """The Prefect server (its SQLite database in PREFECT_HOME) and an MLflow server over ``mlflow_uri``."""
     logs = Path(work_dir) / "logs"
@@ -150,11 +173,17 @@ def stop_all(servers: list[Server]) -> None:
         server.stop()
 
 
-def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int | None) -> int:
+def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int | None,
+                      allow_unauthenticated: bool = False) -> int:
     """``vaemo ui``: both servers until Ctrl-C or SIGTERM (exit 0), or until one of them stops (exit 1)."""
     from urllib.parse import urlparse
 
     from vaemo.config import DEFAULT_MLFLOW_UI
+
+    check_host(host, allow_unauthenticated)
+    if not is_loopback(host):
+        print(f"vaemo: warning: serving on {host} without authentication (--allow-unauthenticated): anyone who "
+              "reaches it can read the runs and start flow runs", file=sys.stderr, flush=True)
 
     mlflow_port = mlflow_port or urlparse(settings.tracking.ui_url or DEFAULT_MLFLOW_UI).port
     servers = local_servers(settings.work_dir, settings.mlflow_uri(), host, prefect_port, mlflow_port)

@@ -109,8 +109,9 @@ def check_host(host: str, allow_unauthenticated: bool) -> None:
     anyone who reaches it. Beyond loopback that takes an explicit acknowledgement."""
     if not is_loopback(host) and not allow_unauthenticated:
         raise ConfigError(f"--host {host} is reachable from other machines, and neither the Prefect nor the MLflow "
-                          "server asks for credentials: bind 127.0.0.1 and put an authenticating reverse proxy in front "
-                          "(README, \"Serving beyond this machine\"), or add --allow-unauthenticated to serve anyway")
+                          "server asks for credentials: bind 127.0.0.1 and put an authenticating reverse proxy in "
+                          "front (README, \"Serving beyond this machine\"), or add --allow-unauthenticated to serve "
+                          "anyway")
 
 
 def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int, mlflow_port: int) -> list[Server]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -22,6 +23,7 @@ from flows.environment import log_to, prepare, run_flow
 from vaemo.config import DatasetName, Settings, load_settings, with_overrides
 from vaemo.errors import ConfigError, VaemoError
 from vaemo.registry import MODALITIES, MODEL_PRESETS
+from vaemo.servers import stop_on_signals
 
 DEFAULT_CONFIG, DEFAULT_WORK_DIR = "pipelines.yaml", "vaemo-work"
 
@@ -279,6 +281,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    stop_on_signals()
     try:
         done = args.func(args)
         if isinstance(done, str):
@@ -287,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except VaemoError as exc:
         print(f"vaemo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vaemo: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what the command started is stopped by now
+        print(f"vaemo: interrupted ({stop}); re-run the same command to resume", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception:  # noqa: BLE001 - a bug: its traceback, printed and logged, exit 1
         traceback.print_exc()
         args.log.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""A command's processes and runs end with it: SIGTERM or SIGINT to a stage command stops its temporary Prefect
+server, its Dask workers and its torchrun ranks and leaves no process behind; the MLflow run of a command that
+was killed is marked KILLED by the next command on the work directory, and a live one is left alone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import cli_env, vaemo_command
+
+TIMEOUT = 300
+TOKEN = "VAEMO_TEST_TREE"  # in the environment of every process a command starts, whatever its parent or session
+
+
+def start(work: Path, *args: str) -> subprocess.Popen:
+    token = uuid.uuid4().hex
+    log = open(work.parent / f"{work.name}-{token}.log", "w+")
+    process = subprocess.Popen(vaemo_command("--work-dir", str(work), *args), env={**cli_env(work), TOKEN: token},
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process.token, process.log = token, log
+    return process
+
+
+def tree(process: subprocess.Popen) -> list[psutil.Process]:
+    """The processes that carry the command's token: found even once re-parented or in sessions of their own."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(TOKEN) == process.token:
+                found.append(proc)
+        except psutil.Error:  # ended meanwhile, or a process we may not read
+            continue
+    return found
+
+
+def output(process: subprocess.Popen) -> str:
+    process.log.seek(0)
+    return process.log.read()
+
+
+def wait_until(process: subprocess.Popen, ready, what: str):
+    deadline = time.monotonic() + TIMEOUT
+    while not (found := ready()):
+        assert process.poll() is None, f"the command ended before {what}:\n{output(process)[-3000:]}"
+        assert time.monotonic() < deadline, f"not {what} within {TIMEOUT} s:\n{output(process)[-3000:]}"
+        time.sleep(0.3)
+    return found
+
+
+def commands(process: subprocess.Popen) -> list[str]:
+    lines = []
+    for proc in tree(process):
+        try:
+            lines.append(" ".join(proc.cmdline()))
+        except psutil.Error:
+            continue
+    return lines
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def stop_and_check(process: subprocess.Popen, sig: signal.Signals) -> str:
+    """Send ``sig`` to the command alone (as `kill` and schedulers do); it ends at once, with one line and nothing
+    left running."""
+    started = time.monotonic()
+    os.kill(process.pid, sig)
+    try:
+        code = process.wait(90)
+        took = time.monotonic() - started
+        # Python's resource tracker ends when the pipe of the process it watched closes, a moment later.
+        deadline = time.monotonic() + 10
+        while (left := commands(process)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        for proc in tree(process):
+            proc.kill()
+    text = output(process)
+    assert code == 128 + sig and took < 60, (took, text[-3000:])
+    assert not left, f"left running: {left}\n{text[-3000:]}"
+    assert text.endswith(f"vaemo: interrupted ({sig.name}); re-run the same command to resume\n"), text[-3000:]
+    assert "Traceback" not in text, text[-5000:]
+    return text
+
+
+def test_sigterm_stops_an_ingest_with_its_prefect_server_and_dask_workers(corpus, tmp_path):
+    work = tmp_path / "work"
+    process = start(work, "ingest", str(corpus), "--dataset", "generic", "--out", str(work / "out"), "--workers", "1")
+    # in its stage: the temporary server answers and a Dask worker decodes a video
+    server = wait_until(process, lambda: [c for c in commands(process) if "prefect.server.api.server" in c],
+                        "with its temporary Prefect server")[0]
+    port = int(server.split("--port ")[1].split()[0])
+    wait_until(process, lambda: any(c.startswith("ffmpeg") for c in commands(process)), "decoding in a Dask worker")
+    assert listening(port)
+    stop_and_check(process, signal.SIGTERM)
+    assert not listening(port)
+
+
+def test_sigint_stops_a_pretraining_with_its_torchrun_ranks(shards, tmp_path):
+    work = tmp_path / "work"
+    config = tmp_path / "pipelines.yaml"
+    config.write_text("stages:\n  pretrain: {batch_size: 1, num_workers: 0, warmup_steps: 1, eval_clips: 2}\n")
+    process = start(work, "--config", str(config), "pretrain", "--shards", str(shards), "--out", str(work / "model"),
+                    "--processes", "2", "--steps", "1000")
+    wait_until(process, lambda: sum("-m vaemo.train.pretrain" in c for c in commands(process)) == 2, "training")
+    stop_and_check(process, signal.SIGINT)

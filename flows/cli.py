@@ -42,7 +42,7 @@ def settings_of(args, required: bool = False, prefect: bool = False):
             setattr(settings.dask, field, getattr(args, option))
     args.log = log_to(Path(settings.work_dir) / "logs" / f"vaemo-{args.command}.log")
     if prefect:
-        prepare(settings.work_dir)
+        prepare(settings)
     return settings
 
 
@@ -57,7 +57,7 @@ def stage_params(args, stage: str) -> tuple:
     if given.get("fraction") is not None:
         given["count"] = None  # the command line's size wins over the file's
     cfg = with_overrides(getattr(settings.stages, stage), given, "command line")
-    prepare(settings.work_dir)
+    prepare(settings)
     return settings, {"settings": cfg, "work_dir": str(settings.work_dir), "tracking_cfg": settings.tracking}
 
 

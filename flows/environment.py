@@ -14,8 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def prepare(work_dir: Path) -> None:
-    """Prefect and Hugging Face settings for a command on ``work_dir``; call before Prefect is imported."""
+def prepare(settings) -> None:
+    """Prefect and Hugging Face settings for a command on ``settings.work_dir``, and the MLflow runs that killed
+    commands left RUNNING marked KILLED; call before Prefect is imported."""
+    from vaemo.tracking import mark_killed_runs
+
+    work_dir = settings.work_dir
     os.environ.setdefault("PREFECT_HOME", str((Path(work_dir) / "prefect").resolve()))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -31,6 +35,10 @@ def prepare(work_dir: Path) -> None:
     os.environ.setdefault(
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
     )
+    killed = mark_killed_runs(settings.mlflow_uri())
+    if killed:
+        print(f"vaemo: marked {len(killed)} MLflow run(s) KILLED, left RUNNING by processes that were killed: "
+              f"{', '.join(killed)}", flush=True)
 
 
 @contextmanager

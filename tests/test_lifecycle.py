@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -115,5 +116,53 @@ def test_sigint_stops_a_pretraining_with_its_torchrun_ranks(shards, tmp_path):
     config.write_text("stages:\n  pretrain: {batch_size: 1, num_workers: 0, warmup_steps: 1, eval_clips: 2}\n")
     process = start(work, "--config", str(config), "pretrain", "--shards", str(shards), "--out", str(work / "model"),
                     "--processes", "2", "--steps", "1000")
-    wait_until(process, lambda: sum("-m vaemo.train.pretrain" in c for c in commands(process)) == 2, "training")
+    wait_until(process, lambda: sum("python -u -m vaemo.train.pretrain" in c for c in commands(process)) == 2,
+               "training in both ranks")
     stop_and_check(process, signal.SIGINT)
+    import mlflow
+
+    run, = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_runs(["1"])  # stopped, so not FAILED
+    assert run.info.status == "KILLED" and run.data.tags["vaemo.error"] == "Stopped: SIGINT", run.data.tags
+
+
+OPEN_A_RUN = """
+import sys, time
+from pathlib import Path
+from vaemo import tracking
+with tracking.stage_run("ingest", tracking_uri=sys.argv[1], experiment="vaemo", work_dir=Path(sys.argv[2])) as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_next_command_marks_the_runs_of_killed_processes_killed_and_leaves_live_ones_running(tmp_path):
+    import mlflow
+
+    work = tmp_path / "work"
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    owners = [subprocess.Popen([sys.executable, "-c", OPEN_A_RUN, uri, str(work)], stdout=subprocess.PIPE, text=True,
+                               env=cli_env(work)) for _ in range(2)]
+    try:
+        killed_id, live_id = (owner.stdout.readline().strip() for owner in owners)
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("vaemo").experiment_id
+        unowned = client.create_run(experiment, tags={"vaemo.stage": "ingest"}).info.run_id  # made by an older vaemo
+        os.kill(owners[0].pid, signal.SIGKILL)
+        owners[0].wait(30)
+        # any command on the work directory; this one is refused (no such corpus) right after it starts
+        done = subprocess.run(vaemo_command("--work-dir", str(work), "ingest", str(tmp_path / "nowhere"), "--out",
+                                            str(work / "out")), capture_output=True, text=True, env=cli_env(work),
+                              timeout=TIMEOUT)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stdout == f"vaemo: marked 1 MLflow run(s) KILLED, left RUNNING by processes that were killed: " \
+                              f"{killed_id}\n"
+        killed = client.get_run(killed_id)
+        assert killed.info.status == "KILLED" and killed.info.end_time
+        assert killed.data.tags["vaemo.error"] == f"its process (pid {owners[0].pid} on {socket.gethostname()}) " \
+                                                  "ended without closing it"
+        assert client.get_run(live_id).info.status == "RUNNING"  # its process is alive: never marked
+        assert client.get_run(unowned).info.status == "RUNNING"  # no owner recorded: cannot tell, left alone
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait(30)

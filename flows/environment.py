@@ -55,12 +55,12 @@ def prefect_api():
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from vaemo.servers import start_prefect, stop_all, temporary_prefect_server
+    from vaemo.servers import start_with_prefect, stop_all, temporary_prefect_server
 
     home = Path(os.environ["PREFECT_HOME"])
     server = temporary_prefect_server(home)
     try:
-        start_prefect(server, home)
+        start_with_prefect([server], home)
         api_url = os.environ["PREFECT_API_URL"] = f"{server.url}/api"
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield api_url

@@ -166,3 +166,30 @@ def test_the_next_command_marks_the_runs_of_killed_processes_killed_and_leaves_l
         for owner in owners:
             owner.kill()
             owner.wait(30)
+
+
+USE_PREFECT = """
+import sys
+from pathlib import Path
+from flows.environment import prefect_api, prepare
+from vaemo.config import Settings
+prepare(Settings(work_dir=Path(sys.argv[1])))
+with prefect_api():
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:
+        print("healthy" if client.api_healthcheck() is None else "unhealthy", flush=True)
+"""
+
+
+def test_first_commands_at_once_on_a_new_work_dir_start_their_prefect_servers_cleanly(tmp_path):
+    # Each starts a temporary server on the new Prefect database, as stage commands started at once do; unserialised,
+    # their migrations and block registrations collide (alembic and UNIQUE constraint tracebacks, a server that
+    # does not start).
+    work = tmp_path / "work"
+    commands = [subprocess.Popen([sys.executable, "-c", USE_PREFECT, str(work)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env=cli_env(work)) for _ in range(3)]
+    outputs = [command.communicate(timeout=TIMEOUT)[0] for command in commands]
+    assert [command.returncode for command in commands] == [0, 0, 0], outputs
+    assert all("healthy\n" in text and "Traceback" not in text for text in outputs), outputs
+    log = (work / "prefect" / "temporary-server.log").read_text()
+    assert "Traceback" not in log and "Error" not in log, log[-3000:]

@@ -207,12 +207,12 @@ def temporary_prefect_server(prefect_home: Path) -> Server:
                   {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
 
 
-def start_prefect(server: Server, prefect_home: Path) -> None:
-    """Start a Prefect server whose database is in ``prefect_home`` and wait until it answers. The first start
-    migrates the database; two at once would both migrate it, and one fails. So one command at a time starts
-    (a blocking lock in ``prefect_home``); the next finds the database migrated."""
+def start_with_prefect(servers: list[Server], prefect_home: Path) -> None:
+    """:func:`start_all` for servers that include a Prefect server whose database is in ``prefect_home``. Its start
+    migrates a new database and registers Prefect's block types; two at once fail on each other's rows. So one
+    command at a time starts its servers (a blocking lock in ``prefect_home``); the next finds the database ready."""
     with locks.held(Path(prefect_home) / ".server-start.lock", wait=True):
-        start_all([server])
+        start_all(servers)
 
 
 def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -264,7 +264,7 @@ def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int |
     servers = local_servers(settings.work_dir, settings.mlflow_uri(), host, prefect_port, mlflow_port)
     print(f"vaemo: starting the Prefect and MLflow servers (logs in {Path(settings.work_dir) / 'logs'})", flush=True)
     try:
-        start_all(servers)
+        start_with_prefect(servers, Path(os.environ["PREFECT_HOME"]))
         prefect, mlflow = servers
         print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
         print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "

@@ -55,6 +55,8 @@ def test_missing_corpus_path_is_reported(tmp_path):
     assert settings.corpora["mine"].path == tmp_path / "nowhere"  # relative to the file
     with pytest.raises(ConfigError, match=r"corpora\.mine\.path: path does not exist"):
         settings.check_corpus_paths(source=str(path))
+    with pytest.raises(ConfigError, match=rf"^{path}: corpora\.mine\.path"):  # as `vaemo run` checks it
+        settings.check_corpus_paths(["mine"])
 
 
 def test_pipeline_must_name_known_corpora(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from vaemo.data.config import DataConfig
 from vaemo.errors import ConfigError
@@ -445,6 +445,7 @@ class Settings(Strict):
     corpora: dict[str, CorpusConfig] = {}
     stages: StagesConfig = StagesConfig()
     pipelines: dict[str, PipelineSpec] = {}
+    _source: str = PrivateAttr("pipelines.yaml")  # the file these settings were read from, for messages
 
     @model_validator(mode="after")
     def _pipelines_name_known_corpora(self) -> Settings:
@@ -466,7 +467,8 @@ class Settings(Strict):
     def mlflow_uri(self) -> str:
         return self.tracking.uri(self.work_dir)
 
-    def check_corpus_paths(self, names: list[str] | None = None, source: str = "pipelines.yaml") -> None:
+    def check_corpus_paths(self, names: list[str] | None = None, source: str | None = None) -> None:
+        source = source or self._source
         for name in names if names is not None else list(self.corpora):
             corpus = self.corpora[name]
             for key in ("path", "labels"):
@@ -621,4 +623,5 @@ def load_settings(path: Path) -> Settings:
     except ValidationError as exc:
         raise ConfigError(format_errors(str(path), exc)) from None
     settings.check_overrides(str(path))
+    settings._source = str(path)
     return _resolve_paths(settings, path.resolve().parent)

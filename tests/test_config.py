@@ -164,3 +164,15 @@ def test_unreadable_bytes_and_broken_yaml_are_one_line_naming_the_file(tmp_path)
         load_settings(write(tmp_path, "a: [1, 2\n"))
     assert str(err.value) == f"{path}: not valid YAML at line 2, column 1: while parsing a flow sequence; expected " \
                              "',' or ']', but got '<stream end>'"
+
+
+def test_a_prompt_file_is_read_within_the_same_bounds(tmp_path):
+    from vaemo.caption.prompt import load_prompt
+
+    prompt = tmp_path / "prompt.yaml"
+    prompt.write_text("version: x\nsystem: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"^{prompt}: not valid YAML at line 3, column 1: "):
+        load_prompt(str(prompt))
+    prompt.write_text("version: x\nsystem:\n" + laughs("  "))
+    with pytest.raises(ConfigError, match=rf"^{prompt}: system\[4\]: more than {MAX_CONFIG_VALUES} values"):
+        load_prompt(str(prompt))

@@ -580,7 +580,7 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
     measure(root, "", 1)
 
 
-def _read_yaml(path: Path):
+def read_yaml(path: Path):
     """The document in ``path``, within the bounds above; a ConfigError of one line naming the file otherwise."""
     try:
         with open(path, "rb") as file:
@@ -615,7 +615,7 @@ def load_settings(path: Path) -> Settings:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
-    data = _read_yaml(path) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:

@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import psutil
 
 from tests.conftest import cli_env, vaemo_command
@@ -74,7 +75,7 @@ def listening(port: int) -> bool:
     return True
 
 
-def stop_and_check(process: subprocess.Popen, sig: signal.Signals) -> str:
+def stop_and_check(process: subprocess.Popen, sig: signal.Signals) -> None:
     """Send ``sig`` to the command alone (as `kill` and schedulers do); it ends at once, with one line and nothing
     left running."""
     started = time.monotonic()
@@ -94,7 +95,6 @@ def stop_and_check(process: subprocess.Popen, sig: signal.Signals) -> str:
     assert not left, f"left running: {left}\n{text[-3000:]}"
     assert text.endswith(f"vaemo: interrupted ({sig.name}); re-run the same command to resume\n"), text[-3000:]
     assert "Traceback" not in text, text[-5000:]
-    return text
 
 
 def test_sigterm_stops_an_ingest_with_its_prefect_server_and_dask_workers(corpus, tmp_path):
@@ -119,8 +119,6 @@ def test_sigint_stops_a_pretraining_with_its_torchrun_ranks(shards, tmp_path):
     wait_until(process, lambda: sum("python -u -m vaemo.train.pretrain" in c for c in commands(process)) == 2,
                "training in both ranks")
     stop_and_check(process, signal.SIGINT)
-    import mlflow
-
     run, = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_runs(["1"])  # stopped, so not FAILED
     assert run.info.status == "KILLED" and run.data.tags["vaemo.error"] == "Stopped: SIGINT", run.data.tags
 
@@ -136,8 +134,6 @@ with tracking.stage_run("ingest", tracking_uri=sys.argv[1], experiment="vaemo", 
 
 
 def test_the_next_command_marks_the_runs_of_killed_processes_killed_and_leaves_live_ones_running(tmp_path):
-    import mlflow
-
     work = tmp_path / "work"
     uri = f"sqlite:///{work / 'mlflow.db'}"
     owners = [subprocess.Popen([sys.executable, "-c", OPEN_A_RUN, uri, str(work)], stdout=subprocess.PIPE, text=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -22,6 +23,7 @@ from flows.environment import log_to, prepare, run_flow
 from vaemo.config import DatasetName, Settings, load_settings, with_overrides
 from vaemo.errors import ConfigError, VaemoError
 from vaemo.registry import MODALITIES, MODEL_PRESETS
+from vaemo.servers import stop_on_signals
 
 DEFAULT_CONFIG, DEFAULT_WORK_DIR = "pipelines.yaml", "vaemo-work"
 
@@ -40,7 +42,7 @@ def settings_of(args, required: bool = False, prefect: bool = False):
             setattr(settings.dask, field, getattr(args, option))
     args.log = log_to(Path(settings.work_dir) / "logs" / f"vaemo-{args.command}.log")
     if prefect:
-        prepare(settings.work_dir)
+        prepare(settings)
     return settings
 
 
@@ -55,7 +57,7 @@ def stage_params(args, stage: str) -> tuple:
     if given.get("fraction") is not None:
         given["count"] = None  # the command line's size wins over the file's
     cfg = with_overrides(getattr(settings.stages, stage), given, "command line")
-    prepare(settings.work_dir)
+    prepare(settings)
     return settings, {"settings": cfg, "work_dir": str(settings.work_dir), "tracking_cfg": settings.tracking}
 
 
@@ -106,7 +108,8 @@ def cmd_serve(args) -> int:
 
 def cmd_ui(args) -> int:
     settings = settings_of(args, prefect=True)
-    return import_module("vaemo.servers").run_local_servers(settings, args.host, args.prefect_port, args.mlflow_port)
+    return import_module("vaemo.servers").run_local_servers(settings, args.host, args.prefect_port, args.mlflow_port,
+                                                            args.allow_unauthenticated)
 
 
 # The commands below are library calls without a flow: each returns the text to print (exit 0).
@@ -259,7 +262,10 @@ def parser() -> argparse.ArgumentParser:
             opt("--workers", type=int, help="local Dask worker processes for ingest (default: from --config)"))
     command("serve", cmd_serve, "serve the pipelines file as Prefect deployments (UI triggers, schedules, new corpora)")
     command("ui", cmd_ui, "start a local Prefect server and an MLflow server; Ctrl-C stops both",
-            opt("--host", default="127.0.0.1", help="address to bind (default: %(default)s)"),
+            opt("--host", default="127.0.0.1", help="address to bind (default: %(default)s); another than loopback "
+                "needs --allow-unauthenticated"),
+            opt("--allow-unauthenticated", action="store_true", help="serve on a --host reachable from other "
+                "machines although neither server asks for credentials (README: \"Serving beyond this machine\")"),
             opt("--prefect-port", type=int, default=4200, help="default: %(default)s"),
             opt("--mlflow-port", type=int, help="default: the port of tracking.ui_url, else 5000"))
     command("lineage", cmd_lineage, "walk an MLflow run back to its shards, captions and models",
@@ -278,6 +284,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    stop_on_signals()
     try:
         done = args.func(args)
         if isinstance(done, str):
@@ -286,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except VaemoError as exc:
         print(f"vaemo: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("vaemo: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: what the command started is stopped by now
+        print(f"vaemo: interrupted ({stop}); re-run the same command to resume", file=sys.stderr)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     except Exception:  # noqa: BLE001 - a bug: its traceback, printed and logged, exit 1
         traceback.print_exc()
         args.log.parent.mkdir(parents=True, exist_ok=True)

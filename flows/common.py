@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from vaemo import tracking
 from vaemo.artifacts import ModelFolder
 from vaemo.config import TrackingConfig
 from vaemo.errors import VaemoError, writing
+from vaemo.servers import run_child
 from vaemo.tracking import Tag
 
 GPU_SLOT = "gpu"
@@ -147,6 +147,13 @@ def gpu_stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, param
         yield run, uri
 
 
+# torchrun, ending quietly with 128 + the signal when it is stopped (it has stopped its workers by then); torchrun
+# itself ends with a traceback.
+TORCHRUN = ("import sys\nfrom torch.distributed.elastic.multiprocessing.api import SignalException\n"
+            "from torch.distributed.run import main\ntry:\n    main()\nexcept SignalException as stop:\n"
+            "    sys.exit(128 + stop.sigval)")
+
+
 def torchrun(module: str, settings, out: str, args: list[str], mlflow_uri: str, run_id: str, resume: bool) -> None:
     """Run a training entry point under torchrun on this node (DDP with ``settings.processes`` processes).
 
@@ -155,7 +162,7 @@ def torchrun(module: str, settings, out: str, args: list[str], mlflow_uri: str, 
     settings_file = ModelFolder(out).settings_file("torchrun-request")
     settings_file.parent.mkdir(parents=True, exist_ok=True)
     settings_file.write_text(settings.model_dump_json())
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.processes}",
+    command = [sys.executable, "-c", TORCHRUN, "--standalone", f"--nproc-per-node={settings.processes}",
                "-m", module, *args, "--out", out, "--settings", str(settings_file), "--mlflow-uri", mlflow_uri,
                "--mlflow-run-id", run_id] + (["--resume"] if resume else [])
-    subprocess.run(command, check=True)
+    run_child(command)

@@ -14,13 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def prepare(work_dir: Path) -> None:
-    """Prefect and Hugging Face settings for a command on ``work_dir``; call before Prefect is imported."""
+def prepare(settings) -> None:
+    """Prefect and Hugging Face settings for a command on ``settings.work_dir``, and the MLflow runs that killed
+    commands left RUNNING marked KILLED; call before Prefect is imported."""
+    from vaemo.tracking import mark_killed_runs
+
+    work_dir = settings.work_dir
     os.environ.setdefault("PREFECT_HOME", str((Path(work_dir) / "prefect").resolve()))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server migrates its database on first start; a busy machine needs more than 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
     # The library's own log lines (skips, resumed runs, skipped samples) belong in the flow run's logs too.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vaemo")
@@ -33,37 +35,45 @@ def prepare(work_dir: Path) -> None:
     os.environ.setdefault(
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
     )
+    killed = mark_killed_runs(settings.mlflow_uri())
+    if killed:
+        print(f"vaemo: marked {len(killed)} MLflow run(s) KILLED, left RUNNING by processes that were killed: "
+              f"{', '.join(killed)}", flush=True)
 
 
 @contextmanager
 def prefect_api():
-    """Use PREFECT_API_URL when set; else one temporary local server for this command.
+    """Use PREFECT_API_URL when set; else one temporary local server for this command, stopped when it ends.
 
     Prefect would start its temporary server lazily in every process, so each Dask worker would
-    boot its own; exporting one URL before the cluster starts lets all of them share it.
+    boot its own; exporting one URL before the cluster starts lets all of them share it. The
+    server is vaemo's (vaemo/servers.py), not Prefect's: in a session of its own, so that a Ctrl-C
+    in the terminal does not stop it before the command has reported the interrupted run to it.
     """
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-    finally:
-        # Send buffered logs and events while the server is still up; afterwards they would be
-        # retried against a closed port at interpreter exit.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
+    from vaemo.servers import start_with_prefect, stop_all, temporary_prefect_server
 
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
-        del os.environ["PREFECT_API_URL"]
-        server.stop()
+    home = Path(os.environ["PREFECT_HOME"])
+    server = temporary_prefect_server(home)
+    try:
+        start_with_prefect([server], home)
+        api_url = os.environ["PREFECT_API_URL"] = f"{server.url}/api"
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield api_url
+    finally:
+        if os.environ.pop("PREFECT_API_URL", None):
+            # Send buffered logs and events while the server is still up; afterwards they would be
+            # retried against a closed port at interpreter exit.
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
+        stop_all([server])
 
 
 class _LogFile(logging.FileHandler):

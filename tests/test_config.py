@@ -1,8 +1,9 @@
+import time
 from pathlib import Path
 
 import pytest
 
-from vaemo.config import IngestConfig, load_settings
+from vaemo.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES, IngestConfig, load_settings
 from vaemo.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,8 @@ def test_missing_corpus_path_is_reported(tmp_path):
     assert settings.corpora["mine"].path == tmp_path / "nowhere"  # relative to the file
     with pytest.raises(ConfigError, match=r"corpora\.mine\.path: path does not exist"):
         settings.check_corpus_paths(source=str(path))
+    with pytest.raises(ConfigError, match=rf"^{path}: corpora\.mine\.path"):  # as `vaemo run` checks it
+        settings.check_corpus_paths(["mine"])
 
 
 def test_pipeline_must_name_known_corpora(tmp_path):
@@ -98,3 +101,78 @@ def test_a_misspelt_stage_override_fails_when_the_file_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"pipelines.yaml: pipelines.p.stage_overrides.evaluate: invalid configuration"
                                           r"\n  foldz: unknown key"):
         load_settings(path)
+
+
+def laughs(indent: str, levels: int = 9) -> str:
+    """A "billion laughs" list: each anchor holds nine aliases of the one before (9**levels strings in all)."""
+    lines = [f'{indent}- &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{indent}- &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where, text, key", [
+    ("typed key", "stages:\n  align:\n    prompt_templates:\n" + laughs("      "), "stages.align.prompt_templates[4]"),
+    ("stage_overrides", "corpora: {c: {path: .}}\npipelines:\n  p:\n    corpora: [c]\n    stage_overrides:\n"
+                        "      align:\n        prompt_templates:\n" + laughs("          "),
+     "pipelines.p.stage_overrides.align.prompt_templates[4]"),
+])
+def test_an_alias_bomb_is_refused_at_once_naming_the_file_and_key(tmp_path, capsys, where, text, key):
+    from flows.cli import main
+
+    path = write(tmp_path, text)
+    started = time.monotonic()
+    code = main(["--work-dir", str(tmp_path / "work"), "config", "--config", str(path)])
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and took < 1.0, (where, took)
+    expanded = f"more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded"
+    assert err == f"vaemo: error: {path}: {key}: {expanded}; refused\n"
+
+
+def test_aliases_within_the_bounds_still_load(tmp_path):
+    path = write(tmp_path, "stages:\n  evaluate: {folds: &k 3}\n  ingest: {detect_every: *k}\n"
+                           "  align: {prompt_templates: &t ['a {label} face']}\n"
+                           "corpora: {c: {path: .}}\npipelines: {p: {corpora: [c], stage_overrides: "
+                           "{align: {prompt_templates: *t}}}}\n")
+    settings = load_settings(path)
+    assert settings.stages.ingest.detect_every == settings.stages.evaluate.folds == 3
+    assert settings.pipelines["p"].settings_for(settings.stages, "align").prompt_templates == ["a {label} face"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stages: " + "[" * 5000 + "]" * 5000 + "\n", f"line 1, column 58: nested deeper than {MAX_CONFIG_DEPTH} levels"),
+    ("stages: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n", f"nested deeper than {MAX_CONFIG_DEPTH} levels"),
+    ("a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, 200)),
+     f"nested deeper than {MAX_CONFIG_DEPTH} levels once aliases are expanded"),
+    ("stages: &s {ingest: *s}\n", "stages.ingest: an alias refers to the value that contains it"),
+    ("x: [" + ",".join(["1"] * (MAX_CONFIG_VALUES + 1)) + "]\n", f"more than {MAX_CONFIG_VALUES} values"),
+    ("x: '" + "a" * MAX_CONFIG_BYTES + "'\n", f"larger than {MAX_CONFIG_BYTES // 1024} KiB"),
+])
+def test_a_document_beyond_the_bounds_is_one_line_naming_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_bytes_and_broken_yaml_are_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "pipelines.yaml"
+    path.write_bytes(b"stages: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"pipelines.yaml: not UTF-8 text \(byte 8\)$"):
+        load_settings(path)
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "a: [1, 2\n"))
+    assert str(err.value) == f"{path}: not valid YAML at line 2, column 1: while parsing a flow sequence; expected " \
+                             "',' or ']', but got '<stream end>'"
+
+
+def test_a_prompt_file_is_read_within_the_same_bounds(tmp_path):
+    from vaemo.caption.prompt import load_prompt
+
+    prompt = tmp_path / "prompt.yaml"
+    prompt.write_text("version: x\nsystem: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"^{prompt}: not valid YAML at line 3, column 1: "):
+        load_prompt(str(prompt))
+    prompt.write_text("version: x\nsystem:\n" + laughs("  "))
+    with pytest.raises(ConfigError, match=rf"^{prompt}: system\[4\]: more than {MAX_CONFIG_VALUES} values"):
+        load_prompt(str(prompt))

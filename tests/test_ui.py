@@ -283,3 +283,28 @@ def test_two_runs_at_once_do_not_mix_and_a_grown_corpus_only_adds_work(corpus, t
         root / "stage1" / "model.safetensors"
     ).is_file()
     assert pd.read_parquet(root / "corpora" / "clips" / "manifest.parquet")["video_id"].nunique() == videos_before + 1
+
+
+def test_ui_beyond_loopback_is_refused_unless_told_the_servers_have_no_authentication(tmp_path):
+    from vaemo.servers import is_loopback
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "::", "192.168.1.10", "no-such-host.invalid")))
+    work = tmp_path / "work"
+    for host in ("0.0.0.0", "::"):
+        done = subprocess.run(vaemo_command("--work-dir", str(work), "ui", "--host", host), capture_output=True,
+                              text=True, env=cli_env(work), timeout=60)
+        assert done.returncode == 2 and done.stdout == "", (host, done.stdout, done.stderr)
+        assert done.stderr.startswith(f"vaemo: error: --host {host} is reachable from other machines") and \
+            done.stderr.count("\n") == 1 and "--allow-unauthenticated" in done.stderr, done.stderr
+    assert not (work / "logs" / "prefect-server.log").exists()  # refused before any server started
+    # Acknowledged: it warns and goes on to start the servers, here up to the refusal of a port already taken.
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(vaemo_command("--work-dir", str(work), "ui", "--host", "0.0.0.0", "--prefect-port",
+                                            str(port), "--allow-unauthenticated"),
+                              capture_output=True, text=True, env=cli_env(work), timeout=60)
+    assert done.returncode == 2 and "vaemo: warning: serving on 0.0.0.0 without authentication" in done.stderr
+    assert f"vaemo: error: port in use: 0.0.0.0:{port} (Prefect)" in done.stderr and "Traceback" not in done.stderr

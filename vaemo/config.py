@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from vaemo.data.config import DataConfig
 from vaemo.errors import ConfigError
@@ -465,6 +466,7 @@ class Settings(Strict):
     corpora: dict[str, CorpusConfig] = {}
     stages: StagesConfig = StagesConfig()
     pipelines: dict[str, PipelineSpec] = {}
+    _source: str = PrivateAttr("pipelines.yaml")  # the file these settings were read from, for messages
 
     @model_validator(mode="after")
     def _pipelines_name_known_corpora(self) -> Settings:
@@ -486,7 +488,8 @@ class Settings(Strict):
     def mlflow_uri(self) -> str:
         return self.tracking.uri(self.work_dir)
 
-    def check_corpus_paths(self, names: list[str] | None = None, source: str = "pipelines.yaml") -> None:
+    def check_corpus_paths(self, names: list[str] | None = None, source: str | None = None) -> None:
+        source = source or self._source
         for name in names if names is not None else list(self.corpora):
             corpus = self.corpora[name]
             for key in ("path", "labels"):
@@ -498,11 +501,13 @@ class Settings(Strict):
 def format_errors(source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif not key:  # a check across keys names them itself; its input is the whole file
+            lines.append(f"  {item['msg']}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {key}: {item['msg']} (got {reprlib.repr(item.get('input'))})")
     return "\n".join(lines)
 
 
@@ -526,15 +531,112 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     return settings
 
 
+# A pipelines file is a few KB. YAML aliases let a small file stand for billions of values (the "billion laughs"
+# document): PyYAML shares one object per anchor, but validating and copying the settings visit every copy.
+MAX_CONFIG_BYTES = 256 << 10
+MAX_CONFIG_VALUES = 20_000  # mappings, lists and scalars, once every alias is expanded
+MAX_CONFIG_DEPTH = 50  # levels of nesting, aliases expanded (PyYAML's composer recurses once per level)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing more than MAX_CONFIG_VALUES values or MAX_CONFIG_DEPTH levels as it composes."""
+
+    def __init__(self, text: str, name: str):
+        super().__init__(text)
+        self.name, self.depth, self.values = name, 0, 0  # the name is what error marks cite
+
+    def compose_node(self, parent, index):
+        self.values += 1
+        problem = (f"nested deeper than {MAX_CONFIG_DEPTH} levels" if self.depth >= MAX_CONFIG_DEPTH else
+                   f"more than {MAX_CONFIG_VALUES} values" if self.values > MAX_CONFIG_VALUES else None)
+        if problem:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self.name}: line {mark.line + 1}, column {mark.column + 1}: {problem}; refused")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _children(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+    """A node's children with the key or index each is under."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{i}]", child) for i, child in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):
+        named = [(k.value if isinstance(k, yaml.ScalarNode) else "?", (k, v)) for k, v in node.value]
+        return [(f".{name}", part) for name, pair in named for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_CONFIG_VALUES values or MAX_CONFIG_DEPTH levels, or
+    that contains itself. An alias is the anchored node itself, so each node is measured once."""
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> values, depth
+    inside: set[int] = set()
+
+    def refuse(key: str, problem: str):
+        return ConfigError(f"{source}: {key.lstrip('.') or '(top level)'}: {problem}; refused")
+
+    def measure(node: yaml.Node, key: str, level: int) -> tuple[int, int]:
+        if id(node) in inside:
+            raise refuse(key, "an alias refers to the value that contains it")
+        if id(node) not in measured:
+            inside.add(id(node))
+            values, depth = 1, 1
+            for name, child in _children(node):
+                if level >= MAX_CONFIG_DEPTH:
+                    raise refuse(key + name, f"nested deeper than {MAX_CONFIG_DEPTH} levels once aliases are expanded")
+                child_values, child_depth = measure(child, key + name, level + 1)
+                values, depth = values + child_values, max(depth, child_depth + 1)
+                if values > MAX_CONFIG_VALUES:
+                    raise refuse(key, f"more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded")
+            inside.discard(id(node))
+            measured[id(node)] = values, depth
+        values, depth = measured[id(node)]
+        if level + depth - 1 > MAX_CONFIG_DEPTH:
+            raise refuse(key, f"nested deeper than {MAX_CONFIG_DEPTH} levels once aliases are expanded")
+        return values, depth
+
+    measure(root, "", 1)
+
+
+def read_yaml(path: Path):
+    """The document in ``path``, within the bounds above; a ConfigError of one line naming the file otherwise."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a pipelines file")
+    try:
+        loader = _BoundedLoader(raw.decode("utf-8"), str(path))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_expansion(root, str(path))
+        return loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+
+
 def load_settings(path: Path) -> Settings:
     """Read and validate ``pipelines.yaml``; raise ConfigError with a readable message."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
@@ -542,4 +644,5 @@ def load_settings(path: Path) -> Settings:
     except ValidationError as exc:
         raise ConfigError(format_errors(str(path), exc)) from None
     settings.check_overrides(str(path))
+    settings._source = str(path)
     return _resolve_paths(settings, path.resolve().parent)

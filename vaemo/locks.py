@@ -18,13 +18,13 @@ class Busy(BusyError):
         self.path, self.holder = path, holder
 
 
-def acquire(path: Path) -> IO:
-    """Lock ``path`` (created when missing) without waiting; raise Busy naming the holder's pid and start."""
+def acquire(path: Path, wait: bool = False) -> IO:
+    """Lock ``path`` (created when missing); without ``wait``, raise Busy naming the holder's pid and start."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
@@ -43,8 +43,8 @@ def release(handle: IO) -> None:
 
 
 @contextmanager
-def held(path: Path):
-    handle = acquire(path)
+def held(path: Path, wait: bool = False):
+    handle = acquire(path, wait)
     try:
         yield
     finally:

@@ -1,12 +1,15 @@
-"""``vaemo ui``: a local Prefect server and an MLflow server over the work directory's own stores.
+"""The processes a command starts and how they stop: ``vaemo ui``'s local Prefect server and MLflow server over the
+work directory's own stores, the temporary Prefect server of a stage command, child processes, SIGTERM and SIGINT.
 
-Both run as child processes in their own process groups, log to ``<work_dir>/logs/``, and answer
-on one host (127.0.0.1 by default); stopping stops the whole group of each, so no worker of
-either outlives the command.
+Servers run as child processes in their own sessions (a Ctrl-C in the terminal reaches the command, which stops
+them after it has reported to them), log to a file, and answer on one host (127.0.0.1 by default); stopping stops the
+whole process group of each, so no worker of either outlives the command. On Linux a server also ends when the
+command dies without stopping it (SIGKILL): the kernel sends it SIGTERM.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -18,13 +21,61 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vaemo.errors import ToolError
+from vaemo import locks
+from vaemo.errors import ConfigError, ToolError
 
 START_TIMEOUT_SECONDS = 240  # the Prefect server migrates its database on first start; slow on a busy laptop
+
+# Runs the command given after it with the kernel's "parent death signal" set (Linux prctl PR_SET_PDEATHSIG, 1):
+# SIGTERM when the process that started it ends. A launcher rather than Popen's preexec_fn, which is unsafe once
+# the command has threads; exec keeps the setting.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(1); os.execv(sys.argv[2], sys.argv[2:])")
 
 
 class ServerError(ToolError):
     pass
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised in the main thread, so that every ``finally`` on the way out stops the servers,
+    clusters and child processes the command started (Python's default for SIGTERM ends it on the spot)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Turn the first SIGTERM or SIGINT into :class:`Stopped`; later ones are ignored, so they cannot cut short the
+    stopping of what the command started (each stop is bounded in time)."""
+
+    def stop(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
+def run_child(command: list[str], stop_timeout: float = 60) -> None:
+    """``subprocess.run(command, check=True)``, except that when this process is interrupted the child is asked to
+    stop (SIGTERM, which torchrun passes on to its workers in their own sessions) and waited for; it is killed only
+    after ``stop_timeout`` seconds. (``subprocess.run`` would SIGKILL it at once and leave its workers running.)"""
+    process = subprocess.Popen(command)
+    try:
+        code = process.wait()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 @dataclass
@@ -44,10 +95,12 @@ class Server:
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command
+        if sys.platform == "linux":
+            command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env={**os.environ, **self.env},
-                                            start_new_session=True)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **self.env}, start_new_session=True)
 
     def healthy(self) -> bool:
         try:
@@ -90,6 +143,29 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only: every address it resolves to is loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in found)
+
+
+def check_host(host: str, allow_unauthenticated: bool) -> None:
+    """Neither server asks for credentials: the Prefect API accepts writes (runs, deployments, their commands) from
+    anyone who reaches it. Beyond loopback that takes an explicit acknowledgement."""
+    if not is_loopback(host) and not allow_unauthenticated:
+        raise ConfigError(f"--host {host} is reachable from other machines, and neither the Prefect nor the MLflow "
+                          "server asks for credentials: bind 127.0.0.1 and put an authenticating reverse proxy in "
+                          "front (README, \"Serving beyond this machine\"), or add --allow-unauthenticated to serve "
+                          "anyway")
+
+
 def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int, mlflow_port: int) -> list[Server]:
     """The Prefect server (its SQLite database in PREFECT_HOME) and an MLflow server over ``mlflow_uri``."""
     logs = Path(work_dir) / "logs"
@@ -116,6 +192,27 @@ def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int,
             logs / "mlflow-server.log",
         ),
     ]
+
+
+def temporary_prefect_server(prefect_home: Path) -> Server:
+    """A Prefect API server for one command, on a free port, its database in ``prefect_home``: what Prefect's own
+    temporary server runs (the API alone: no UI, no background services), as a :class:`Server`."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return Server("temporary Prefect", "127.0.0.1", port, "/api/health",
+                  [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+                   "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                  Path(prefect_home) / "temporary-server.log",
+                  {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+
+
+def start_with_prefect(servers: list[Server], prefect_home: Path) -> None:
+    """:func:`start_all` for servers that include a Prefect server whose database is in ``prefect_home``. Its start
+    migrates a new database and registers Prefect's block types; two at once fail on each other's rows. So one
+    command at a time starts its servers (a blocking lock in ``prefect_home``); the next finds the database ready."""
+    with locks.held(Path(prefect_home) / ".server-start.lock", wait=True):
+        start_all(servers)
 
 
 def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -150,22 +247,24 @@ def stop_all(servers: list[Server]) -> None:
         server.stop()
 
 
-def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int | None) -> int:
-    """``vaemo ui``: both servers until Ctrl-C or SIGTERM (exit 0), or until one of them stops (exit 1)."""
+def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int | None,
+                      allow_unauthenticated: bool = False) -> int:
+    """``vaemo ui``: both servers until Ctrl-C or SIGTERM (exit 0; see :func:`stop_on_signals`), or until one of them
+    stops (exit 1)."""
     from urllib.parse import urlparse
 
     from vaemo.config import DEFAULT_MLFLOW_UI
 
+    check_host(host, allow_unauthenticated)
+    if not is_loopback(host):
+        print(f"vaemo: warning: serving on {host} without authentication (--allow-unauthenticated): anyone who "
+              "reaches it can read the runs and start flow runs", file=sys.stderr, flush=True)
+
     mlflow_port = mlflow_port or urlparse(settings.tracking.ui_url or DEFAULT_MLFLOW_UI).port
     servers = local_servers(settings.work_dir, settings.mlflow_uri(), host, prefect_port, mlflow_port)
-
-    def stop_on_sigterm(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"vaemo: starting the Prefect and MLflow servers (logs in {Path(settings.work_dir) / 'logs'})", flush=True)
     try:
-        start_all(servers)
+        start_with_prefect(servers, Path(os.environ["PREFECT_HOME"]))
         prefect, mlflow = servers
         print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
         print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "

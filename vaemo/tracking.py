@@ -1,10 +1,12 @@
 """MLflow in one place: where runs go, one run per stage, datasets logged with content digests, the
-tag keys lineage reads, and the parent and child runs of a pipeline run."""
+tag keys lineage reads, the parent and child runs of a pipeline run, and the runs of killed processes."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -12,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import psutil
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from vaemo import locks
 from vaemo.artifacts import IngestFolder, ModelFolder, TableVersion
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
@@ -34,6 +38,8 @@ class Tag:
     SKIPPED = "vaemo.skipped"
     REUSED_RUN = "vaemo.skipped.reused_run_id"
     KEY = "vaemo.key"
+    # the process that runs a run (and closes it); a run it left RUNNING when it died is marked KILLED later
+    OWNER_HOST, OWNER_PID, OWNER_STARTED = "vaemo.owner.host", "vaemo.owner.pid", "vaemo.owner.started"
     PROTOCOL, MODE, MODALITY = "vaemo.protocol", "vaemo.mode", "vaemo.modality"
     # on dataset inputs
     DIGEST = "vaemo.digest"
@@ -76,34 +82,86 @@ class Tag:
         return f"{Tag.SKIPPED}.{stage}"
 
 
+def client(tracking_uri: str) -> mlflow.MlflowClient:
+    """A client of ``tracking_uri`` whose store is ready. The first process on a new SQLite store creates its tables;
+    two at once would both migrate it and one fail, so that first access holds a lock beside the file."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(tracking_uri)
+    with locks.held(Path(tracking_uri.removeprefix("sqlite:///") + ".lock"), wait=True):
+        return mlflow.MlflowClient(tracking_uri)  # makes the store, and its tables when they are missing
+
+
+def owner_tags() -> dict[str, str]:
+    """This process, as the owner of the runs it opens: host, pid and start time (a pid alone may be reused)."""
+    return {Tag.OWNER_HOST: socket.gethostname(), Tag.OWNER_PID: str(os.getpid()),
+            Tag.OWNER_STARTED: f"{psutil.Process().create_time():.2f}"}
+
+
+def _owner_ended(tags: dict[str, str]) -> bool:
+    """Whether the process that owns a run of this host has ended (its pid is gone, or is another process now)."""
+    try:
+        return abs(psutil.Process(int(tags[Tag.OWNER_PID])).create_time() - float(tags[Tag.OWNER_STARTED])) > 1
+    except psutil.NoSuchProcess:
+        return True
+
+
+def mark_killed_runs(tracking_uri: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this host that has ended: killed (SIGKILL, out of memory,
+    a power cut), it could not close them. Runs of live processes and of other hosts are left alone; so are runs
+    without an owner (made by older versions). Returns the ids of the runs marked."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return []  # no store yet, so no runs (and no reason to create it here)
+    store = client(tracking_uri)
+    experiments = [e.experiment_id for e in store.search_experiments()]
+    if not experiments:
+        return []
+    running = store.search_runs(
+        experiments, f"attributes.status = 'RUNNING' and tags.`{Tag.OWNER_HOST}` = '{socket.gethostname()}'")
+    marked = []
+    for run in running:
+        if _owner_ended(run.data.tags):
+            store.set_tag(run.info.run_id, Tag.ERROR, f"its process (pid {run.data.tags[Tag.OWNER_PID]} on "
+                                                      f"{run.data.tags[Tag.OWNER_HOST]}) ended without closing it")
+            store.set_terminated(run.info.run_id, "KILLED")
+            marked.append(run.info.run_id)
+    return marked
+
+
 def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
     """Point MLflow at the store and make sure the experiment keeps its artifacts in the work dir."""
     work_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        if tracking_uri.startswith(("http://", "https://")):
-            return client.create_experiment(experiment)  # the tracking server decides where artifacts go
-        artifacts = (work_dir / "mlartifacts").resolve().as_uri()
-        return client.create_experiment(experiment, artifact_location=artifacts)
-    return found.experiment_id
+    store = client(tracking_uri)
+    found = store.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    # a tracking server decides where artifacts go
+    remote = tracking_uri.startswith(("http://", "https://"))
+    try:
+        return store.create_experiment(
+            experiment, artifact_location=None if remote else (work_dir / "mlartifacts").resolve().as_uri())
+    except MlflowException:
+        found = store.get_experiment_by_name(experiment)  # another process made it meanwhile
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 @contextmanager
 def stage_run(stage: str, *, tracking_uri: str, experiment: str, work_dir: Path, params: dict | None = None,
               tags: dict | None = None, system_metrics: bool = False):
-    """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag."""
+    """One MLflow run for one stage. An exception marks the run FAILED with the error as a tag (KILLED for an
+    interruption); a run of a process that dies is marked KILLED by the next command (:func:`mark_killed_runs`)."""
     experiment_id = configure(tracking_uri, experiment, work_dir)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={Tag.STAGE: stage, **(tags or {})},
-                           log_system_metrics=system_metrics)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage,
+                           tags={Tag.STAGE: stage, **owner_tags(), **(tags or {})}, log_system_metrics=system_metrics)
     try:
         if params:
             mlflow.log_params(_flat(params))
         yield run
     except BaseException as exc:
         mlflow.set_tag(Tag.ERROR, f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(status="FAILED")
+        mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")  # Ctrl-C, SIGTERM
         raise
     else:
         mlflow.end_run(status="FINISHED")
@@ -255,7 +313,8 @@ class PipelineRuns:
         self.client = mlflow.MlflowClient(tracking_uri)
         self.tags = tags  # every run of this pipeline run carries them (the Prefect flow run)
         parent = self.client.create_run(self.experiment_id, run_name=f"pipeline {name}", tags={
-            Tag.STAGE: "pipeline", Tag.PIPELINE: name, Tag.DEPLOYMENT: tags.get(Tag.DEPLOYMENT_ID, "none"), **tags})
+            Tag.STAGE: "pipeline", Tag.PIPELINE: name, Tag.DEPLOYMENT: tags.get(Tag.DEPLOYMENT_ID, "none"),
+            **owner_tags(), **tags})
         self.parent_id = parent.info.run_id
         for key, value in params.items():
             self.client.log_param(self.parent_id, key, value)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from vaemo.config import read_yaml
 from vaemo.errors import ConfigError
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -109,7 +109,7 @@ def _read_prompt(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, bytes]
     if path.resolve() in chain:
         raise PromptError(f"{path}: `extends` loops back to itself")
     raw = path.read_bytes()
-    data = yaml.safe_load(raw)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise PromptError(f"{path}: expected a mapping of prompt keys")
     if data.get("extends"):

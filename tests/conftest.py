@@ -42,14 +42,14 @@ def cli_env(work: Path) -> dict[str, str]:
     return env
 
 
-def ingest_folder(source: Path, out: Path, cfg=None):
+def ingest_folder(source: Path, out: Path, cfg=None, labels: Path | None = None):
     """The library path of an ingest run, in this process: (stats, batches)."""
     from vaemo.config import IngestConfig
     from vaemo.ingest import shards as shard_io
     from vaemo.ingest.run import IngestRun
 
     cfg = cfg or IngestConfig()
-    with IngestRun(source, out, "generic", cfg) as run:
+    with IngestRun(source, out, "generic", cfg, labels=labels) as run:
         plan = run.plan()
         for batch in plan.batches:
             shard_io.run_batch(batch, out, cfg)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import cli_env, ingest_folder, vaemo_command
 from vaemo.eval import EvaluationError, classification_metrics, make_folds, save_folds, summarise
 
 TIMEOUT = 600
@@ -171,19 +171,13 @@ def labelled(tmp_path_factory) -> tuple[Path, Path]:
     """(ingest folder, Stage 1 model) of a generated set whose label changes both the face and the voice."""
     from vaemo import synth
     from vaemo.config import IngestConfig, PretrainConfig
-    from vaemo.ingest import shards as shard_io
-    from vaemo.ingest.run import IngestRun
     from vaemo.train.pretrain import pretrain
 
     source = tmp_path_factory.mktemp("labelled-src")
     labels = synth.labelled_corpus(source, classes=3, speakers=SPEAKERS, clips_per_class=CLIPS_PER_CLASS, seed=2)
     ingest_dir = tmp_path_factory.mktemp("labelled-ingest")
     cfg = IngestConfig()
-    with IngestRun(source, ingest_dir, "generic", cfg, labels=labels) as run:
-        plan = run.plan()
-        for batch in plan.batches:
-            shard_io.run_batch(batch, ingest_dir, cfg)
-        stats = run.finalize(plan)
+    stats, _ = ingest_folder(source, ingest_dir, cfg, labels)
     assert stats["status_counts"] == {"ok": 3 * SPEAKERS * CLIPS_PER_CLASS}
     model = tmp_path_factory.mktemp("labelled-model")
     pretrain(ingest_dir, model,

@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import cli_env, ingest_folder, vaemo_command
 from tests.test_eval import TIMEOUT, fake_ingest
 from vaemo.eval import make_folds
 from vaemo.eval.accounting import NOT_DECODABLE, account
@@ -59,8 +59,6 @@ def broken_test_set(tmp_path_factory) -> tuple[Path, dict[int, tuple[int, list[s
     """(ingest folder, fold -> (its test videos, the statuses of those that cannot be scored), the undecodable one)."""
     from vaemo import synth
     from vaemo.config import IngestConfig
-    from vaemo.ingest import shards as shard_io
-    from vaemo.ingest.run import IngestRun
 
     source = tmp_path_factory.mktemp("accounting-src")
     labels = synth.labelled_corpus(source, classes=3, speakers=2, clips_per_class=2, seed=4)
@@ -77,11 +75,7 @@ def broken_test_set(tmp_path_factory) -> tuple[Path, dict[int, tuple[int, list[s
 
     ingest_dir = tmp_path_factory.mktemp("accounting-ingest")
     cfg = IngestConfig()
-    with IngestRun(source, ingest_dir, "generic", cfg, labels=labels) as run:
-        plan = run.plan()
-        for batch in plan.batches:
-            shard_io.run_batch(batch, ingest_dir, cfg)
-        stats = run.finalize(plan)
+    stats, _ = ingest_folder(source, ingest_dir, cfg, labels)
     assert stats["status_counts"] == {"ok": len(good), "not_a_video": 2, "no_face": 1, "silent_audio": 1,
                                       "no_audio_stream": 1}
     clips = pd.read_parquet(ingest_dir / "clips.parquet")

@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import cli_env, ingest_folder, vaemo_command
 from tests.test_eval import TIMEOUT
 from tests.test_eval_accounting import AS_CREMA_D
 from vaemo.config import EvaluateConfig, IngestConfig
@@ -35,8 +35,6 @@ def test_the_option_changes_the_digest_only_when_on():
 def ingested(tmp_path_factory) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     """(ingest folder made with video_only_clips, its clips table, its manifest)."""
     from vaemo import synth
-    from vaemo.ingest import shards as shard_io
-    from vaemo.ingest.run import IngestRun
 
     source = tmp_path_factory.mktemp("video-only-src")
     labels = synth.labelled_corpus(source, classes=3, speakers=2, clips_per_class=2, seed=4)
@@ -51,11 +49,7 @@ def ingested(tmp_path_factory) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
 
     ingest_dir = tmp_path_factory.mktemp("video-only-ingest")
     cfg = IngestConfig(video_only_clips=True)
-    with IngestRun(source, ingest_dir, "generic", cfg, labels=labels) as run:
-        plan = run.plan()
-        for batch in plan.batches:
-            shard_io.run_batch(batch, ingest_dir, cfg)
-        stats = run.finalize(plan)
+    stats, _ = ingest_folder(source, ingest_dir, cfg, labels)
     assert stats["status_counts"] == {"ok": len(good) + 2, "no_face": 1}
     return ingest_dir, pd.read_parquet(ingest_dir / "clips.parquet"), pd.read_parquet(ingest_dir / "manifest.parquet")
 

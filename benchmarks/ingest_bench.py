@@ -53,6 +53,7 @@ from vaemo.config import IngestConfig, load_settings
 from vaemo.ingest import face, media, shards, voice
 from vaemo.ingest.adapters import scan_corpus
 from vaemo.ingest.process import content_hash, video_id_of
+from vaemo.ingest.records import LeftOut
 from vaemo.ingest.run import IngestRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,8 @@ def corpus(source: Path, dataset: str) -> list[dict]:
     """The videos the ingest will process: one per content hash, as the ingest's planning does."""
     videos, seen = [], set()
     for record in scan_corpus(source, dataset, None):
+        if isinstance(record, LeftOut):
+            continue
         video_id = video_id_of(content_hash(source, record))
         if video_id not in seen:
             seen.add(video_id)

@@ -96,8 +96,9 @@ def ingest_flow(source: str, out: str, dataset: str = "auto", labels: str | None
             if plan.retired:
                 logger.warning("Source files changed since they were ingested: their batches %s are done again",
                                ", ".join(plan.retired))
-            logger.info("%d videos found (%d not readable files), %d already ingested, %d to process in %d batches",
-                        len(plan.records), plan.refused, plan.skipped, plan.pending_videos, len(plan.batches))
+            logger.info("%d videos found (%d left out by the dataset's rules, %d not readable files), %d already "
+                        "ingested, %d to process in %d batches", len(plan.records), plan.left_out, plan.refused,
+                        plan.skipped, plan.pending_videos, len(plan.batches))
             failed = _run_batches(plan, out, settings)
             stats = ingest_run.finalize(plan, failed)
         tracking.log_metrics_flat({k: v for k, v in stats.items() if k != "last_run"})

@@ -9,7 +9,7 @@ import pytest
 
 from vaemo.errors import CorpusError
 from vaemo.ingest.adapters import VIDEO_EXTENSIONS, detect_dataset, scan_corpus
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import LeftOut, Scanned, SourceRecord
 from vaemo.registry import DATASETS
 
 
@@ -102,8 +102,13 @@ def make_generic(root: Path) -> None:
     touch(root, "talk one.MP4", 'sub/zoë\'s "clip".mkv', "sub/deeper/c.webm", "notes.txt")
 
 
-def fields(records: list[SourceRecord], *names: str) -> list[tuple]:
-    return [tuple(getattr(record, name) for name in names) for record in records]
+def fields(scanned: list[Scanned], *names: str) -> list[tuple]:
+    """The named fields of the videos that are used."""
+    return [tuple(getattr(record, name) for name in names) for record in scanned if isinstance(record, SourceRecord)]
+
+
+def left_out(scanned: list[Scanned]) -> list[tuple[str, str]]:
+    return [(item.path, item.status) for item in scanned if isinstance(item, LeftOut)]
 
 
 # --- naming rules ---
@@ -117,7 +122,13 @@ def test_ravdess_keeps_audio_visual_speech_with_actor_folds(tmp_path: Path) -> N
         ("Actor_05/01-01-03-02-01-02-05.mp4", "ravdess-05", "happy", 2),
         ("Actor_24/01-01-08-01-02-01-24.mp4", "ravdess-24", "surprised", 6),
     ]
-    assert all(record.whole_file and record.dataset == "ravdess" for record in records)
+    assert all(record.whole_file and record.dataset == "ravdess" for record in records if isinstance(record, SourceRecord))
+    # The copies that are not used are still listed, with why (the audio-only .wav is not a video).
+    assert left_out(records) == [("Actor_05/01-02-03-02-01-02-05.mp4", "not_used"),
+                                 ("Actor_05/02-01-03-02-01-02-05.mp4", "not_used")]
+    reasons = {item.path: item.reason for item in records if isinstance(item, LeftOut)}
+    assert reasons["Actor_05/02-01-03-02-01-02-05.mp4"].startswith("a video-only copy (modality 02)")
+    assert reasons["Actor_05/01-02-03-02-01-02-05.mp4"].startswith("a sung take")
 
 
 def test_cremad_labels_actor_folds_and_studio_audio(tmp_path: Path) -> None:
@@ -131,7 +142,9 @@ def test_cremad_labels_actor_folds_and_studio_audio(tmp_path: Path) -> None:
         ("VideoFlash/1073_ITS_FEA_MD.flv", "1073", "fear", 5, None),
         ("VideoFlash/1091_WSI_NEU_XX.flv", "1091", "neutral", 5, None),
     ]
-    assert all(record.whole_file for record in records)
+    assert all(record.whole_file for record in records if isinstance(record, SourceRecord))
+    assert left_out(records) == [("VideoFlash/1092_WSI_NEU_XX.flv", "off_rule"), ("VideoFlash/notes.flv", "off_rule")]
+    assert all("CREMA-D names AAAA_SSS_EEE_LL" in item.reason for item in records if isinstance(item, LeftOut))
 
 
 def test_cremad_without_matching_names_explains_the_rule(tmp_path: Path) -> None:
@@ -148,6 +161,7 @@ def test_voxceleb2_speakers_from_id_folders(tmp_path: Path) -> None:
         ("dev/mp4/id00012/21Uxsk56VDQ/00002.mp4", "id00012", None, None, False),
         ("dev/mp4/id00345/a b'c/00001.mp4", "id00345", None, None, False),
     ]
+    assert left_out(records) == [("dev/stray.mp4", "off_rule")]
 
 
 def test_mafw_fold_is_the_set_whose_test_split_holds_the_clip(tmp_path: Path) -> None:
@@ -156,6 +170,9 @@ def test_mafw_fold_is_the_set_whose_test_split_holds_the_clip(tmp_path: Path) ->
     assert fields(records, "path", "label", "fold", "speaker", "whole_file") == [
         (f"data/clips/{fold:05d}.mp4", emotion, fold, None, True) for fold, emotion in MAFW_TEST.items()
     ]
+    [unlabelled] = [item for item in records if isinstance(item, LeftOut)]
+    assert (unlabelled.path, unlabelled.status) == ("data/clips/00006.mp4", "not_in_splits")
+    assert unlabelled.reason == "no mafw test split names clip '00006', so it has no label or fold"
 
 
 def test_mafw_split_folder_outside_the_root(tmp_path: Path) -> None:
@@ -184,6 +201,7 @@ def test_dfew_fold_and_label_codes_from_split_csvs(tmp_path: Path) -> None:
         ("Clip/original/part_1/00004.mp4", "disgust", 4, True),
         ("Clip/original/part_1/00005.mp4", "fear", 5, True),
     ]
+    assert left_out(records) == [("Clip/original/part_1/00006.mp4", "not_in_splits")]
 
 
 def test_dfew_unknown_label_code(tmp_path: Path) -> None:

@@ -260,6 +260,28 @@ def test_only_the_storage_s_write_errors_become_one_line():
             raise FileNotFoundError(errno.ENOENT, "gone")
 
 
+def test_videos_a_dataset_leaves_out_get_rows_and_counts(tmp_path):
+    """A video-only copy, a sung take and a name off the rule each get a row with their status and reason, every
+    run (they are not retried and never planned), and the stats count them; the usable video is planned."""
+    source = tmp_path / "ravdess"
+    names = {"Actor_05/01-01-03-02-01-02-05.mp4": "pending", "Actor_05/02-01-03-02-01-02-05.mp4": "not_used",
+             "Actor_05/01-02-03-02-01-02-05.mp4": "not_used", "Actor_05/interview.mp4": "off_rule"}
+    for index, name in enumerate(names):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(b"video %d" % index)
+    for _ in range(2):
+        with IngestRun(source, tmp_path / "out", "ravdess", CFG) as run:
+            plan = run.plan()
+            stats = run.finalize(plan)
+        assert (plan.left_out, plan.refused, plan.pending_videos) == (3, 0, 1)
+        rows = manifest(tmp_path / "out")
+        assert {path: row["status"] for path, row in rows.items()} == names
+        assert stats["status_counts"] == {"not_used": 2, "off_rule": 1, "pending": 1}
+    assert rows["Actor_05/02-01-03-02-01-02-05.mp4"]["reason"] == (
+        "a video-only copy (modality 02); only audio-visual speech (names 01-01-*) is ingested")
+    assert rows["Actor_05/interview.mp4"]["reason"].startswith("the name does not follow the rule: RAVDESS names")
+
+
 @pytest.mark.timeout(60)
 def test_a_read_only_output_folder_is_refused_with_one_line(corpus, tmp_path):
     with tmpfs(tmp_path / "ro", "64k,ro") as out:
@@ -268,10 +290,11 @@ def test_a_read_only_output_folder_is_refused_with_one_line(corpus, tmp_path):
 
 
 def test_every_status_ingest_records_is_in_the_readme_table():
-    code = "".join(path.read_text() for path in (ROOT / "vaemo" / "ingest").glob("*.py"))
+    code = "".join(path.read_text() for path in (ROOT / "vaemo" / "ingest").rglob("*.py"))
     recorded = set(re.findall(r'(?:VideoOutcome|MediaError|NoFace|outcome)\(\s*"(\w+)"', code))
-    recorded |= set(re.findall(r'(?:skipped\[|"status": )"(\w+)"', code))
-    assert {"no_frames", "truncated", "not_a_file", "link_loop", "duplicate", "pending", "error"} <= recorded
+    recorded |= set(re.findall(r'(?:skipped\[|"status": |status=)"(\w+)"', code))
+    assert {"no_frames", "truncated", "not_a_file", "link_loop", "duplicate", "pending", "error", "off_rule",
+            "not_in_splits"} <= recorded
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Bad input gets a status"):readme.index("### Incremental and crash-safe")]
     listed = {name for line in section.splitlines() if line.startswith("| `") for name in

@@ -25,3 +25,24 @@ class SourceRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Statuses of videos an adapter leaves out; they follow from the names and split files, so every scan gives them again.
+LEFT_OUT_STATUSES = ("not_used", "off_rule", "not_in_splits")
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A video of the corpus folder that the dataset adapter does not ingest: its manifest row says why."""
+
+    path: str
+    dataset: str
+    status: str  # one of LEFT_OUT_STATUSES
+    reason: str
+
+    def row(self) -> dict:
+        return {"path": self.path, "dataset": self.dataset, "status": self.status, "reason": self.reason, "n_clips": 0}
+
+
+# What an adapter's scan yields for each video of the corpus folder.
+Scanned = SourceRecord | LeftOut

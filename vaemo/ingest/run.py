@@ -25,7 +25,7 @@ from vaemo.ingest.adapters import scan_corpus
 from vaemo.ingest.files import ENTRY_STATUSES
 from vaemo.ingest.media import require_ffmpeg
 from vaemo.ingest.process import content_hash, stat_key, video_id_of
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import LEFT_OUT_STATUSES, LeftOut, Scanned
 
 # Statuses worth another try on the next run; every other status is a property of the file's content.
 RETRIED = {"error", "timeout", *ENTRY_STATUSES}
@@ -43,7 +43,7 @@ class SettingsChanged(ArtifactError):
     pass
 
 
-def check_source(source: Path, dataset: str, labels: Path | None) -> list[SourceRecord]:
+def check_source(source: Path, dataset: str, labels: Path | None) -> list[Scanned]:
     """What an ingest of ``source`` would read; a clear error (no FFmpeg, a corpus that is not what it says) first."""
     require_ffmpeg()
     return scan_corpus(source, dataset, labels)
@@ -52,7 +52,7 @@ def check_source(source: Path, dataset: str, labels: Path | None) -> list[Source
 @dataclass
 class Plan:
     batches: list[shards.BatchSpec]
-    records: list[dict]  # every scanned video with its ids, or with the status of an entry that cannot be read
+    records: list[dict]  # every scanned video: with its ids, or with the status of one left out or unreadable
     skipped: int  # already ingested
     removed: list[str] = field(default_factory=list)  # leftovers of an interrupted run
     retired: list[str] = field(default_factory=list)  # batches processed again: a source file's content changed
@@ -62,9 +62,14 @@ class Plan:
         return sum(len(b.videos) for b in self.batches)
 
     @property
+    def left_out(self) -> int:
+        """Videos the dataset's rules leave out (their rows carry the status)."""
+        return sum(r.get("status") in LEFT_OUT_STATUSES for r in self.records)
+
+    @property
     def refused(self) -> int:
         """Entries that are not readable files (their rows carry the status)."""
-        return sum("video_id" not in r for r in self.records)
+        return sum("video_id" not in r for r in self.records) - self.left_out
 
 
 class IngestRun:
@@ -146,14 +151,17 @@ class IngestRun:
                 )
             )
         plan = Plan(batches, records, 0, removed, retired)
-        plan.skipped = len(records) - plan.refused - len(pending)
+        plan.skipped = len(records) - plan.left_out - plan.refused - len(pending)
         return plan
 
     def _scan(self, known: dict[str, str]) -> list[dict]:
         """Every corpus entry with its content hash (not read again when its stat key is known, unless ``rehash``),
-        or with the status and reason of an entry that is not a readable file."""
+        or with the status and reason of a video the dataset leaves out or an entry that is not a readable file."""
         records = []
         for record in scan_corpus(self.source, self.dataset, self.labels):
+            if isinstance(record, LeftOut):
+                records.append(record.row())
+                continue
             try:
                 key = stat_key(self.source, record)
                 sha = (not self.cfg.rehash and known.get(key)) or content_hash(self.source, record)
@@ -180,7 +188,7 @@ class IngestRun:
         for item in plan.records:
             vid = item.get("video_id")
             if vid is None:
-                rows.append(item)  # an entry that is not a readable file: its status came from the scan
+                rows.append(item)  # left out or not a readable file: its status came from the scan
                 continue
             if vid in first_path:
                 rows.append(

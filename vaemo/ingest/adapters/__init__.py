@@ -1,6 +1,8 @@
 """Dataset adapters: turn a corpus folder into SourceRecords, one module per naming rule.
 
-Every adapter (listed in ``vaemo.registry.DATASETS``) has ``scan(root, labels) -> list[SourceRecord]``;
+Every adapter (listed in ``vaemo.registry.DATASETS``) has ``scan(root, labels)``, which gives every
+video of the folder as a SourceRecord or, when the dataset's rules leave it out, as a LeftOut with the
+status and reason of its manifest row;
 one whose file names identify it also has ``is_named_like(path)``, one released with split files
 ``marks_splits(folder)`` and ``fold_test_files(folder)``. ``scan_corpus`` picks an adapter by name or
 guesses it with ``detect_dataset``.
@@ -14,7 +16,7 @@ from types import ModuleType
 
 from vaemo.errors import CorpusError
 from vaemo.ingest.adapters.common import VIDEO_EXTENSIONS, find_videos, first_dir, iter_videos
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import Scanned
 from vaemo.registry import DATASETS
 
 __all__ = ["VIDEO_EXTENSIONS", "detect_dataset", "find_videos", "iter_videos", "scan_corpus"]
@@ -66,8 +68,8 @@ def _release_of_split_dir(folder: Path) -> str | None:
     return None
 
 
-def scan_corpus(root: Path, dataset: str = "auto", labels: Path | None = None) -> list[SourceRecord]:
-    """Records for every usable video of the corpus at root, sorted by path.
+def scan_corpus(root: Path, dataset: str = "auto", labels: Path | None = None) -> list[Scanned]:
+    """Every video of the corpus at root, sorted by path: a SourceRecord when usable, else a LeftOut.
 
     ``labels`` is a labels CSV for "generic", or the split folder for "mafw" and "dfew" when it is
     not under root.

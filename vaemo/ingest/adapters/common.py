@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 from vaemo.errors import CorpusError, MediaError
 from vaemo.ingest.files import open_regular
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import LeftOut, Scanned, SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +94,23 @@ def index_by_stem(paths: list[str], what: str) -> dict[str, str]:
     return index
 
 
-def scan_named_videos(root: Path, rule: str, to_record: Callable[[str], SourceRecord | None]) -> list[SourceRecord]:
-    """Records for the videos whose names follow a dataset's naming rule; others are skipped.
+def scan_named_videos(
+    root: Path, dataset: str, rule: str, to_record: Callable[[str], Scanned | None]
+) -> list[Scanned]:
+    """Records for the videos whose names follow a dataset's naming rule; the others are left out (``off_rule``).
 
-    `to_record` returns None for a video that does not follow the rule. A corpus where no video
-    follows it is most likely the wrong dataset, so that is an error that restates the rule.
+    `to_record` returns None for a video that does not follow the rule, a LeftOut for one that follows
+    it but is not used. A corpus where no video is usable is most likely the wrong dataset, so that is
+    an error that restates the rule.
     """
     videos = find_videos(root)
-    records = [record for record in map(to_record, videos) if record is not None]
-    if not records:
+    off_rule = f"the name does not follow the rule: {rule}"
+    scanned = [to_record(path) or LeftOut(path, dataset, status="off_rule", reason=off_rule) for path in videos]
+    if not any(isinstance(item, SourceRecord) for item in scanned):
         raise CorpusError(
             f"none of the {len(videos)} videos under {root} (e.g. {videos[0]!r}) follows the rule: {rule}"
         )
-    return records
+    return scanned
 
 
 def read_text(path: Path, what: str) -> str:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from vaemo.ingest.adapters.common import first_dir, iter_files, scan_named_videos, stem
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import Scanned, SourceRecord
 
 NAME = re.compile(r"(?P<actor>\d{4})_[A-Z]{3}_(?P<emotion>[A-Z]{3})_[A-Z]{2}")
 EMOTIONS = {"ANG": "anger", "DIS": "disgust", "FEA": "fear", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
@@ -45,7 +45,7 @@ def _wav_by_stem(root: Path) -> dict[str, str]:
     return {stem(path): (audio_dir / path).as_posix() for path in wavs}
 
 
-def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
+def scan(root: Path, labels: Path | None) -> list[Scanned]:
     """Labels come from the file names; `labels` is unused."""
     wav_by_stem = _wav_by_stem(root)
 
@@ -64,4 +64,4 @@ def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
             whole_file=True,
         )
 
-    return scan_named_videos(root, RULE, to_record)
+    return scan_named_videos(root, "crema-d", RULE, to_record)

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from vaemo.errors import CorpusError
 from vaemo.ingest.adapters.common import first_dir, read_csv
 from vaemo.ingest.adapters.splits import FOLDS, scan_test_splits, split_dir
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import Scanned
 
 EMOTIONS = {1: "happy", 2: "sad", 3: "neutral", 4: "angry", 5: "surprise", 6: "disgust", 7: "fear"}
 TEST_FOLDER = "test(single-labeled)"
@@ -50,7 +50,7 @@ def read_test_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
+def scan(root: Path, labels: Path | None) -> list[Scanned]:
     """`labels` may name the split folder (the one holding test(single-labeled)) when it is not under root."""
     expected = f"the official DFEW layout 'EmoLabel_DataSplit/{TEST_FOLDER}/set_K.csv' for K = 1..5"
     folder = split_dir(root, labels, find_split_dir, expected)

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 from vaemo.errors import CorpusError
 from vaemo.ingest.adapters.common import first_dir, read_text
 from vaemo.ingest.adapters.splits import FOLDS, scan_test_splits, split_dir
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import Scanned
 
 # The 11 single-label classes, in the release's order.
 EMOTIONS = (
@@ -60,7 +60,7 @@ def read_test_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
+def scan(root: Path, labels: Path | None) -> list[Scanned]:
     """`labels` may name the split folder (the one holding set_1 .. set_5) when it is not under root."""
     expected = "the official MAFW layout '.../single/no_caption/set_K/test.txt' for K = 1..5"
     folder = split_dir(root, labels, find_split_dir, expected)

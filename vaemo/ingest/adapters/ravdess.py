@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from vaemo.ingest.adapters.common import scan_named_videos, stem
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import LeftOut, Scanned, SourceRecord
 
 NAME = re.compile(
     r"(?P<modality>0[1-3])-(?P<channel>0[12])-(?P<emotion>0[1-8])-0[12]-0[12]-0[12]-(?P<actor>0[1-9]|1\d|2[0-4])"
@@ -26,11 +26,16 @@ def is_named_like(path: str) -> bool:
     return NAME.fullmatch(stem(path)) is not None
 
 
-def to_record(path: str) -> SourceRecord | None:
+def to_record(path: str) -> Scanned | None:
     match = NAME.fullmatch(stem(path))
-    # The release also holds video-only (02) and audio-only (03) copies and sung takes: not used.
-    if match is None or match["modality"] != FULL_AUDIO_VISUAL or match["channel"] != SPEECH:
+    if match is None:
         return None
+    # The release also holds video-only (02) and audio-only (03) copies and sung takes: not used.
+    if match["modality"] != FULL_AUDIO_VISUAL or match["channel"] != SPEECH:
+        copy = "a sung take (vocal channel 02)" if match["channel"] != SPEECH else (
+            f"a {'video' if match['modality'] == '02' else 'audio'}-only copy (modality {match['modality']})")
+        return LeftOut(path, "ravdess", status="not_used",
+                       reason=f"{copy}; only audio-visual speech (names 01-01-*) is ingested")
     actor = int(match["actor"])
     return SourceRecord(
         path=path,
@@ -42,6 +47,6 @@ def to_record(path: str) -> SourceRecord | None:
     )
 
 
-def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
+def scan(root: Path, labels: Path | None) -> list[Scanned]:
     """Labels come from the file names; `labels` is unused."""
-    return scan_named_videos(root, RULE, to_record)
+    return scan_named_videos(root, "ravdess", RULE, to_record)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vaemo.errors import CorpusError
 from vaemo.ingest.adapters.common import find_videos, index_by_stem
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import LeftOut, Scanned, SourceRecord
 
 FOLDS = range(1, 6)
 
@@ -32,8 +32,9 @@ def split_dir(root: Path, labels: Path | None, find: Callable[[Path], Path | Non
 
 def scan_test_splits(
     root: Path, dataset: str, test_files: dict[int, Path], read_test_file: Callable[[Path], dict[str, str]]
-) -> list[SourceRecord]:
-    """Records for the clips named in the test files {fold: file}; clips in no test file are left out."""
+) -> list[Scanned]:
+    """Records for the clips named in the test files {fold: file}; a video in no test file is left out
+    (``not_in_splits``: it has neither a label nor a fold)."""
     missing = [str(path) for path in test_files.values() if not path.is_file()]
     if missing:
         raise CorpusError(f"{dataset} split files missing: {', '.join(missing)}")
@@ -47,15 +48,17 @@ def scan_test_splits(
                     f"{dataset} clip {clip!r} is in the test split of both set {fold_of[clip]} and set {fold}"
                 )
             fold_of[clip], label_of[clip] = fold, label
-    records = [
+    scanned = [
         SourceRecord(path=path, dataset=dataset, label=label_of[clip], fold=fold_of[clip], whole_file=True)
+        if clip in fold_of else
+        LeftOut(path, dataset, status="not_in_splits", reason=f"no {dataset} test split names clip {clip!r}, "
+                "so it has no label or fold")
         for clip, path in sorted(videos.items(), key=lambda item: item[1])
-        if clip in fold_of
     ]
-    if not records:
+    if not any(isinstance(item, SourceRecord) for item in scanned):
         example_clip, example_video = next(iter(fold_of), "(none)"), next(iter(videos.values()))
         raise CorpusError(
             f"none of the {len(fold_of)} clips named in the {dataset} test splits is among the {len(videos)} "
             f"videos under {root} (split files name e.g. {example_clip!r}, videos are named e.g. {example_video!r})"
         )
-    return records
+    return scanned

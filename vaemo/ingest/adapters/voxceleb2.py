@@ -7,7 +7,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from vaemo.ingest.adapters.common import scan_named_videos
-from vaemo.ingest.records import SourceRecord
+from vaemo.ingest.records import Scanned, SourceRecord
 
 SPEAKER = re.compile(r"id\d{5}")
 RULE = "VoxCeleb2 layout idNNNNN/<video id>/<clip>.mp4 (e.g. dev/mp4/id00012/21Uxsk56VDQ/00001.mp4)"
@@ -27,6 +27,6 @@ def to_record(path: str) -> SourceRecord | None:
     return None if speaker is None else SourceRecord(path=path, dataset="voxceleb2", speaker=speaker)
 
 
-def scan(root: Path, labels: Path | None) -> list[SourceRecord]:
+def scan(root: Path, labels: Path | None) -> list[Scanned]:
     """Unlabelled; `labels` is unused."""
-    return scan_named_videos(root, RULE, to_record)
+    return scan_named_videos(root, "voxceleb2", RULE, to_record)

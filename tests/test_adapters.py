@@ -122,7 +122,8 @@ def test_ravdess_keeps_audio_visual_speech_with_actor_folds(tmp_path: Path) -> N
         ("Actor_05/01-01-03-02-01-02-05.mp4", "ravdess-05", "happy", 2),
         ("Actor_24/01-01-08-01-02-01-24.mp4", "ravdess-24", "surprised", 6),
     ]
-    assert all(record.whole_file and record.dataset == "ravdess" for record in records if isinstance(record, SourceRecord))
+    used = [record for record in records if isinstance(record, SourceRecord)]
+    assert all(record.whole_file and record.dataset == "ravdess" for record in used)
     # The copies that are not used are still listed, with why (the audio-only .wav is not a video).
     assert left_out(records) == [("Actor_05/01-02-03-02-01-02-05.mp4", "not_used"),
                                  ("Actor_05/02-01-03-02-01-02-05.mp4", "not_used")]

@@ -79,3 +79,19 @@ def test_every_option_says_what_it_does():
         for name, command in sub.choices.items():
             missing = [a.dest for a in command._actions if not a.help and a.dest not in ("help", "dev_command")]
             assert not missing, f"vaemo {name}: options without help: {missing}"
+
+
+def test_help_and_argument_errors_load_no_heavy_library():
+    """What keeps `vaemo --help` and a bad argument under a second: parsing imports none of the big libraries."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "prefect", "mlflow", "lancedb", "vllm", "av", "dask", "pandas", "transformers")
+    script = (
+        "import sys\nfrom flows.cli import parse\n"
+        "for argv in (['--help'], ['ingest', '--help'], ['run', '--bogus'], ['ingest']):\n"
+        "    try:\n        parse(argv)\n    except SystemExit:\n        pass\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

@@ -61,15 +61,21 @@ def stage_params(args, stage: str) -> tuple:
     return settings, {"settings": cfg, "work_dir": str(settings.work_dir), "tracking_cfg": settings.tracking}
 
 
-def flow_of(name: str):
-    """A flow, imported once Prefect's environment is set (``settings_of(prefect=True)``)."""
+def imported(name: str):
+    """``module:attribute`` of flows/, imported once Prefect's environment is set (``settings_of(prefect=True)``)."""
     module, _, attribute = name.partition(":")
     return getattr(import_module(f"flows.{module}"), attribute)
 
 
+def flow_of(name: str, *factory_args):
+    """What imports a flow (``run_flow`` does it while the Prefect server starts); with ``factory_args``, ``name``
+    is a function that makes the flow from them."""
+    return lambda: imported(name)(*factory_args) if factory_args else imported(name)
+
+
 def cmd_ingest(args) -> int:
     settings, params = stage_params(args, "ingest")
-    return run_flow(flow_of("ingest:on_cluster")(settings.dask), source=args.source, out=args.out,
+    return run_flow(flow_of("ingest:on_cluster", settings.dask), source=args.source, out=args.out,
                     dataset=args.dataset, labels=args.labels, workers=settings.dask.parallelism(), **params)
 
 
@@ -103,7 +109,7 @@ def cmd_run(args) -> int:
 
 def cmd_serve(args) -> int:
     settings = settings_of(args, required=True, prefect=True)
-    return flow_of("serve:serve_pipelines")(settings, args.config or DEFAULT_CONFIG)
+    return imported("serve:serve_pipelines")(settings, args.config or DEFAULT_CONFIG)
 
 
 def cmd_ui(args) -> int:

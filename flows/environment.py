@@ -10,8 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from prefect import Flow
+
+T = TypeVar("T")
 
 
 def prepare(settings) -> None:
@@ -42,8 +49,10 @@ def prepare(settings) -> None:
 
 
 @contextmanager
-def prefect_api():
+def prefect_api(while_starting: Callable[[], T] = lambda: None) -> Iterator[T]:
     """Use PREFECT_API_URL when set; else one temporary local server for this command, stopped when it ends.
+    Yields what ``while_starting`` returns: it runs while the server boots (a command imports its flow and checks
+    its input meanwhile, instead of paying for both in turn).
 
     Prefect would start its temporary server lazily in every process, so each Dask worker would
     boot its own; exporting one URL before the cluster starts lets all of them share it. The
@@ -51,19 +60,32 @@ def prefect_api():
     in the terminal does not stop it before the command has reported the interrupted run to it.
     """
     if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+        yield while_starting()
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from vaemo.servers import start_with_prefect, stop_all, temporary_prefect_server
+    from vaemo.servers import launch, prefect_start_lock, stop_all, temporary_prefect_server, wait_ready
 
     home = Path(os.environ["PREFECT_HOME"])
     server = temporary_prefect_server(home)
     try:
-        start_with_prefect([server], home)
+        with prefect_start_lock(home):
+            new_database = not (home / "prefect.db").exists()
+            launch([server])
+            try:
+                prepared = while_starting()
+            except BaseException:
+                # A refusal: a server that migrates a new database finishes (stopped half way, it could leave the
+                # database half made); one on a ready database is killed at once (SQLite keeps the database whole).
+                if new_database:
+                    wait_ready([server])
+                else:
+                    server.stop(timeout=0)
+                raise
+            wait_ready([server])
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         api_url = os.environ["PREFECT_API_URL"] = f"{server.url}/api"
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield api_url
+            yield prepared
     finally:
         if os.environ.pop("PREFECT_API_URL", None):
             # Send buffered logs and events while the server is still up; afterwards they would be
@@ -93,13 +115,18 @@ def log_to(path: Path) -> Path:
     return path
 
 
-def run_flow(a_flow, what: str | None = None, **params) -> int:
+def run_flow(load_flow: Callable[[], Flow], what: str | None = None, **params) -> int:
     """Run a flow for a command and print its summary: 0. A refusal raises its VaemoError again, a bug its
     exception; a flow that ran but did not complete (some of its work failed) says why (naming ``what``): 1.
-    A stage flow's ``check`` runs first, so what cannot work is refused before a Prefect server starts."""
-    if getattr(a_flow.fn, "check", None):
-        a_flow.fn.check(**params)
-    with prefect_api():
+    The flow is imported (``load_flow``) and its ``check`` of the input runs while the Prefect server starts."""
+
+    def load_and_check() -> Flow:
+        a_flow = load_flow()
+        if getattr(a_flow.fn, "check", None):
+            a_flow.fn.check(**params)
+        return a_flow
+
+    with prefect_api(load_and_check) as a_flow:
         state = a_flow(**params, return_state=True)
     if state.is_completed():
         for line in state.result()["summary"].splitlines():

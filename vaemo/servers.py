@@ -207,21 +207,36 @@ def temporary_prefect_server(prefect_home: Path) -> Server:
                   {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
 
 
+def prefect_start_lock(prefect_home: Path):
+    """Held while a Prefect server whose database is in ``prefect_home`` starts. Its start migrates a new database
+    and registers Prefect's block types; two at once fail on each other's rows. So one command at a time starts its
+    servers (a blocking lock in ``prefect_home``); the next finds the database ready."""
+    return locks.held(Path(prefect_home) / ".server-start.lock", wait=True)
+
+
 def start_with_prefect(servers: list[Server], prefect_home: Path) -> None:
-    """:func:`start_all` for servers that include a Prefect server whose database is in ``prefect_home``. Its start
-    migrates a new database and registers Prefect's block types; two at once fail on each other's rows. So one
-    command at a time starts its servers (a blocking lock in ``prefect_home``); the next finds the database ready."""
-    with locks.held(Path(prefect_home) / ".server-start.lock", wait=True):
+    """:func:`start_all` for servers that include a Prefect server whose database is in ``prefect_home``."""
+    with prefect_start_lock(prefect_home):
         start_all(servers)
 
 
 def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> None:
     """Start every server and wait until each answers; on any failure stop them all and say why."""
+    launch(servers)
+    wait_ready(servers, timeout)
+
+
+def launch(servers: list[Server]) -> None:
+    """Start the servers' processes without waiting for them (:func:`wait_ready` does)."""
     busy = [f"{s.host}:{s.port} ({s.name})" for s in servers if not _port_free(s.host, s.port)]
     if busy:
         raise ServerError(f"port in use: {', '.join(busy)}; choose other ports (--prefect-port, --mlflow-port)")
     for server in servers:
         server.start()
+
+
+def wait_ready(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> None:
+    """Wait until every launched server answers; on any failure stop them all and say why."""
     deadline = time.monotonic() + timeout
     try:
         waiting = list(servers)
@@ -236,7 +251,7 @@ def start_all(servers: list[Server], timeout: float = START_TIMEOUT_SECONDS) -> 
             if waiting and time.monotonic() > deadline:
                 names = ", ".join(s.name for s in waiting)
                 raise ServerError(f"{names} did not answer within {timeout:.0f} s (logs in {waiting[0].log.parent})")
-            time.sleep(0.5)
+            time.sleep(0.2)
     except BaseException:
         stop_all(servers)
         raise

@@ -70,7 +70,8 @@ def test_a_view_window_shows_the_mp4_clips_frames_and_voice(ingest):
         begin = round(raw["window"][i, 0].item() * CFG.sample_rate)
         reference = fbank(audio[begin : begin + CFG.window_samples], CFG)
         assert raw["fbank"][i].shape == (CFG.audio_frames, CFG.mel_bins)
-        assert torch.allclose(raw["fbank"][i], reference, atol=0.05)  # int16 PCM only
+        # float16 rows of the clip's fbank; the edge rows see the clip's samples instead of a reflection
+        assert torch.allclose(raw["fbank"][i][1:-1], reference[1:-1], atol=0.02)
         assert raw["seed"].dtype == torch.int64
 
 
@@ -93,10 +94,10 @@ def test_a_broken_view_shard_is_counted_and_a_missing_one_rebuilt(ingest):
     view = training_view(ingest, CFG, _pretrain(), 1)
     urls = view.shard_urls()
     data = open(urls[0], "rb").read()
-    open(urls[0], "wb").write(data[: len(data) // 2])  # truncated mid-member
+    open(urls[0], "wb").write(data[:1000])  # truncated in its first member
     batches = list(make_loader(urls, CFG, train=False, batch_size=8, view=True))
     losses = [loss for b in batches for loss in b["shard_losses"]]
-    assert [(loss.shard, loss.lost) for loss in losses] == [(urls[0], 1)]
+    assert [(loss.shard, loss.lost) for loss in losses] == [(urls[0], 1)]  # like a broken ingest shard
     assert sum(len(b["clip_id"]) for b in batches) == 2
 
     marker = json.loads(next((view.path / "batches").glob("*.json")).read_text())

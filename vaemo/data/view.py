@@ -4,7 +4,7 @@ Training decodes a 16-frame window at stride 4 from each clip; from the mp4 shar
 decoding every H.264 frame up to the window's end and resampling nothing but still reading the
 flac (``benchmarks/train_bench.py``: 14-18 clips/s per worker core). The view stores, per clip, only
 the frames at the model's stride, each one a JPEG (decoded in batches later, by nvJPEG on a GPU),
-and the clip's audio as int16 PCM, from which the window's fbank is computed in a few ms. The mp4
+and the whole clip's log-mel filterbank (float16), of which a window is a slice. The mp4
 shards stay the source of truth; the view is derived from their committed shards and rebuilt from
 them at will. Format choice: README, "Stage 1".
 
@@ -19,7 +19,12 @@ Layout (the ingest folder's shard/marker layout, so every shard reader's checks 
 
 A view sample holds ``json`` (clip id, the stored clip's frame count and rate, audio samples, the
 stored frame index of each view frame, the byte length of each JPEG), ``jpg`` (the JPEGs one after
-the other) and ``pcm`` (int16 mono). A clip that cannot give a window (bad media, durations that
+the other) and ``fbank`` (float16, fbank frames x mel bins, row-major). A window starts on a view
+frame, i.e. on a stride step, which is a whole number of fbank shifts (16 x 10 ms by default), so
+its fbank is the clip's rows from there: the window's own frames, except that its first and last
+frames see the clip's neighbouring samples instead of Kaldi's reflection at the window's edge.
+With ``snip_edges`` (the AudioMAE framing) the slice has all audio_frames real rows where the mp4
+path repeats its last one or two. A clip that cannot give a window (bad media, durations that
 differ) is kept as a sample with only ``skip.txt``, its reason, so every pass counts it like the mp4
 path's skips.
 
@@ -52,25 +57,28 @@ from vaemo.data.samples import (
     audio_bytes,
     check_durations,
     choose_window,
+    conform_audio,
     decode_audio,
     decode_video,
-    fbank,
+    kaldi_fbank,
     normalise_fbank,
     read_meta,
     spec_mask,
     video_tensor,
-    window_waveform,
 )
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bumped when the sample layout changes: part of the digest
+FBANK_FIELDS = ("mel_bins", "fbank_window_ms", "fbank_shift_ms", "fbank_window_type", "htk_compat", "dither",
+                "snip_edges")
 
 
 def view_settings(data: DataConfig, view: ViewConfig) -> dict:
     """What the view's bytes depend on (its layout, the stride, the audio rate): the digest's settings part."""
     return {"format": FORMAT, "frame_stride": data.frame_stride, "fps": data.fps, "sample_rate": data.sample_rate,
             "max_av_mismatch_s": data.max_av_mismatch_s, "jpeg_quality": view.jpeg_quality,
+            "fbank": {name: getattr(data, name) for name in FBANK_FIELDS},
             "samples_per_shard": view.samples_per_shard, "max_shard_bytes": view.max_shard_bytes}
 
 
@@ -163,16 +171,27 @@ def _view_sample(sample: dict, data: DataConfig, quality: int) -> dict:
     except SampleError as exc:
         return {"__key__": clip_id, "skip.txt": str(exc).encode()}
     picked = _view_frames(n_frames, clip_fps, data)
+    clip_fbank = kaldi_fbank(conform_audio(audio, len(picked), view_rate(data), data.sample_rate), data)
     jpegs = [encode_jpeg(torch.from_numpy(frames[i]).permute(2, 0, 1).contiguous(), quality=quality).numpy().tobytes()
              for i in picked]
-    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2").tobytes()
     info = {"clip_id": clip_id, "n_frames": n_frames, "fps": clip_fps, "samples": len(audio), "frames": picked,
-            "jpeg_bytes": [len(j) for j in jpegs]}
-    return {"__key__": clip_id, "json": json.dumps(info).encode(), "jpg": b"".join(jpegs), "pcm": pcm}
+            "jpeg_bytes": [len(j) for j in jpegs], "fbank_frames": clip_fbank.shape[0]}
+    fbank_bytes = clip_fbank.to(torch.float16).numpy().astype("<f2").tobytes()
+    return {"__key__": clip_id, "json": json.dumps(info).encode(), "jpg": b"".join(jpegs), "fbank": fbank_bytes}
+
+
+def fbank_rows_per_view_frame(data: DataConfig) -> int:
+    """fbank frames per stride step; a ValueError when the step is not a whole number of fbank shifts."""
+    rows = data.frame_stride / data.fps * 1000 / data.fbank_shift_ms
+    if abs(rows - round(rows)) > 1e-6 or round(rows) < 1:
+        raise ValueError(f"the training view needs a frame step ({data.frame_stride} / {data.fps} s) that is a whole "
+                         f"number of fbank shifts ({data.fbank_shift_ms} ms); set view.enabled false for this data")
+    return round(rows)
 
 
 def build_group(view: TrainingView, sources: list[str], data: DataConfig, cfg: ViewConfig) -> dict:
     """Re-pack these ingest shards into view shards and commit them with their marker (one build task)."""
+    fbank_rows_per_view_frame(data)
     begin = time.perf_counter()
     group = Path(sources[0]).stem
     tmp = view.path / view.TMP / group
@@ -233,8 +252,8 @@ def raw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) 
     """{"jpeg": [T encoded frames], "fbank": (F, M) not normalised, "clip_id", "window"} of one view sample.
 
     The window follows :func:`~vaemo.data.samples.choose_window` on the view's frames (its start falls
-    on a stored frame of the stride), and looping repeats the view frames and the audio with the same
-    period. A skip sample, or unreadable bytes, raise SampleError.
+    on a stored frame of the stride), and looping repeats the view frames and the fbank rows with the
+    same period. A skip sample, or unreadable bytes, raise SampleError.
     """
     clip_id = str(sample.get("__key__") or "?")
     if "skip.txt" in sample:
@@ -242,20 +261,21 @@ def raw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) 
     try:
         info = json.loads(sample["json"])
         lengths = np.asarray(info["jpeg_bytes"], dtype=np.int64)
-        blob, pcm = sample["jpg"], sample["pcm"]
-        if int(lengths.sum()) != len(blob) or len(pcm) != 2 * info["samples"] or not len(lengths):
+        blob, rows = sample["jpg"], info["fbank_frames"]
+        feats = np.frombuffer(sample["fbank"], dtype="<f2").reshape(rows, data.mel_bins)
+        if int(lengths.sum()) != len(blob) or not len(lengths):
             raise ValueError("member sizes do not match the json")
     except (KeyError, ValueError, TypeError) as exc:
         raise SampleError(f"view sample {clip_id}: {type(exc).__name__}: {exc}") from exc
     n_view = len(lengths)
     window = choose_window(n_view, view_rate(data), view_data(data), rng)
-    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-    waveform = window_waveform(audio, window, n_view, view_rate(data), data.sample_rate)
+    first = window.start_frame * fbank_rows_per_view_frame(data)
+    window_fbank = torch.from_numpy(feats[(first + np.arange(data.audio_frames)) % rows].astype(np.float32))
     ends = np.cumsum(lengths)
     view = memoryview(blob)
     jpeg = [torch.frombuffer(bytearray(view[ends[i] - lengths[i] : ends[i]]), dtype=torch.uint8)
             for i in window.frame_indices]
-    return {"jpeg": jpeg, "fbank": fbank(waveform, data), "clip_id": clip_id, "window": window}
+    return {"jpeg": jpeg, "fbank": window_fbank, "clip_id": clip_id, "window": window}
 
 
 def draw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) -> Window | None:

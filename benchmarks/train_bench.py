@@ -45,28 +45,24 @@ GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 BASE_128_SAMPLES_PER_SECOND = 2173.0
 
 
-def loader_clips_per_second(urls: list[str], cfg: PretrainConfig, clips: int, **view) -> float:
-    """One DataLoader worker (one core) making training windows (``view``: make_loader's view and raw).
+def loader_clips_per_second(urls: list[str], cfg: PretrainConfig, clips: int, batch_size: int, **view) -> float:
+    """One DataLoader worker (one core) making training batches (``view``: make_loader's view and raw).
 
-    Counted per clip (batches of one), pass after pass over the shards, so that a corpus smaller
-    than a batch still measures; each pass's worker start-up and first decode are left out.
+    One loader whose worker goes over the shards pass after pass (a fixed epoch of ``clips``), so
+    the worker starts once; its start-up and first batch are left out.
     """
     data = data_config(cfg, model_config(cfg))
-    decoded, seconds, epoch = 0, 0.0, 0
-    while decoded < clips:
-        iterator = iter(make_loader(urls, data, train=True, seed=epoch, batch_size=1, num_workers=1, **view))
-        next(iterator, None)
-        begin = time.perf_counter()
-        counted = sum(len(batch["clip_id"]) for batch in iterator)
-        if not counted:
-            raise SystemExit("the loader benchmark needs shards with at least two clips")
-        decoded += counted
-        seconds += time.perf_counter() - begin
-        epoch += 1
-    return decoded / seconds
+    iterator = iter(make_loader(urls, data, train=True, batch_size=batch_size, num_workers=1,
+                                epoch_samples=clips + batch_size, **view))
+    next(iterator)
+    begin = time.perf_counter()
+    counted = sum(len(batch["clip_id"]) for batch in iterator)
+    if not counted:
+        raise SystemExit("the loader benchmark needs shards with at least two batches of clips")
+    return counted / (time.perf_counter() - begin)
 
 
-def view_figures(ingest: IngestFolder, cfg: PretrainConfig, clips: int) -> dict:
+def view_figures(ingest: IngestFolder, cfg: PretrainConfig, clips: int, batch_size: int) -> dict:
     """Build the view in a temporary copy of the ingest folder; its build time, size and the three loader rates."""
     data = data_config(cfg, model_config(cfg))
     with tempfile.TemporaryDirectory(prefix="view-bench-") as tmp:
@@ -76,9 +72,9 @@ def view_figures(ingest: IngestFolder, cfg: PretrainConfig, clips: int) -> dict:
         seconds = time.perf_counter() - begin
         urls = TrainingView(copy, data, cfg.view).shard_urls()
         mp4_bytes = sum(Path(u).stat().st_size for u in copy.shard_urls())
-        mp4 = loader_clips_per_second(copy.shard_urls(), cfg, clips)
-        raw = loader_clips_per_second(urls, cfg, clips, view=True, raw=True)
-        decoded = loader_clips_per_second(urls, cfg, clips, view=True)
+        mp4 = loader_clips_per_second(copy.shard_urls(), cfg, clips, batch_size)
+        raw = loader_clips_per_second(urls, cfg, 10 * clips, batch_size, view=True, raw=True)
+        decoded = loader_clips_per_second(urls, cfg, clips, batch_size, view=True)
     usable = summary["clips"] - summary["skipped"]
     return {
         "loader_mp4_clips_per_second_per_worker": mp4,
@@ -167,6 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--compile", action="store_true", help="measure the step under torch.compile")
+    parser.add_argument("--loader-clips", type=int, default=60, help="clips the mp4 loader is timed on (view: 10x)")
+    parser.add_argument("--loader-batch-size", type=int, default=5,
+                        help="loader batch (5: the 15 clips of the shared media make whole batches)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -183,7 +182,7 @@ def main() -> None:
     }
     if args.ingest_dir:
         ingest = IngestFolder(args.ingest_dir)
-        result.update(view_figures(ingest, cfg, clips=max(2, args.steps // 2) * args.batch_size))
+        result.update(view_figures(ingest, cfg, args.loader_clips, args.loader_batch_size))
         result["frame_formats"] = frame_formats(ingest.shard_urls())
         view = result["loader_view_clips_per_second_per_worker"]
         result["workers_needed_to_feed_the_model"] = result["train"]["samples_per_second"] / view

@@ -352,12 +352,20 @@ def collate_raw(samples: list[dict], records: list[Record], cfg: DataConfig) -> 
     give a batch with "jpeg" None."""
     lazy = any(s["jpeg"] is None for s in samples)
     return {
-        "jpeg": None if lazy else [s["jpeg"] for s in samples],
+        "jpeg": None if lazy else _one_buffer([s["jpeg"] for s in samples]),
         "fbank": None if lazy else torch.stack([s["fbank"] for s in samples]) if samples else
         torch.empty(0, cfg.audio_frames, cfg.mel_bins),
         "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
         **_common(samples, records),
     }
+
+
+def _one_buffer(jpegs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """The same frames as views of one tensor: a worker hands a batch over as one shared buffer, not one per frame
+    (per-tensor hand-over cost more than everything else a view worker does)."""
+    sizes = [len(frame) for clip in jpegs for frame in clip]
+    frames = iter(torch.cat([frame for clip in jpegs for frame in clip]).split(sizes)) if sizes else iter(())
+    return [[next(frames) for _ in clip] for clip in jpegs]
 
 
 @dataclass

@@ -69,7 +69,7 @@ from vaemo.data.samples import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when the sample layout changes: part of the digest
+FORMAT = 2  # bumped when the sample layout changes: part of the digest
 FBANK_FIELDS = ("mel_bins", "fbank_window_ms", "fbank_shift_ms", "fbank_window_type", "htk_compat", "dither",
                 "snip_edges")
 
@@ -271,10 +271,8 @@ def raw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) 
     window = choose_window(n_view, view_rate(data), view_data(data), rng)
     first = window.start_frame * fbank_rows_per_view_frame(data)
     window_fbank = torch.from_numpy(feats[(first + np.arange(data.audio_frames)) % rows].astype(np.float32))
-    ends = np.cumsum(lengths)
-    view = memoryview(blob)
-    jpeg = [torch.frombuffer(bytearray(view[ends[i] - lengths[i] : ends[i]]), dtype=torch.uint8)
-            for i in window.frame_indices]
+    whole, ends = torch.frombuffer(bytearray(blob), dtype=torch.uint8), np.cumsum(lengths).tolist()
+    jpeg = [whole[ends[i] - int(lengths[i]) : ends[i]] for i in window.frame_indices]
     return {"jpeg": jpeg, "fbank": window_fbank, "clip_id": clip_id, "window": window}
 
 

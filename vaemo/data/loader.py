@@ -352,7 +352,7 @@ def collate_raw(samples: list[dict], records: list[Record], cfg: DataConfig) -> 
     give a batch with "jpeg" None."""
     lazy = any(s["jpeg"] is None for s in samples)
     return {
-        "jpeg": None if lazy else _one_buffer([s["jpeg"] for s in samples]),
+        "jpeg": None if lazy else FrameLists(s["jpeg"] for s in samples),
         "fbank": None if lazy else torch.stack([s["fbank"] for s in samples]) if samples else
         torch.empty(0, cfg.audio_frames, cfg.mel_bins),
         "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
@@ -360,12 +360,24 @@ def collate_raw(samples: list[dict], records: list[Record], cfg: DataConfig) -> 
     }
 
 
-def _one_buffer(jpegs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """The same frames as views of one tensor: a worker hands a batch over as one shared buffer, not one per frame
-    (per-tensor hand-over cost more than everything else a view worker does)."""
-    sizes = [len(frame) for clip in jpegs for frame in clip]
-    frames = iter(torch.cat([frame for clip in jpegs for frame in clip]).split(sizes)) if sizes else iter(())
-    return [[next(frames) for _ in clip] for clip in jpegs]
+class FrameLists(list):
+    """A batch's encoded frames, a list (clips) of lists (frames) of 1-D uint8 tensors, all views of one buffer.
+
+    It pickles as that one tensor and the frame sizes: a DataLoader worker hands a tensor over through
+    shared memory at a cost of its own, which for 16 frames x B clips was more than everything else a
+    view worker does.
+    """
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, sizes: list[list[int]]) -> FrameLists:
+        frames = iter(flat.split([n for clip in sizes for n in clip]))
+        return cls([next(frames) for _ in clip] for clip in sizes)
+
+    def __reduce__(self):
+        sizes = [[len(frame) for frame in clip] for clip in self]
+        frames = [frame for clip in self for frame in clip]
+        flat = torch.cat(frames) if frames else torch.empty(0, dtype=torch.uint8)
+        return FrameLists.of, (flat, sizes)
 
 
 @dataclass

@@ -331,10 +331,8 @@ class _ViewDecode:
             clip_id = str(sample.get("__key__") or sample.get("__url__") or "?")
             try:
                 if lazy > 0:
-                    window = draw_window(sample, self.cfg, rng if self.train else None)
-                    if window is None:
-                        raise SampleError("left out (skipped before the resumed position)")
-                    item = {"clip_id": clip_id, "window": window, "jpeg": None}
+                    item = {"clip_id": clip_id, "window": draw_window(sample, self.cfg, rng if self.train else None),
+                            "jpeg": None}
                     lazy -= 1
                 else:
                     item = raw_window(sample, self.cfg, rng if self.train else None)

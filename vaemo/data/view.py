@@ -248,6 +248,22 @@ def view_data(data: DataConfig) -> DataConfig:
     return data.model_copy(update={"frame_stride": 1, "fps": view_rate(data)})
 
 
+def _parts(sample: dict, data: DataConfig) -> tuple[np.ndarray, bytes, np.ndarray]:
+    """A view sample's JPEG sizes, JPEG bytes and clip fbank (rows, mel_bins), checked; SampleError if unusable."""
+    clip_id = str(sample.get("__key__") or "?")
+    if "skip.txt" in sample:
+        raise SampleError(sample["skip.txt"].decode(errors="replace"))
+    try:
+        info = json.loads(sample["json"])
+        lengths = np.asarray(info["jpeg_bytes"], dtype=np.int64)
+        feats = np.frombuffer(sample["fbank"], dtype="<f2").reshape(info["fbank_frames"], data.mel_bins)
+        if int(lengths.sum()) != len(sample["jpg"]) or not len(lengths) or not len(feats):
+            raise ValueError("member sizes do not match the json")
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SampleError(f"view sample {clip_id}: {type(exc).__name__}: {exc}") from exc
+    return lengths, sample["jpg"], feats
+
+
 def raw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) -> dict:
     """{"jpeg": [T encoded frames], "fbank": (F, M) not normalised, "clip_id", "window"} of one view sample.
 
@@ -255,33 +271,19 @@ def raw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) 
     on a stored frame of the stride), and looping repeats the view frames and the fbank rows with the
     same period. A skip sample, or unreadable bytes, raise SampleError.
     """
-    clip_id = str(sample.get("__key__") or "?")
-    if "skip.txt" in sample:
-        raise SampleError(sample["skip.txt"].decode(errors="replace"))
-    try:
-        info = json.loads(sample["json"])
-        lengths = np.asarray(info["jpeg_bytes"], dtype=np.int64)
-        blob, rows = sample["jpg"], info["fbank_frames"]
-        feats = np.frombuffer(sample["fbank"], dtype="<f2").reshape(rows, data.mel_bins)
-        if int(lengths.sum()) != len(blob) or not len(lengths):
-            raise ValueError("member sizes do not match the json")
-    except (KeyError, ValueError, TypeError) as exc:
-        raise SampleError(f"view sample {clip_id}: {type(exc).__name__}: {exc}") from exc
-    n_view = len(lengths)
-    window = choose_window(n_view, view_rate(data), view_data(data), rng)
+    lengths, blob, feats = _parts(sample, data)
+    window = choose_window(len(lengths), view_rate(data), view_data(data), rng)
     first = window.start_frame * fbank_rows_per_view_frame(data)
-    window_fbank = torch.from_numpy(feats[(first + np.arange(data.audio_frames)) % rows].astype(np.float32))
+    rows = (first + np.arange(data.audio_frames)) % len(feats)
     whole, ends = torch.frombuffer(bytearray(blob), dtype=torch.uint8), np.cumsum(lengths).tolist()
     jpeg = [whole[ends[i] - int(lengths[i]) : ends[i]] for i in window.frame_indices]
-    return {"jpeg": jpeg, "fbank": window_fbank, "clip_id": clip_id, "window": window}
+    return {"jpeg": jpeg, "fbank": torch.from_numpy(feats[rows].astype(np.float32)), "clip_id": sample["__key__"],
+            "window": window}
 
 
-def draw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) -> Window | None:
-    """The rng draws :func:`raw_window` makes for this sample, without reading its bytes (resume's skip)."""
-    if "skip.txt" in sample or "json" not in sample:
-        return None
-    n_view = len(json.loads(sample["json"])["jpeg_bytes"])
-    return choose_window(n_view, view_rate(data), view_data(data), rng)
+def draw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None) -> Window:
+    """The window :func:`raw_window` draws for this sample, without copying its bytes (resume's skip)."""
+    return choose_window(len(_parts(sample, data)[0]), view_rate(data), view_data(data), rng)
 
 
 def materialise_cpu(raw: dict, data: DataConfig, *, train: bool) -> dict:

@@ -5,6 +5,11 @@ Pipeline, built in one place (:func:`make_dataset`)::
     shard list -> split by rank -> split by DataLoader worker -> tar samples -> shuffle buffer (train)
     -> decode (load_sample, in the worker, from the sample's bytes) -> batches (in the worker)
 
+Training view shards (``view=True``, :mod:`vaemo.data.view`) go through the same stages, with the
+decode stage replaced: the worker cuts raw windows (encoded frames, fbank rows, a seed per clip),
+batches them (:func:`collate_raw`) and, unless the caller asks for raw batches to decode on its
+device, decodes and augments them there.
+
 Shards are split by rank first (webdataset's ``split_by_node`` reads torch.distributed, or RANK and
 WORLD_SIZE) and then by worker. When there are fewer shards than readers (ranks x workers), some
 reader would get none: webdataset then raises "No samples found" in a worker, and under DDP a rank

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from tqdm import tqdm
 
 from flows.common import gpu_stage_run, torchrun, vaemo_flow
+from flows.ingest import task_runner
 from vaemo import tracking
 from vaemo.artifacts import IngestFolder, ModelFolder
-from vaemo.config import PretrainConfig, TrackingConfig
+from vaemo.config import DaskConfig, PretrainConfig, TrackingConfig
+from vaemo.data.config import DataConfig, ViewConfig
+from vaemo.data.view import TrainingView, build_group
 from vaemo.model import av
 from vaemo.plots import training_curves
 from vaemo.tracking import Tag
@@ -25,6 +31,40 @@ def log_training_files(model: ModelFolder, curves: tuple[str, ...], title: str) 
     tracking.log_files([model / model.METRICS])
 
 
+@task(name="view-group", retries=1, cache_policy=NO_CACHE)
+def view_group(shards: str, sources: list[str], data: DataConfig, cfg: ViewConfig) -> dict:
+    marker = build_group(TrainingView(IngestFolder(shards), data, cfg), sources, data, cfg)
+    return {"clips": sum(s["samples"] for s in marker["shards"]), "seconds": marker["seconds"]}
+
+
+@flow(name="training-view")
+def view_flow(shards: str, data: DataConfig, cfg: ViewConfig) -> dict:
+    """Re-pack the ingest shards no view shard covers yet, one task per group, with a bar and a progress artifact."""
+    view = TrainingView(IngestFolder(shards), data, cfg)
+    groups = view.plan(cfg.ingest_shards_per_task)
+    get_run_logger().info("training view %s: %d group(s) of ingest shards to re-pack", view.path, len(groups))
+    progress = create_progress_artifact(progress=0.0, key="view-progress", description="Share of view groups done")
+    futures = [view_group.submit(shards, sources, data, cfg) for sources in groups]
+    with tqdm(total=len(groups), unit="group", desc="training view") as bar:
+        for done, future in enumerate(as_completed(futures), start=1):
+            bar.set_postfix(clips=future.result()["clips"], refresh=False)  # a failed group fails the flow
+            bar.update(1)
+            update_progress_artifact(progress, progress=100.0 * done / len(futures))
+    return view.finish()
+
+
+def ensure_view(shards: str, settings: PretrainConfig, dask: DaskConfig) -> TrainingView:
+    """The shards' training view, built on ``dask``'s cluster unless its digest is current; logged as a dataset."""
+    data = stage1.data_config(settings, stage1.model_config(settings))
+    view = TrainingView(IngestFolder(shards), data, settings.view)
+    if view.is_current():
+        get_run_logger().info("training view %s is current (digest %s)", view.path, view.built_digest())
+    else:
+        view_flow.with_options(task_runner=task_runner(dask))(shards, data, settings.view)
+    tracking.log_dataset("training_view", view.shards_dir, view.built_digest(), context="training")
+    return view
+
+
 def check(shards: str, **_) -> None:
     IngestFolder(shards).shard_urls()
 
@@ -32,8 +72,9 @@ def check(shards: str, **_) -> None:
 @vaemo_flow("pretrain", check)
 def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConfig(), resume: bool = False,
                   work_dir: str = "vaemo-work", tracking_cfg: TrackingConfig = TrackingConfig(),
-                  parent_run_id: str | None = None) -> dict:
-    """Pre-train the unified AV encoder on an ingest folder's shards; the model lands in ``out``."""
+                  parent_run_id: str | None = None, dask: DaskConfig = DaskConfig()) -> dict:
+    """Pre-train the unified AV encoder on an ingest folder's shards (read through their training view, built here
+    when missing); the model lands in ``out``."""
     logger = get_run_logger()
     ingest, model = IngestFolder(shards), ModelFolder(out)
     digest = ingest.digest()
@@ -48,6 +89,8 @@ def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConf
     }
     with gpu_stage_run("pretrain", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
         tracking.log_shards(ingest, "training", digest)
+        if settings.view.enabled:
+            ensure_view(shards, settings, dask)
         info = av.model_info(model_cfg)
         tracking.log_metrics_flat({"params": info["params"], "pretrain_gflops": info["pretrain_gflops"]}, "model.")
         logger.info("Stage 1 %s (%s parameters) on %s, %d steps, %d process(es)", settings.model,

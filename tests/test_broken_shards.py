@@ -207,7 +207,7 @@ def test_an_epoch_without_a_decodable_clip_stops_with_one_line(shards, tmp_path)
     urls = [write_shard(tmp_path / f"bad-{i}.tar", bad[i : i + 1]) for i in range(3)]
     epochs = []
 
-    def batches(epoch: int):
+    def batches(epoch: int, _skip: int):
         epochs.append(epoch)
         return make_loader(urls, CFG, train=True, seed=epoch, batch_size=2, num_workers=2, timeout=60)
 

@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import ROOT, cli_env, vaemo_command
 from vaemo.artifacts import IngestFolder
 from vaemo.config import PretrainConfig
+from vaemo.data.view import TrainingView
+from vaemo.train.pretrain import data_config, model_config
 
 TIMEOUT = 600
 SMALL = {"batch_size": 2, "num_workers": 0, "warmup_steps": 2, "eval_clips": 16}
@@ -59,7 +61,10 @@ def test_pretrain_command_trains_and_tracks(shards, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     run = mlflow.search_runs(experiment_names=["vaemo"], output_format="list")[0]
     assert run.info.status == "FINISHED" and run.data.params["pretrain.model"] == "tiny"
+    cfg = PretrainConfig(model="tiny")  # the view's settings do not depend on the batch or the steps
     assert run.data.tags["vaemo.training.shards.digest"] == IngestFolder(shards).digest()
+    view = TrainingView(IngestFolder(shards), data_config(cfg, model_config(cfg)), cfg.view)
+    assert run.data.tags["vaemo.training.training_view.digest"] == view.built_digest() == view.expected_digest()
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert {"training_curves.png", "metrics.json", "checkpoints"} <= {

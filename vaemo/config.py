@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from vaemo.data.config import DataConfig
+from vaemo.data.config import DataConfig, ViewConfig
 from vaemo.errors import ConfigError
 from vaemo.registry import DATASETS, ENGINES, MODEL_PRESETS, PROTOCOLS, Modality
 
@@ -187,6 +187,7 @@ class PretrainConfig(TrainConfig):
         description="AVConfig fields to change (mask ratios, contrastive_weight, modality_specific_layers, ...)",
     )
     data: DataConfig = DataConfig()
+    view: ViewConfig = ViewConfig()
     eval_clips: int = Field(256, ge=2, description="clips used for the video-to-audio retrieval metric")
     init: Path | None = Field(None, description="a Stage 1 model folder to start from instead of random weights "
                                                 "(continued pre-training; same architecture)")

@@ -202,8 +202,8 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
                                    broken)
         before = text_retrieval(ids, emb, captions, prefix="init_")
 
-    def batches(epoch: int):
-        # Seeded by epoch (and pass), so a resumed run replays exactly the stream it left.
+    def batches(epoch: int, _skip: int):
+        # Seeded by epoch (and pass), so a resumed run replays exactly the stream it left (decoding it again).
         captioned = make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=batch_size,
                                 num_workers=cfg.num_workers, clip_ids=captions.clip_ids, losses=broken)
         if not rec:

@@ -133,3 +133,17 @@ class DataConfig(BaseModel):
 
     def per_reader(self, epoch_samples: int, world_size: int, num_workers: int) -> int:
         return math.ceil(epoch_samples / self.readers(world_size, num_workers))
+
+
+class ViewConfig(BaseModel):
+    """The training view: the ingest shards re-packed for fast reading at the model's frame stride (vaemo.data.view)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(True, description="train through the view (false: decode the mp4 shards, the reference path)")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the stored face frames")
+    samples_per_shard: int = Field(2000, ge=1, description="clips per view shard (at most)")
+    max_shard_bytes: int = Field(1_000_000_000, ge=1 << 20, description="bytes per view shard (at most)")
+    ingest_shards_per_task: int = Field(
+        16, ge=1, description="ingest shards one build task re-packs; each task writes its own view shards"
+    )

@@ -5,6 +5,11 @@ Pipeline, built in one place (:func:`make_dataset`)::
     shard list -> split by rank -> split by DataLoader worker -> tar samples -> shuffle buffer (train)
     -> decode (load_sample, in the worker, from the sample's bytes) -> batches (in the worker)
 
+Training view shards (``view=True``, :mod:`vaemo.data.view`) go through the same stages, with the
+decode stage replaced: the worker cuts raw windows (encoded frames, fbank rows, a seed per clip),
+batches them (:func:`collate_raw`) and, unless the caller asks for raw batches to decode on its
+device, decodes and augments them there.
+
 Shards are split by rank first (webdataset's ``split_by_node`` reads torch.distributed, or RANK and
 WORLD_SIZE) and then by worker. When there are fewer shards than readers (ranks x workers), some
 reader would get none: webdataset then raises "No samples found" in a worker, and under DDP a rank
@@ -57,7 +62,7 @@ import logging
 import math
 import re
 import tarfile
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,6 +302,101 @@ class _Select:
         return (sample for sample in src if sample.get("__key__") in self.keep)
 
 
+def _lazy_batches(skip_batches: int) -> int:
+    """Of the first ``skip_batches`` batches of a DataLoader's stream, how many this worker made.
+
+    The DataLoader takes batches from its workers in turn; a worker that ends early only makes the
+    others' share larger, so this worker's first ceil((N - w) / W) batches are always among them.
+    """
+    _rank, _world, worker, workers = pytorch_worker_info()
+    return max(0, math.ceil((skip_batches - worker) / max(workers, 1)))
+
+
+@dataclass
+class _ViewDecode:
+    """View samples to raw windows (bytes and the window's fbank, see :func:`~vaemo.data.view.raw_window`).
+
+    ``skip_batches``: batches the caller discards unread (a resumed run's position): their samples only
+    make the rng draws they would make, and become items without bytes.
+    """
+
+    cfg: DataConfig
+    train: bool
+    ctx: _Context
+    batch_size: int
+    skip_batches: int = 0
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict | Record]:
+        from vaemo.data.view import draw_window, raw_window
+
+        rng = self.ctx.rng(2)
+        lazy = _lazy_batches(self.skip_batches) * self.batch_size
+        for sample in src:
+            yield from self.ctx.drain()
+            clip_id = str(sample.get("__key__") or sample.get("__url__") or "?")
+            try:
+                if lazy > 0:
+                    item = {"clip_id": clip_id, "window": draw_window(sample, self.cfg, rng if self.train else None),
+                            "jpeg": None}
+                    lazy -= 1
+                else:
+                    item = raw_window(sample, self.cfg, rng if self.train else None)
+                item["seed"] = int(rng.integers(2**63)) if self.train else 0
+                yield item
+            except SampleError as exc:
+                log.warning("skipped %s: %s", clip_id, exc)
+                yield Skipped(clip_id, str(exc))
+        yield from self.ctx.drain()
+
+
+def collate_raw(samples: list[dict], records: list[Record], cfg: DataConfig) -> dict:
+    """Raw view batch: "jpeg" (B lists of T encoded frames), "fbank" (B,F,M) not normalised, "seed" (B,), and
+    the clip ids, windows and records as :func:`collate` gives them. Items without bytes (skipped on resume)
+    give a batch with "jpeg" None."""
+    lazy = any(s["jpeg"] is None for s in samples)
+    return {
+        "jpeg": None if lazy else FrameLists(s["jpeg"] for s in samples),
+        "fbank": None if lazy else torch.stack([s["fbank"] for s in samples]) if samples else
+        torch.empty(0, cfg.audio_frames, cfg.mel_bins),
+        "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
+        **_common(samples, records),
+    }
+
+
+class FrameLists(list):
+    """A batch's encoded frames, a list (clips) of lists (frames) of 1-D uint8 tensors, all views of one buffer.
+
+    It pickles as that one tensor and the frame sizes: a DataLoader worker hands a tensor over through
+    shared memory at a cost of its own, which for 16 frames x B clips was more than everything else a
+    view worker does.
+    """
+
+    @classmethod
+    def of(cls, flat: torch.Tensor, sizes: list[list[int]]) -> FrameLists:
+        frames = iter(flat.split([n for clip in sizes for n in clip]))
+        return cls([next(frames) for _ in clip] for clip in sizes)
+
+    def __reduce__(self):
+        sizes = [[len(frame) for frame in clip] for clip in self]
+        frames = [frame for clip in self for frame in clip]
+        flat = torch.cat(frames) if frames else torch.empty(0, dtype=torch.uint8)
+        return FrameLists.of, (flat, sizes)
+
+
+@dataclass
+class _Materialise:
+    """Raw view batches to model batches inside the worker (CPU training: decoding stays parallel)."""
+
+    cfg: DataConfig
+    train: bool
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        from vaemo.data.view import materialise_cpu
+
+        for raw in src:
+            yield raw if raw["jpeg"] is None else materialise_cpu(raw, self.cfg, train=self.train)
+
+
 @dataclass
 class _Decode:
     """Bytes to tensors, in the worker. Bad samples become Skipped records; bugs propagate."""
@@ -327,9 +427,12 @@ def collate(samples: list[dict], records: list[Record], cfg: DataConfig) -> dict
     else:
         video = torch.empty(0, 3, cfg.frames, cfg.image_size, cfg.image_size)
         audio = torch.empty(0, cfg.audio_frames, cfg.mel_bins)
+    return {"video": video, "audio": audio, **_common(samples, records)}
+
+
+def _common(samples: list[dict], records: list[Record]) -> dict:
+    """The keys every batch has: clip ids, windows (B,2) in seconds, and the records it reports."""
     return {
-        "video": video,
-        "audio": audio,
         "clip_id": [s["clip_id"] for s in samples],
         "window": torch.tensor([[s["window"].start, s["window"].end] for s in samples], dtype=torch.float64).reshape(
             -1, 2
@@ -357,8 +460,10 @@ class _Batches:
     cfg: DataConfig
     size: int
     partial: bool
+    collate: Callable[[list[dict], list[Record], DataConfig], dict] = collate
 
     def __call__(self, src: Iterator[dict | Record]) -> Iterator[dict]:
+        collate = self.collate
         held, samples, records = None, [], []
         for item in src:
             if isinstance(item, (Skipped, ShardLoss)):
@@ -383,7 +488,8 @@ class _Batches:
 
 def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0,
                  epoch_samples: int | None = None, batch_size: int | None = None, num_workers: int = 0,
-                 clip_ids: Collection[str] | None = None, video_only: bool = False) -> wds.DataPipeline:
+                 clip_ids: Collection[str] | None = None, video_only: bool = False, view: bool = False,
+                 raw: bool = False, skip_batches: int = 0) -> wds.DataPipeline:
     """A webdataset pipeline of decoded windows (batch_size=None) or of batches.
 
     Without batch_size the items are sample dicts ({"video", "audio", "clip_id", "window"}),
@@ -394,7 +500,14 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
     ``clip_ids``: only these clips (e.g. one fold's training part); the others are passed over
     before decoding, and a fixed epoch then counts only these. ``video_only``: frames only, see
     :func:`~vaemo.data.samples.load_sample`.
+
+    ``view``: the urls are training view shards (:mod:`vaemo.data.view`); batches are decoded in the
+    worker on the CPU, or, with ``raw``, left raw (:func:`collate_raw`) for the caller to decode on its
+    device. ``skip_batches`` (view only): the first batches of the stream, which the caller discards,
+    are made without reading their bytes.
     """
+    if (raw or skip_batches) and not (view and batch_size):
+        raise ValueError("raw batches and skip_batches need view=True and a batch_size")
     urls = [str(u) for u in shard_urls]
     if not urls:
         raise ValueError("no shard urls given")  # callers get them from IngestFolder.shard_urls, never empty
@@ -434,9 +547,15 @@ def make_dataset(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: i
         stages.append(_Select(frozenset(clip_ids)))
     if train and cfg.shuffle_buffer > 1:
         stages.append(_Shuffle(ctx, cfg.shuffle_buffer))
-    stages.append(_Decode(cfg, train, ctx, video_only))
-    if batch_size:
-        stages.append(_Batches(cfg, batch_size, partial=not train))
+    if view:
+        stages += [_ViewDecode(cfg, train, ctx, batch_size or 1, skip_batches),
+                   _Batches(cfg, batch_size, partial=not train, collate=collate_raw)]
+        if not raw:
+            stages.append(_Materialise(cfg, train))
+    else:
+        stages.append(_Decode(cfg, train, ctx, video_only))
+        if batch_size:
+            stages.append(_Batches(cfg, batch_size, partial=not train))
     dataset = wds.DataPipeline(*stages)
     if train and epoch_samples:
         per_reader = cfg.per_reader(epoch_samples, world, num_workers)
@@ -469,17 +588,20 @@ class ShardLoader(DataLoader):
 
 def make_loader(shard_urls: list[str], cfg: DataConfig, *, train: bool, seed: int = 0, epoch_samples: int | None = None,
                 batch_size: int, num_workers: int = 0, clip_ids: Collection[str] | None = None,
-                losses: ShardLosses | None = None, video_only: bool = False, **loader_kwargs) -> ShardLoader:
+                losses: ShardLosses | None = None, video_only: bool = False, view: bool = False, raw: bool = False,
+                skip_batches: int = 0, **loader_kwargs) -> ShardLoader:
     """A DataLoader of batches {"video": (B,3,T,S,S), "audio": (B,F,M), "clip_id": [str], "window": (B,2) s,
     "skipped": int, "skipped_clips": [str], "shard_losses": [ShardLoss]}, batched inside the workers.
 
     Training drops a last partial batch (unless a reader has no full one); evaluation (train=False)
     yields every clip exactly once with a centred window and no augmentation. ``losses``: where the
     shard losses go (pass one to every loader of a run to count and warn about each shard once).
+    ``view``, ``raw``, ``skip_batches``: see :func:`make_dataset`.
     Extra keyword arguments go to the DataLoader (timeout, pin_memory, prefetch_factor, ...).
     """
     dataset = make_dataset(shard_urls, cfg, train=train, seed=seed, epoch_samples=epoch_samples, batch_size=batch_size,
-                           num_workers=num_workers, clip_ids=clip_ids, video_only=video_only)
+                           num_workers=num_workers, clip_ids=clip_ids, video_only=video_only, view=view, raw=raw,
+                           skip_batches=skip_batches)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return ShardLoader(dataset, losses=losses if losses is not None else ShardLosses(), batch_size=None,

@@ -176,12 +176,16 @@ def choose_window(n_frames: int, clip_fps: float, cfg: DataConfig, rng: np.rando
     )
 
 
+def conform_audio(audio: np.ndarray, n_frames: int, clip_fps: float, sample_rate: int) -> np.ndarray:
+    """The audio cut or repeated to exactly the video's duration: the period a looped clip repeats with."""
+    period = round(n_frames * sample_rate / clip_fps)
+    return audio if len(audio) == period else audio[np.arange(period) % len(audio)]  # a rounding difference
+
+
 def window_waveform(audio: np.ndarray, window: Window, n_frames: int, clip_fps: float, sample_rate: int) -> np.ndarray:
     """The window's audio: the same instants as its frames, looping with the video's period."""
-    period = round(n_frames * sample_rate / clip_fps)  # samples in the clip's video duration
-    if len(audio) != period:  # ingest cuts both to the same span; conform a rounding difference
-        audio = audio[np.arange(period) % len(audio)]
-    return audio[(window.audio_start + np.arange(window.audio_samples)) % period]
+    audio = conform_audio(audio, n_frames, clip_fps, sample_rate)
+    return audio[(window.audio_start + np.arange(window.audio_samples)) % len(audio)]
 
 
 def check_durations(n_frames: int, clip_fps: float, n_samples: int, cfg: DataConfig) -> None:
@@ -196,8 +200,17 @@ def fbank(waveform: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     With snip_edges=False the window's samples give exactly audio_frames frames. Otherwise any
     shortfall (254 of 256 with the AudioMAE framing) repeats the last frame, and a surplus is cut.
     """
+    feats = kaldi_fbank(waveform, cfg)
+    short = cfg.audio_frames - feats.shape[0]
+    if short > 0:
+        feats = torch.cat([feats, feats[-1:].expand(short, -1)])
+    return feats[: cfg.audio_frames]
+
+
+def kaldi_fbank(waveform: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """The log-mel filterbank of any length of audio, with cfg's framing (not fitted, not normalised)."""
     wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
-    feats = kaldi.fbank(
+    return kaldi.fbank(
         wave,
         htk_compat=cfg.htk_compat,
         sample_frequency=cfg.sample_rate,
@@ -209,10 +222,6 @@ def fbank(waveform: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
         frame_shift=cfg.fbank_shift_ms,
         snip_edges=cfg.snip_edges,
     )
-    short = cfg.audio_frames - feats.shape[0]
-    if short > 0:
-        feats = torch.cat([feats, feats[-1:].expand(short, -1)])
-    return feats[: cfg.audio_frames]
 
 
 def normalise_fbank(feats: torch.Tensor, cfg: DataConfig) -> torch.Tensor:

@@ -3,7 +3,8 @@
 AdamW with warm-up + cosine, gradient clipping and accumulation, bf16 autocast on GPU, DDP when
 launched by torchrun, and checkpoints that resume to the same loss curve: a checkpoint holds the
 model, optimizer, scheduler, step, RNG states and the data position (epoch and batches consumed;
-on resume the epoch's stream, seeded by (seed, epoch), is replayed up to that batch).
+on resume the epoch's stream, seeded by (seed, epoch), is replayed up to that batch; the training
+view's loader makes the replayed batches without decoding them).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from vaemo.config import TrainConfig
 from vaemo.data.loader import ShardLosses
 from vaemo.errors import ArtifactError
 
-# batches(epoch) -> the epoch's batches; objective(model, batch) -> {"loss": ..., other scalars}
-Batches = Callable[[int], Iterable[dict]]
+# batches(epoch, skip) -> the epoch's batches, of which the caller discards the first ``skip`` unread (a loader
+# may make those without decoding); objective(model, batch) -> {"loss": ..., other scalars}
+Batches = Callable[[int, int], Iterable[dict]]
 Objective = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 StepLogger = Callable[[int, dict[str, float]], None]
 
@@ -154,7 +156,7 @@ class _Stream:
         self._usable = position.batch > 0  # the batches replayed on resume were usable when first met
 
     def _epoch_iter(self, fast_forward: int = 0) -> Iterator[dict]:
-        iterator = iter(self.batches(self.position.epoch))
+        iterator = iter(self.batches(self.position.epoch, fast_forward))
         for _ in range(fast_forward):  # replay to the checkpointed batch; its skips were counted before
             next(iterator)
         return iterator

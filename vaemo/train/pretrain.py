@@ -1,5 +1,8 @@
 """Stage 1: pre-train the unified AV encoder on ingest shards; also the ``torchrun`` entry point.
 
+Training reads the ingest folder's training view (:mod:`vaemo.data.view`, built when missing) unless
+``view.enabled`` is false; the retrieval metric at the end reads the mp4 shards, the source of truth.
+
     python -m vaemo.train.pretrain --shards DIR --out DIR --settings settings.json [--resume]
 """
 
@@ -15,6 +18,8 @@ from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import PretrainConfig
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import ShardLosses, make_loader
+from vaemo.data.view import TrainingView, build
+from vaemo.errors import ArtifactError
 from vaemo.model import av
 from vaemo.train.loop import (
     StepLogger,
@@ -66,14 +71,28 @@ def av_retrieval(model: av.AVMAE, urls: list[str], data: DataConfig, max_clips: 
     return {"av_retrieval_top1": top1, "av_retrieval_chance": 1.0 / n, "av_retrieval_clips": n}
 
 
+def training_view(ingest: IngestFolder, data: DataConfig, cfg: PretrainConfig, world: int) -> TrainingView:
+    """The ingest folder's training view, built here when it is not current (one process; the flow builds it
+    with tasks beforehand)."""
+    view = TrainingView(ingest, data, cfg.view)
+    if not view.is_current():
+        if world > 1:
+            raise ArtifactError(f"the training view {view.path} is missing or out of date: build it before launching "
+                                "several processes (the pretrain flow does)")
+        build(ingest, data, cfg.view)
+    return view
+
+
 def pretrain(
     shards: Path, out: Path, cfg: PretrainConfig, *, resume: bool = False, log_step: StepLogger | None = None
 ) -> dict:
     """Train; save the model and its metrics into the model folder ``out``; return the metrics."""
     env = init_distributed()
-    urls = IngestFolder(shards).shard_urls()
+    ingest = IngestFolder(shards)
+    urls = ingest.shard_urls()
     model_cfg = model_config(cfg)
     data = data_config(cfg, model_cfg)
+    train_urls = training_view(ingest, data, cfg, env.world).shard_urls() if cfg.view.enabled else urls
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every re-run
     model = av.AVMAE(model_cfg)
     if cfg.init is not None:
@@ -81,10 +100,11 @@ def pretrain(
 
     broken = ShardLosses()  # one for every loader of the run: each broken shard is warned about and counted once
 
-    def batches(epoch: int):
-        # Seeded by epoch, so a resumed run replays exactly the stream it left.
-        return make_loader(urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, losses=broken)
+    def batches(epoch: int, skip: int):
+        # Seeded by epoch, so a resumed run replays exactly the stream it left (the view's without decoding it).
+        return make_loader(train_urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, losses=broken, view=cfg.view.enabled,
+                           skip_batches=skip if cfg.view.enabled else 0)
 
     seen: list[str] = []
     result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)

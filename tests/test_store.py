@@ -93,7 +93,7 @@ def test_vector_index_search_equals_the_exact_search(tmp_path, encoder):
         results[name] = (search(db, query, 5)[0], index_types(table))
     flat, flat_indexes = results["flat"]
     indexed, indexes = results["indexed"]
-    assert "vector" not in flat_indexes and {indexes[c] for c in ("vector", "video_vec", "audio_vec")} == {"IvfPq"}
+    assert "vector" not in flat_indexes and {indexes[c] for c in ("vector", "video_vec", "audio_vec")} == {"IvfSq"}
     assert list(indexed["clip_id"]) == list(flat["clip_id"]) == exact
     assert np.allclose(indexed["score"], flat["score"], atol=1e-4)
 

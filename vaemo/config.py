@@ -279,7 +279,7 @@ class StoreConfig(Strict):
     """Upkeep of the LanceDB tables a stage writes (indexes, old versions), done when its run finishes."""
 
     vector_index_rows: int = Field(
-        100_000, ge=1, description="rows from which a table's embedding columns get an approximate (IVF-PQ) index; "
+        100_000, ge=1, description="rows from which a table's embedding columns get an approximate (IVF-SQ) index; "
         "below, searches compare every row (exact)"
     )
     keep_versions_days: float = Field(

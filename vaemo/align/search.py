@@ -115,14 +115,18 @@ def search(db: str | Path, text: str, k: int = 5, *, tag: str | None = None, tab
     from vaemo.text import text_encoder
 
     query = text_encoder(encoders["text_encoder"].iloc[0]).encode([text])[0]
-    column = COLUMNS[modality]
+    return nearest(table, where, query, COLUMNS[modality], k, match), tag
+
+
+def nearest(table, where: str, query: np.ndarray, column: str, k: int, match: str | None = None) -> pd.DataFrame:
+    """The table part of a search: the k rows passing ``where`` closest to the query vector (their ``score``)."""
     if match:
-        return _matching(table, where, match, query, column, k), tag
+        return _matching(table, where, match, query, column, k)
     found = (table.search(query.tolist(), vector_column_name=column).distance_type("cosine")
              .where(where, prefilter=True).nprobes(store.NPROBES).refine_factor(store.REFINE_FACTOR)
              .select([*SHOWN, "_distance"]).limit(k).to_pandas())
     found.insert(1, "score", 1.0 - found.pop("_distance"))
-    return found.reset_index(drop=True), tag
+    return found.reset_index(drop=True)
 
 
 def _matching(table, where: str, words: str, query: np.ndarray, column: str, k: int) -> pd.DataFrame:

@@ -341,7 +341,6 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     }
     assert contexts == {"shards": "input", "captions": "output"}
     tag, version = run.data.tags["vaemo.output.captions.digest"].split("@v")
-    table = lancedb.connect(str(db)).open_table("captions")
-    assert table.tags.list()[tag]["version"] == int(version)
+    assert store.run_tags(lancedb.connect(str(db)).open_table("captions"))[tag] == int(version)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"prompt", "caption_summary.json", "caption_samples.json"} <= artifacts

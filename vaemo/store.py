@@ -41,8 +41,9 @@ CAPTIONS = "captions"
 CAPTION_KEYS = ["clip_id", "prompt_version", "model"]
 
 # Approximate vector search: IVF partitions probed per query, and candidates re-ranked by their exact
-# distance (refine_factor x k); together they keep recall@10 near 1 (README, "The store at scale").
-NPROBES, REFINE_FACTOR = 20, 10
+# distance (refine_factor x k). On a million synthetic rows (123 partitions) 20 probes found 0.45 of the
+# exact top 10, 80 probes 0.875 at about the same latency (README, "The store at a million rows").
+NPROBES, REFINE_FACTOR = 80, 10
 
 
 @dataclass(frozen=True)

@@ -135,11 +135,11 @@ def _matching(table, where: str, words: str, query: np.ndarray, column: str, k: 
         raise SearchError(f"table {table.name!r} at this tag has no full-text index (written by an older release); "
                           "run `vaemo align` again to search it by words")
     hits = (table.search(words, query_type="fts", fts_columns="description").where(where, prefilter=True)
-            .select([*SHOWN, column, "_score"]).limit(MATCH_CANDIDATES).to_pandas())
+            .select([*SHOWN, column]).limit(MATCH_CANDIDATES).to_pandas())
     vectors = np.stack(hits.pop(column).to_numpy()) if len(hits) else np.zeros((0, len(query)), np.float32)
     scores = vectors @ query / np.maximum(np.linalg.norm(vectors, axis=1) * np.linalg.norm(query), 1e-12)
     best = np.argsort(-scores, kind="stable")[:k]
-    found = hits.drop(columns="_score").iloc[best].reset_index(drop=True)
+    found = hits.drop(columns="_score", errors="ignore").iloc[best].reset_index(drop=True)
     found.insert(1, "score", scores[best])
     return found
 

@@ -42,7 +42,7 @@ CAPTION_KEYS = ["clip_id", "prompt_version", "model"]
 
 # Approximate vector search: IVF partitions probed per query, and candidates re-ranked by their exact
 # distance (refine_factor x k). On a million synthetic rows (123 partitions) 20 probes found 0.45 of the
-# exact top 10, 80 probes 0.875 at about the same latency (README, "The store at a million rows").
+# exact top 10, 80 probes 0.90 at about twice the latency (README, "The store at a million rows").
 NPROBES, REFINE_FACTOR = 80, 10
 
 

@@ -144,8 +144,9 @@ def cmd_zeroshot(args) -> str:
 def cmd_search(args) -> str:
     from vaemo.align.search import describe, search
 
-    found, tag = search(Path(args.db), args.text, args.k, tag=args.tag, table_name=args.table, modality=args.modality)
-    return describe(found, tag, args.text, args.modality)
+    found, tag = search(Path(args.db), args.text, args.k, tag=args.tag, table_name=args.table, modality=args.modality,
+                        match=args.match)
+    return describe(found, tag, args.text, args.modality, args.match)
 
 
 def cmd_lineage(args) -> str:
@@ -255,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
             opt("--db", required=True, help="the LanceDB folder given to `vaemo align`"),
             opt("--text", required=True, help='e.g. "a trembling voice and a tense face"'),
             opt("--k", type=int, default=5, help="clips to show (default: %(default)s)"), modality,
+            opt("--match", help='only clips whose caption description contains these words, e.g. "trembling tense"'),
             opt("--tag", help="an align run's tag (default: the newest)"),
             opt("--table", default="clip_embeddings", help="default: %(default)s"))
     tools = commands.add_parser("dev", help="tools for tests, demos and install checks").add_subparsers(

@@ -23,7 +23,7 @@ from vaemo.align.data import AlignDataError, load_captions
 from vaemo.align.model import AlignedAV, set_trainable
 from vaemo.align.train import align
 from vaemo.artifacts import ModelFolder
-from vaemo.config import AlignConfig
+from vaemo.config import AlignConfig, StoreConfig
 from vaemo.errors import ArtifactError, ConfigError
 from vaemo.model import av
 
@@ -75,7 +75,7 @@ def write_captions(db: Path, rows: list[dict]) -> str:
         table = store.open_captions(store.connect(db), encoder.dim)
         store.upsert(table, pa.Table.from_pylist(full, schema=table.schema), store.CAPTION_KEYS)
         tag = store.new_run_tag("caption")
-        store.tag_and_optimize(table, tag)
+        store.tag_and_optimize(table, tag, store.CAPTION_INDEXES, StoreConfig())
     return tag
 
 

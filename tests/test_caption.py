@@ -270,8 +270,7 @@ def test_vllm_generation_is_stored_once_and_reruns_skip(shards, tiny_mllm, short
     assert again["captioned_now"] == 0 and again["already_stored"] == 3 and len(_rows(db)) == 3
     forced = caption(shards, db, cfg, force=True)
     assert forced["captioned_now"] == 3 and len(_rows(db)) == 3
-    table = lancedb.connect(str(db)).open_table("captions")
-    tags = table.tags.list()
+    tags = store.run_tags(lancedb.connect(str(db)).open_table("captions"))
     assert {first["tag"], again["tag"], forced["tag"]} <= set(tags)
     assert store.read_tagged(db, "captions", first["tag"]).count_rows() == 3
 
@@ -342,7 +341,6 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     }
     assert contexts == {"shards": "input", "captions": "output"}
     tag, version = run.data.tags["vaemo.output.captions.digest"].split("@v")
-    table = lancedb.connect(str(db)).open_table("captions")
-    assert table.tags.list()[tag]["version"] == int(version)
+    assert store.run_tags(lancedb.connect(str(db)).open_table("captions"))[tag] == int(version)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"prompt", "caption_summary.json", "caption_samples.json"} <= artifacts

@@ -287,7 +287,7 @@ class TableVersion:
             raise ArtifactError(f"{db}: not a readable LanceDB folder: {err}") from None
         if table not in names:
             raise ArtifactError(f"{db} has no table {table!r} (tables: {', '.join(sorted(names)) or 'none'})")
-        tags = {name: info["version"] for name, info in store.connect(db).open_table(table).tags.list().items()}
+        tags = store.run_tags(store.connect(db).open_table(table))
         if tag is None:
             runs = {name: version for name, version in tags.items() if name.startswith(prefix)}
             if not runs:

@@ -276,6 +276,19 @@ class SamplingConfig(Strict):
     repetition_penalty: float = Field(1.05, gt=0)
 
 
+class StoreConfig(Strict):
+    """Upkeep of the LanceDB tables a stage writes (indexes, old versions), done when its run finishes."""
+
+    vector_index_rows: int = Field(
+        100_000, ge=1, description="rows from which a table's embedding columns get an approximate (IVF-SQ) index; "
+        "below, searches compare every row (exact)"
+    )
+    keep_versions_days: float = Field(
+        7.0, ge=0, description="table versions older than this are removed, except those a run's tag pins "
+        "(always readable)"
+    )
+
+
 class CaptionConfig(Strict):
     """Chain-of-thought affective descriptions for a subset of clips (docs/method.md, "Stage 2")."""
 
@@ -314,6 +327,7 @@ class CaptionConfig(Strict):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="vLLM KV cache on a CPU host, GiB (about 2 M tokens per GiB)")
+    store: StoreConfig = StoreConfig()
 
     @model_validator(mode="after")
     def _check(self) -> CaptionConfig:
@@ -388,6 +402,7 @@ class AlignConfig(TrainConfig):
         "clip_embeddings",
         description="LanceDB table (in --db) of text-space clip embeddings written after training; None: none",
     )
+    store: StoreConfig = StoreConfig()
     data: DataConfig = DataConfig()
 
     @model_validator(mode="after")

@@ -232,7 +232,8 @@ def align(shards: str | Path, db: str | Path, init: str | Path, out: str | Path,
             "init": str(init.resolve()), "captions": captions.summary(), "trainable": cfg.trainable}
     save_aligned(model, out, info)
     model_key = weights_digest(model)[:16]
-    embeddings = (write_clip_embeddings(db, cfg.embeddings_table, shards, ids, emb, captions, model_key, out)
+    embeddings = (write_clip_embeddings(db, cfg.embeddings_table, shards, ids, emb, captions, model_key, out,
+                                        cfg.store)
                   if cfg.embeddings_table else None)
     rows = read_step_log(out)
     metrics = {

@@ -184,7 +184,7 @@ class CaptionRun:
 
     def finalize(self, plan: Plan, seconds: float) -> dict:
         """Tag the table version this run leaves and summarise the selected clips' rows."""
-        version = store.tag_and_optimize(self.table, self.tag)
+        version = store.tag_and_optimize(self.table, self.tag, store.CAPTION_INDEXES, self.cfg.store)
         ids = set(plan.selected["clip_id"])
         rows = self.table.search().where(
             f"prompt_version = {store.quote(self.prompt_version)} AND model = {store.quote(self.model)}"

@@ -25,8 +25,8 @@ from conftest import cli_env, vaemo_command
 from vaemo import store
 from vaemo.caption.engines import EngineError, Generation, resolve_model
 from vaemo.caption.prompt import FIELDS, PromptError, json_schema, load_prompt, parse_reply
-from vaemo.caption.run import caption
 from vaemo.caption.replicas import replica_count
+from vaemo.caption.run import caption
 from vaemo.caption.select import SelectionError, select_clips
 from vaemo.config import CaptionConfig
 from vaemo.devices import placements
@@ -335,7 +335,7 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     env = cli_env(work)
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would stall the child
     first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # two engines start on one core each: minutes when the machine is busy
     stored = 0
     while time.time() < deadline and first.poll() is None:
         try:

@@ -95,7 +95,7 @@ def replica_scaling(args, cfg: CaptionConfig) -> dict:
             os.sched_setaffinity(0, cores)
         result[f"replicas_{count}"] = {"seconds": round(seconds, 2), "clips_per_s": round(plan.clips_todo / seconds, 3),
                                        "requests_per_generate_call": engines["requests_per_generate_call"],
-                                       "engine_wait_share": engines["wait_share"], "by_replica": engines["by_replica"]}
+                                       "engine_wait_share": engines["wait_share"], "by_replica": engines["replica"]}
     result[f"replicas_{args.replicas}_vs_1_clips_per_s"] = round(
         result[f"replicas_{args.replicas}"]["clips_per_s"] / result["replicas_1"]["clips_per_s"], 3
     )

@@ -143,7 +143,7 @@ class _Tracker:
             "clips_per_second": round(sum(load.clips for load in self.loads) / wall, 4),
             "tokens_per_second": round(sum(load.tokens for load in self.loads) / wall, 2),
             "wait_share": round(1 - min(sum(load.busy for load in self.loads) / sum(up), 1.0), 4),
-            "by_replica": replicas,
+            "replica": replicas,
         }
 
 

@@ -1,19 +1,23 @@
-"""Captioning throughput: the whole pipeline against bare vLLM generation of the same batch.
+"""Captioning throughput: the whole pipeline against bare vLLM generation of the same clips.
 
     python benchmarks/caption_bench.py INGEST_DIR --model MODEL_DIR [--count 16] [--prompt cot-v1]
+        [--max-tokens 768] [--batch-clips B] [--replicas N]
 
-Both sides use one engine loaded once. "vLLM alone" times only ``LLM.generate`` on requests whose
-media are already decoded (one batch, first attempt, same sampling and structured output);
-"pipeline" times a full captioning run over the same clips: shard reading and decoding,
-generation with repair rounds, parsing, text embeddings and the LanceDB upsert. On a CPU with the
-tiny random model the figures only check the plumbing; the target (pipeline within 10 % of vLLM
-alone) is meant for a real model on a GPU.
+Both sides use one engine loaded once, with the same settings. "vLLM alone" times only
+``LLM.generate`` on requests whose media are already decoded (all clips in one call, first
+attempt, same sampling and structured output); "pipeline" times a full captioning run over the
+same clips: shard reading and decoding, generation in chunks of ``--batch-clips`` (repair rounds
+included), parsing, text embeddings and the LanceDB upserts, overlapped as the run does them.
+``--replicas N`` instead times the pipeline with one engine replica pinned to one CPU core against
+N replicas on N cores (replica start-up excluded). On a CPU with the tiny random model the figures
+check the plumbing; the real target is a real model on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -23,24 +27,13 @@ from vaemo.artifacts import IngestFolder
 from vaemo.caption.engines import Request, load_engine
 from vaemo.caption.inputs import clip_media, shard_samples
 from vaemo.caption.prompt import json_schema, load_prompt
-from vaemo.caption.run import caption
+from vaemo.caption.replicas import ReplicaPool
+from vaemo.caption.run import CaptionRun, caption
 from vaemo.caption.select import select_clips
 from vaemo.config import CaptionConfig
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ingest_dir", type=Path)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompt", default="cot-v1")
-    parser.add_argument("--count", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=768)
-    parser.add_argument("--repeat", type=int, default=2, help="timed rounds of each side, alternating; best is kept")
-    args = parser.parse_args()
-
-    cfg = CaptionConfig(
-        model=args.model, prompt=args.prompt, count=args.count, retries=0, sampling={"max_tokens": args.max_tokens}
-    )
+def bare_and_pipeline(args, cfg: CaptionConfig) -> dict:
     engine = load_engine(cfg)
     prompt = load_prompt(cfg.prompt)
     picked = select_clips(IngestFolder(args.ingest_dir).clips(), cfg)
@@ -54,7 +47,7 @@ def main() -> None:
     schema = json_schema(prompt.limits)
     engine.generate(requests[:2], schema)  # warm-up: first-batch compilation and caches
 
-    bare, piped = [], []
+    bare, piped, engines = [], [], {}
     for _ in range(args.repeat):
         start = time.perf_counter()
         replies = engine.generate(requests, schema)
@@ -63,17 +56,73 @@ def main() -> None:
             start = time.perf_counter()
             summary = caption(args.ingest_dir, db, cfg, engine=engine)
             piped.append((time.perf_counter() - start, summary["generated_tokens"]))
+            engines = summary["engines"]
 
     def rate(runs):
         seconds, tokens = min(runs)
         return {"seconds": round(seconds, 2), "clips_per_s": round(len(requests) / seconds, 3),
                 "tokens_per_s": round(tokens / seconds, 1)}
 
-    result = {"machine": platform.processor() or platform.machine(), "model": cfg.model, "clips": len(requests),
-              "vllm_alone": rate(bare), "pipeline": rate(piped)}
+    result = {"clips": len(requests), "vllm_alone": rate(bare), "pipeline": rate(piped),
+              "requests_per_generate_call": engines["requests_per_generate_call"],
+              "engine_wait_share": engines["wait_share"]}
     result["pipeline_vs_vllm_clips_per_s"] = round(
         result["pipeline"]["clips_per_s"] / result["vllm_alone"]["clips_per_s"], 3
     )
+    return result
+
+
+def replica_scaling(args, cfg: CaptionConfig) -> dict:
+    """The pipeline with one replica on one core, then ``--replicas`` replicas on as many cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < args.replicas:
+        raise SystemExit(f"--replicas {args.replicas} needs as many CPU cores; this process may use {len(cores)}")
+    result = {}
+    for count in (1, args.replicas):
+        os.sched_setaffinity(0, cores[:count])  # the replicas split what this process may use
+        try:
+            with tempfile.TemporaryDirectory() as db, CaptionRun(args.ingest_dir, db, cfg) as run:
+                plan = run.plan()
+                pool = ReplicaPool(cfg, run.prompt, run.schema, count)
+                try:
+                    start = time.perf_counter()
+                    run.caption_all(plan, pool)
+                    seconds = time.perf_counter() - start
+                finally:
+                    pool.close()
+                engines = pool.tracker.summary()
+        finally:
+            os.sched_setaffinity(0, cores)
+        result[f"replicas_{count}"] = {"seconds": round(seconds, 2), "clips_per_s": round(plan.clips_todo / seconds, 3),
+                                       "requests_per_generate_call": engines["requests_per_generate_call"],
+                                       "engine_wait_share": engines["wait_share"], "by_replica": engines["replica"]}
+    result[f"replicas_{args.replicas}_vs_1_clips_per_s"] = round(
+        result[f"replicas_{args.replicas}"]["clips_per_s"] / result["replicas_1"]["clips_per_s"], 3
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ingest_dir", type=Path)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompt", default="cot-v1")
+    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=768)
+    parser.add_argument("--batch-clips", type=int, default=CaptionConfig().batch_clips,
+                        help="clips per generate call in the pipeline")
+    parser.add_argument("--repeat", type=int, default=2, help="timed rounds of each side, alternating; best is kept")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="N > 1: time N replicas (one core each) against one instead")
+    args = parser.parse_args()
+
+    cfg = CaptionConfig(
+        model=args.model, prompt=args.prompt, count=args.count, retries=0, sampling={"max_tokens": args.max_tokens},
+        batch_clips=args.batch_clips,
+    )
+    result = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+              "model": cfg.model, "batch_clips": cfg.batch_clips}
+    result.update(replica_scaling(args, cfg) if args.replicas > 1 else bare_and_pipeline(args, cfg))
     print(json.dumps(result, indent=1))
 
 

@@ -50,7 +50,8 @@ def align_flow(shards: str, db: str, init: str, out: str, settings: AlignConfig 
     params = {"shards": shards, "db": db, "init": init, "out": out, "resume": resume,
               "align": settings.model_dump(mode="json"), "caption_tag": captions.tag,
               "caption_version": captions.version, "text_encoder": captions.text_encoder}
-    with gpu_stage_run("align", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
+    with gpu_stage_run("align", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id),
+                       gpus=settings.processes) as (run, uri):
         digest = tracking.log_shards(ingest, "training")
         tracking.log_table_version("captions", captions.pinned, context="training")
         stage1_id = tracking.log_model_input(stage1, "stage1_model", "init", "stage1", Tag.STAGE1_MODEL_ID, uri)

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 import time
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from flows.common import gpu_stage_run, vaemo_flow
 from vaemo import tracking
 from vaemo.artifacts import IngestFolder, TableVersion
-from vaemo.caption.engines import load_engine
+from vaemo.caption.replicas import gpus_used
 from vaemo.caption.run import CaptionRun, check_settings
 from vaemo.config import CaptionConfig, TrackingConfig
-
-
-@task(cache_policy=NONE)
-def caption_shard(run: CaptionRun, shard: str, clip_ids: list[str]) -> dict:
-    """One shard's selected clips in one batched generate call (plus repair rounds), stored at once."""
-    return run.caption_shard(shard, clip_ids, load_engine(run.cfg))
 
 
 def check(shards: str, settings: CaptionConfig, **_) -> None:
@@ -42,7 +35,8 @@ def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig()
     ingest = IngestFolder(shards)
     params = {"shards": shards, "db": db, "force": force, "caption": settings.model_dump(mode="json")}
     start = time.perf_counter()
-    with gpu_stage_run("caption", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (mlrun, _):
+    with gpu_stage_run("caption", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id),
+                       gpus=gpus_used(settings)) as (mlrun, _):
         tracking.log_shards(ingest, "input")
         with CaptionRun(shards, db, settings, force) as run:
             tracking.log_files([run.prompt.path], artifact_path="prompt")
@@ -50,17 +44,18 @@ def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig()
                 {"prompt_version": run.prompt_version, "prompt_digest": run.prompt.digest, "model_key": run.model}
             )
             plan = run.plan()
-            logger.info("%d clips selected, %d already described, %d to describe in %d shard(s)",
-                        len(plan.selected), plan.already_stored, plan.clips_todo, len(plan.todo))
+            logger.info("%d clips selected, %d already described, %d to describe from %d shard(s) in chunks of %d",
+                        len(plan.selected), plan.already_stored, plan.clips_todo, len(plan.todo),
+                        settings.batch_clips)
             progress = create_progress_artifact(0.0, key="caption-progress", description="clips described")
-            done = 0
-            with tqdm(total=plan.clips_todo, desc="caption", unit="clip") as bar:
-                for shard, ids in plan.todo.items():
-                    counts = caption_shard(run, shard, ids)
-                    done += len(ids)
-                    bar.update(len(ids))
-                    update_progress_artifact(progress, 100.0 * done / plan.clips_todo)
-                    logger.info("%s: %s", shard, counts)
+            if plan.todo:
+                with tqdm(total=plan.clips_todo, desc="caption", unit="clip") as bar, run.generators() as generators:
+                    def stored(counts: dict[str, int]) -> None:
+                        bar.update(sum(counts.values()))
+                        update_progress_artifact(progress, 100.0 * bar.n / plan.clips_todo)
+                        logger.info("chunk stored: %s", counts)
+
+                    run.caption_all(plan, generators, stored)
             summary = run.finalize(plan, time.perf_counter() - start)
             sample = run.sample_rows()
         tracking.log_metrics_flat(
@@ -70,6 +65,8 @@ def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig()
         tracking.log_metrics_flat(
             {k: summary[k] for k in ("clips_per_second", "tokens_per_second") if summary[k] is not None}
         )
+        # requests per generate call, clips/s and tokens/s per replica and in total, the share spent waiting
+        tracking.log_metrics_flat(summary["engines"], "engine.")
         tracking.log_table_version(
             "captions", TableVersion(db, summary["table"], summary["tag"], summary["version"]), context="output"
         )

@@ -1,5 +1,5 @@
 """Small pieces every stage flow shares: run tags for lineage, the stage's MLflow run with its link in
-Prefect, refusals as failed states, and the one-GPU-stage-at-a-time slot."""
+Prefect, refusals as failed states, and the `gpu` slot that counts the node's GPUs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -22,6 +22,7 @@ from prefect.states import Failed
 from vaemo import tracking
 from vaemo.artifacts import ModelFolder
 from vaemo.config import TrackingConfig
+from vaemo.devices import visible_gpus
 from vaemo.errors import VaemoError, writing
 from vaemo.servers import run_child
 from vaemo.tracking import Tag
@@ -94,31 +95,37 @@ def _release_expired_leases(client, limit_id) -> int:
 
 
 @contextmanager
-def gpu_slot():
-    """Hold the global concurrency slot "gpu" (limit 1, created when missing) for a GPU-heavy stage."""
+def gpu_slot(gpus: int = 1):
+    """Hold ``gpus`` slots of the global concurrency limit "gpu", whose limit is this node's GPU count (1 on a
+    CPU host, so GPU stages still run one at a time there). A stage asking for more than the node has holds
+    them all."""
     logger = get_run_logger()
+    node = max(1, len(visible_gpus()))
+    occupy = min(max(1, gpus), node)
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_SLOT)
+            if client.read_global_concurrency_limit_by_name(GPU_SLOT).limit != node:
+                client.update_global_concurrency_limit(GPU_SLOT, GlobalConcurrencyLimitUpdate(limit=node))
         except ObjectNotFound:
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1))
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=node))
             except ObjectAlreadyExists:
                 pass  # another run made it meanwhile
         warned = False
         while True:
             limit = client.read_global_concurrency_limit_by_name(GPU_SLOT)
-            if limit.active_slots < limit.limit:
+            if limit.active_slots + occupy <= limit.limit:
                 break
             if _release_expired_leases(client, limit.id):
                 logger.warning("freed the %r slot of a run that stopped without releasing it", GPU_SLOT)
                 continue
             if not warned:
-                logger.warning("waiting for the %r concurrency slot: another GPU stage holds it (the slot of a killed "
-                               "run frees when its lease expires, within %d s)", GPU_SLOT, GPU_LEASE_SECONDS)
+                logger.warning("waiting for %d of the %r concurrency slots: other GPU stages hold %d of %d (the slots "
+                               "of a killed run free when its lease expires, within %d s)", occupy, GPU_SLOT,
+                               limit.active_slots, limit.limit, GPU_LEASE_SECONDS)
                 warned = True
             time.sleep(5)
-    with concurrency(GPU_SLOT, occupy=1, strict=True, lease_duration=GPU_LEASE_SECONDS):
+    with concurrency(GPU_SLOT, occupy=occupy, strict=True, lease_duration=GPU_LEASE_SECONDS):
         yield
 
 
@@ -138,12 +145,13 @@ def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: d
 
 
 @contextmanager
-def gpu_stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None):
-    """The `gpu` slot and the stage's MLflow run (with system metrics) for a GPU stage.
+def gpu_stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None,
+                  gpus: int = 1):
+    """The stage's ``gpus`` slots of `gpu` and its MLflow run (with system metrics) for a GPU stage.
 
     Yields the MLflow run and the tracking URI (for loggers used from other threads or processes).
     """
-    with gpu_slot(), stage_run(stage, work_dir, tracking_cfg, params, tags, system_metrics=True) as (run, uri):
+    with gpu_slot(gpus), stage_run(stage, work_dir, tracking_cfg, params, tags, system_metrics=True) as (run, uri):
         yield run, uri
 
 

@@ -87,7 +87,8 @@ def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConf
         "model": model_cfg.model_dump(),
         "audio_norm": f"mean={model_cfg.audio_mean} std={model_cfg.audio_std} double_std={model_cfg.audio_double_std}",
     }
-    with gpu_stage_run("pretrain", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id)) as (run, uri):
+    with gpu_stage_run("pretrain", work_dir, tracking_cfg, params, tracking.child_tags(parent_run_id),
+                       gpus=settings.processes) as (run, uri):
         tracking.log_shards(ingest, "training", digest)
         if settings.view.enabled:
             ensure_view(shards, settings, dask)

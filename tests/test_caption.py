@@ -15,6 +15,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import caption_engines
 import lancedb
 import mlflow
 import pandas as pd
@@ -24,9 +25,11 @@ from conftest import cli_env, vaemo_command
 from vaemo import store
 from vaemo.caption.engines import EngineError, Generation, resolve_model
 from vaemo.caption.prompt import FIELDS, PromptError, json_schema, load_prompt, parse_reply
+from vaemo.caption.replicas import replica_count
 from vaemo.caption.run import caption
 from vaemo.caption.select import SelectionError, select_clips
 from vaemo.config import CaptionConfig
+from vaemo.devices import placements
 
 GOOD = {"facial_cues": "raised brows, wide eyes", "vocal_cues": "high pitch, fast tempo",
         "reasoning": "both signal arousal", "emotion": "fear", "intensity": "high",
@@ -250,15 +253,48 @@ def test_unreadable_clip_is_recorded_and_the_shard_goes_on(shards, tmp_path):
     assert rows.at[victim, "status"] == "failed" and rows.at[victim, "reason"].startswith("unreadable media: mp4")
 
 
+def test_replicas_are_pinned_to_their_own_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [p.gpus for p in placements(2, 2)] == [("4", "5"), ("6", "7")]
+    assert placements(1, 2)[0].environment() == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    assert replica_count(CaptionConfig(replicas="auto", tensor_parallel_size=2)) == 2
+    with pytest.raises(ValueError, match="need 6 GPUs; this node has 4 visible"):
+        placements(3, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU host: the cores this process may use are split
+    cores = sorted(os.sched_getaffinity(0))
+    assert replica_count(CaptionConfig(replicas="auto")) == 1
+    assert [p.cores for p in placements(len(cores), 1)] == [(c,) for c in cores]
+    assert placements(1, 1)[0].environment()["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two replicas need two CPU cores")
+def test_a_dead_replica_s_chunk_is_redone_once_and_a_failed_load_names_its_device(shards, tmp_path, monkeypatch):
+    """Replica processes with a scripted engine: one dies in its first chunk, the other redoes it."""
+    db = tmp_path / "db"
+    cfg = CaptionConfig(count=3, model="scripted", replicas=2, batch_clips=1)
+    monkeypatch.setenv(caption_engines.CRASH_MARKER, str(tmp_path / "crashed"))
+    summary = caption(shards, db, cfg, load=caption_engines.replies)
+    rows = _rows(db)
+    assert (tmp_path / "crashed").exists() and len(rows) == 3 and rows["clip_id"].is_unique
+    assert summary["status_counts"] == {"ok": 3} and summary["engines"]["replicas"] == 2
+    assert summary["engines"]["requests_per_generate_call"] == 1.0
+    with pytest.raises(EngineError, match=r"caption replica 1 \(CPU core \d+\) could not load its engine: "
+                                          "EngineError: no memory left"):
+        caption(shards, db, cfg, force=True, load=caption_engines.fails_on_core_1)
+
+
 def test_vllm_generation_is_stored_once_and_reruns_skip(shards, tiny_mllm, short_prompt, tmp_path):
-    """Real vLLM (CPU build) multimodal generation: face frames + voice, structured JSON output."""
+    """Real vLLM (CPU build) multimodal generation: face frames + voice, structured JSON output; the chunks
+    of two clips span shards (one clip per shard)."""
     db = tmp_path / "db"
     cfg = CaptionConfig(
-        engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=3, sampling={"max_tokens": 256}
+        engine="vllm", model=str(tiny_mllm), prompt=str(short_prompt), count=3, sampling={"max_tokens": 256},
+        batch_clips=2,
     )
     first = caption(shards, db, cfg)
     rows = _rows(db)
     assert len(rows) == 3 and rows["clip_id"].is_unique and first["captioned_now"] == 3
+    assert rows["shard"].nunique() == 3 and first["engines"]["generate_calls"] >= 2
     assert set(rows["status"]) <= {"ok", "failed"} and (rows["status"] == "ok").any()
     assert rows.loc[rows.status == "failed", "reason"].str.len().gt(0).all()
     ok = rows[rows.status == "ok"].iloc[0]
@@ -286,15 +322,19 @@ def test_transformers_engine_runs_the_same_path(shards, tiny_mllm, tmp_path):
     )
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two replicas need two CPU cores")
 def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, short_prompt, tmp_path):
-    """`vaemo caption` through Prefect and MLflow; killed after its first shard, the re-run finishes the rest."""
+    """`vaemo caption` through Prefect and MLflow with two engine replicas and chunks of two clips across
+    shards; killed after its first stored chunk, the re-run finishes the rest, each clip stored once."""
     work, db = tmp_path / "work", tmp_path / "db"
-    args = vaemo_command("--work-dir", str(work), "caption", "--shards", str(shards), "--db", str(db),
-                         "--model", str(tiny_mllm), "--prompt", str(short_prompt), "--count", "3")
+    config = tmp_path / "pipelines.yaml"
+    config.write_text("stages:\n  caption:\n    batch_clips: 2\n    replicas: 2\n")
+    args = vaemo_command("--config", str(config), "--work-dir", str(work), "caption", "--shards", str(shards),
+                         "--db", str(db), "--model", str(tiny_mllm), "--prompt", str(short_prompt), "--count", "3")
     env = cli_env(work)
     log = (tmp_path / "first.log").open("w")  # a file, not a pipe: a full pipe would stall the child
     first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # two engines start on one core each: minutes when the machine is busy
     stored = 0
     while time.time() < deadline and first.poll() is None:
         try:
@@ -309,6 +349,7 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
     )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    stored = _rows(db)["clip_id"].nunique()  # a second chunk may have landed since the poll
 
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -335,6 +376,10 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
         run.data.metrics["selected"] == 3
         and sum(v for k, v in run.data.metrics.items() if k.startswith("status.")) == 3
     )
+    metrics = run.data.metrics
+    assert metrics["engine.replicas"] == 2 and metrics["engine.requests_per_generate_call"] >= 1
+    assert {"engine.replica.0.clips_per_second", "engine.replica.1.tokens_per_second",
+            "engine.wait_share"} <= set(metrics) and 0 <= metrics["engine.wait_share"] <= 1
     # MLflow keeps datasets as run inputs; the context tells the shards read from the captions written.
     contexts = {
         d.dataset.name: {t.key: t.value for t in d.tags}.get("mlflow.data.context") for d in run.inputs.dataset_inputs

@@ -325,6 +325,13 @@ class CaptionConfig(Strict):
     )
     max_model_len: int = Field(8192, ge=512, description="vLLM context length")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine")
+    batch_clips: int = Field(
+        256, ge=1, description="clips per generate call, gathered across shards; rows are stored per such chunk"
+    )
+    replicas: int | Literal["auto"] = Field(
+        1, description="engine processes, each on its own GPUs (tensor_parallel_size each) or CPU cores; auto: "
+        "visible GPUs / tensor_parallel_size (1 on a CPU host)",
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     cpu_kv_cache_gib: int = Field(1, ge=1, description="vLLM KV cache on a CPU host, GiB (about 2 M tokens per GiB)")
     store: StoreConfig = StoreConfig()

@@ -11,7 +11,7 @@ import numpy as np
 from webdataset.tariterators import base_plus_ext
 
 from vaemo.data.loader import ShardLoss, ShardLosses, expected_samples
-from vaemo.data.samples import SampleError, audio_bytes, decode_audio, decode_video, read_meta
+from vaemo.data.samples import SampleError, Window, audio_bytes, decode_audio, decode_video, read_meta
 
 SAMPLE_RATE = 16000  # what the Omni audio encoder expects
 
@@ -38,17 +38,23 @@ def clip_media(sample: dict, frames: int) -> ClipMedia:
     clip_id, meta = read_meta(sample)
     if "mp4" not in sample:
         raise SampleError("missing mp4")
-    video, fps, count, _ = decode_video(sample["mp4"])
+    video, fps, count, window = decode_video(sample["mp4"], lambda n, rate: _whole_clip(n, rate, frames))
     wave = decode_audio(audio_bytes(sample), SAMPLE_RATE)
     duration = count / fps
-    picks = np.linspace(0, count - 1, num=frames).round().astype(int)
     margin = int(meta.get("crop_margin") or 0)  # ingest stores a margin for random crops; the model sees the face
     if margin and min(video.shape[1:3]) > 2 * margin:
         video = video[:, margin:-margin, margin:-margin]
     return ClipMedia(
-        clip_id=clip_id, frames=np.ascontiguousarray(video[picks]), frame_indices=tuple(int(i) for i in picks),
+        clip_id=clip_id, frames=np.ascontiguousarray(video), frame_indices=window.frame_indices,
         fps=frames / duration, duration=duration, wave=wave,
     )
+
+
+def _whole_clip(count: int, fps: float, frames: int) -> Window:
+    """``frames`` frames evenly over the whole clip (only these are converted to RGB: most of decoding's cost)."""
+    picks = tuple(int(i) for i in np.linspace(0, count - 1, num=frames).round().astype(int))
+    return Window(start_frame=0, frame_indices=picks, audio_start=0, audio_samples=round(count / fps * SAMPLE_RATE),
+                  start=0.0, end=count / fps, looped=False)
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""One captioning run: select clips, skip those already described, generate shard by shard, store, tag.
+"""One captioning run: select clips, skip those already described, generate chunk by chunk, store, tag.
 
-Every shard's rows are upserted as soon as they are parsed, so a killed run loses at most the
-shard in flight, and the next run skips every stored key. The run holds the table's writer lock
-from start to end and closes by tagging the table version it produced.
+The clips to describe are cut into chunks of ``batch_clips`` across shards; each chunk is one
+batched generation (vaemo.caption.replicas) and one upsert, so a killed run loses at most the
+chunks in flight, and the next run skips every stored key. While the engines generate, a reader
+thread decodes the next chunks' media and a writer thread embeds and stores the finished ones.
+The run holds the table's writer lock from start to end (its writer thread is the only writer) and
+closes by tagging the table version it produced.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +26,10 @@ import pyarrow as pa
 
 from vaemo import store
 from vaemo.artifacts import IngestFolder
-from vaemo.caption.engines import CaptionEngine, Generation, Request, resolve_model
+from vaemo.caption.engines import CaptionEngine, resolve_model
 from vaemo.caption.inputs import ClipMedia, ShardRead, clip_media, shard_samples
 from vaemo.caption.prompt import LABEL_AWARE_SUFFIX, json_schema, load_prompt, parse_reply
+from vaemo.caption.replicas import Attempts, ChunkResult, InProcess, Job, ReplicaPool, replica_count
 from vaemo.caption.select import select_clips
 from vaemo.config import CaptionConfig
 from vaemo.data.loader import ShardLosses
@@ -52,13 +59,20 @@ class Plan:
     def clips_todo(self) -> int:
         return sum(len(v) for v in self.todo.values())
 
+    def chunks(self, size: int) -> list[list[tuple[str, str]]]:
+        """The (shard, clip id) pairs to describe, in shard order, cut into chunks of ``size`` across shards."""
+        pairs = [(shard, cid) for shard, ids in self.todo.items() for cid in ids]
+        return [pairs[i:i + size] for i in range(0, len(pairs), size)]
+
 
 @dataclass
-class _Attempts:
-    """The replies one clip got, oldest first."""
+class Chunk:
+    """One chunk's clips with their media decoded; the clips that could not be read carry the reason."""
 
-    generations: list[Generation] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    index: int
+    clips: list[tuple[str, str]]
+    media: dict[str, ClipMedia]
+    unreadable: dict[str, str]
 
 
 class CaptionRun:
@@ -73,6 +87,7 @@ class CaptionRun:
         self.losses = ShardLosses()
         self.tokens = 0
         self.generation_seconds = 0.0
+        self.engines: dict = {}
 
     def __enter__(self) -> CaptionRun:
         self.clips = self.ingest.clips()
@@ -103,51 +118,91 @@ class CaptionRun:
         hint = label if isinstance(label, str) and label else None
         return self.prompt.messages(hint), hint is not None
 
-    def _generate(self, engine: CaptionEngine, media: dict[str, ClipMedia]) -> dict[str, _Attempts]:
-        """First prompt for every clip in one batch, then repair turns for the unusable replies, batched too."""
-        first = {cid: self._messages(cid)[0] for cid in media}
-        messages, history = dict(first), {cid: _Attempts() for cid in media}
-        pending = list(media)
-        for attempt in range(self.cfg.retries + 1):
-            if not pending:
-                break
-            replies = engine.generate(
-                [Request(cid, messages[cid], media[cid], attempt) for cid in pending], self.schema
-            )
-            retry = []
-            for cid, reply in zip(pending, replies, strict=True):
-                history[cid].generations.append(reply)
-                reason = parse_reply(reply.text, self.prompt.limits).reason
-                if reason:
-                    history[cid].failures.append(f"attempt {attempt + 1}: {reason}")
-                    messages[cid] = self.prompt.repair_messages(first[cid], reply.text, reason)
-                    retry.append(cid)
-            pending = retry
-        return history
+    def read_chunk(self, index: int, clips: list[tuple[str, str]]) -> Chunk:
+        """Decode the media of a chunk's clips, reading each of its shards once."""
+        chunk = Chunk(index, clips, {}, {})
+        by_shard: dict[str, set[str]] = {}
+        for shard, cid in clips:
+            by_shard.setdefault(shard, set()).add(cid)
+        for shard, wanted in by_shard.items():
+            read, path = ShardRead(), self.ingest.shards_dir / shard
+            if path.is_file():
+                for clip_id, sample in shard_samples(path, wanted, self.losses, read):
+                    try:
+                        chunk.media[clip_id] = clip_media(sample, self.cfg.frames)
+                    except SampleError as exc:
+                        chunk.unreadable[clip_id] = f"unreadable media: {exc}"
+            missing = (f"lost: shard {shard} gave {read.loss.read} of its {read.loss.expected} samples "
+                       f"({read.loss.reason})" if read.loss else f"not found in shard {shard}")
+            for clip_id in wanted - chunk.media.keys() - chunk.unreadable.keys():
+                chunk.unreadable[clip_id] = missing
+        return chunk
 
-    def caption_shard(self, shard: str, clip_ids: list[str], engine: CaptionEngine) -> dict[str, int]:
-        """Describe the given clips of one shard and store their rows; returns counts per status."""
-        media, unreadable, read = {}, {}, ShardRead()
-        path = self.ingest.shards_dir / shard
-        if path.is_file():
-            for clip_id, sample in shard_samples(path, set(clip_ids), self.losses, read):
-                try:
-                    media[clip_id] = clip_media(sample, self.cfg.frames)
-                except SampleError as exc:
-                    unreadable[clip_id] = f"unreadable media: {exc}"
-        missing = (f"lost: shard {shard} gave {read.loss.read} of its {read.loss.expected} samples ({read.loss.reason})"
-                   if read.loss else f"not found in shard {shard}")
-        for clip_id in set(clip_ids) - media.keys() - unreadable.keys():
-            unreadable[clip_id] = missing
-        history = self._generate(engine, media) if media else {}
-        rows = [self._row(cid, shard, history.get(cid), unreadable.get(cid)) for cid in clip_ids]
+    def job(self, chunk: Chunk) -> Job:
+        return Job(chunk.index, {cid: self._messages(cid)[0] for cid in chunk.media}, chunk.media)
+
+    def store_chunk(self, chunk: Chunk, result: ChunkResult) -> dict[str, int]:
+        """Embed and upsert a generated chunk's rows (one table version); returns counts per status."""
+        rows = [self._row(cid, shard, result.history.get(cid), chunk.unreadable.get(cid))
+                for shard, cid in chunk.clips]
         self._embed(rows)
         store.upsert(self.table, pa.Table.from_pylist(rows, schema=self.table.schema), store.CAPTION_KEYS)
         counts = Counter(r["status"] for r in rows)
         self.written.update(counts)
         return dict(counts)
 
-    def _row(self, clip_id: str, shard: str, attempts: _Attempts | None, unreadable: str | None) -> dict:
+    @contextmanager
+    def generators(self, engine: CaptionEngine | None = None,
+                   load: Callable[[CaptionConfig], CaptionEngine] | None = None):
+        """The engines of this run: ``engine`` (or one loaded here) in this process, or ``replicas`` processes."""
+        from vaemo.caption.engines import load_engine
+
+        replicas = 1 if engine is not None else replica_count(self.cfg)
+        if replicas == 1:
+            gen = InProcess(engine or (load or load_engine)(self.cfg), self.prompt, self.schema, self.cfg.retries)
+        else:
+            gen = ReplicaPool(self.cfg, self.prompt, self.schema, replicas, load or load_engine)
+        try:
+            yield gen
+        finally:
+            gen.close()
+            self.engines = gen.tracker.summary()
+
+    def caption_all(self, plan: Plan, generators, on_chunk: Callable[[dict[str, int]], None] | None = None) -> None:
+        """Describe every clip of the plan, chunk by chunk; ``on_chunk(counts)`` follows each stored chunk.
+
+        The engines never wait on I/O in steady state: the chunks ahead are decoded on a reader thread
+        (one more than there are replicas), finished ones are embedded and stored on a writer thread.
+        """
+        chunks = plan.chunks(self.cfg.batch_clips)
+        read: dict[int, Chunk] = {}
+        stores: deque[Future] = deque()
+
+        def report(until_empty: bool) -> None:
+            while stores and (until_empty or stores[0].done()):
+                counts = stores.popleft().result()
+                if on_chunk:
+                    on_chunk(counts)
+
+        with ThreadPoolExecutor(1, "caption-read") as reader, ThreadPoolExecutor(1, "caption-store") as writer:
+            def jobs() -> Iterator[Job]:
+                depth = generators.replicas + 1
+                ahead = deque(reader.submit(self.read_chunk, i, c) for i, c in enumerate(chunks[:depth]))
+                rest = iter(enumerate(chunks[depth:], depth))
+                while ahead:
+                    chunk = ahead.popleft().result()
+                    following = next(rest, None)
+                    if following:
+                        ahead.append(reader.submit(self.read_chunk, *following))
+                    read[chunk.index] = chunk
+                    yield self.job(chunk)
+
+            for result in generators.results(jobs()):
+                stores.append(writer.submit(self.store_chunk, read.pop(result.index), result))
+                report(until_empty=False)
+            report(until_empty=True)
+
+    def _row(self, clip_id: str, shard: str, attempts: Attempts | None, unreadable: str | None) -> dict:
         meta = self.selected.loc[clip_id]
         sampling = {**self.cfg.sampling.model_dump(), "seed": self.cfg.seed, "frames": self.cfg.frames,
                     "retries": self.cfg.retries}
@@ -212,6 +267,7 @@ class CaptionRun:
             "tokens_per_second": round(self.tokens / self.generation_seconds, 2)
             if self.generation_seconds > 0
             else None,
+            "engines": self.engines,
         }
 
     def sample_rows(self, limit: int = 20) -> pd.DataFrame:
@@ -222,17 +278,17 @@ class CaptionRun:
 
 
 def caption(shards_dir: str | Path, db_dir: str | Path, cfg: CaptionConfig, force: bool = False,
-            engine: CaptionEngine | None = None, on_shard=None) -> dict:
-    """Run captioning without an orchestrator (library use); the `caption` flow does the same with tracking."""
-    from vaemo.caption.engines import load_engine
+            engine: CaptionEngine | None = None, on_chunk=None,
+            load: Callable[[CaptionConfig], CaptionEngine] | None = None) -> dict:
+    """Run captioning without an orchestrator (library use); the `caption` flow does the same with tracking.
 
+    ``engine``: an engine already loaded in this process (no replicas); ``load``: how engines are loaded
+    (in each replica's process when ``replicas`` > 1).
+    """
     start = time.perf_counter()
     with CaptionRun(shards_dir, db_dir, cfg, force) as run:
         plan = run.plan()
         if plan.todo:
-            engine = engine or load_engine(cfg)
-        for shard, ids in plan.todo.items():
-            counts = run.caption_shard(shard, ids, engine)
-            if on_shard:
-                on_shard(shard, counts)
+            with run.generators(engine, load) as generators:
+                run.caption_all(plan, generators, on_chunk)
         return run.finalize(plan, time.perf_counter() - start)

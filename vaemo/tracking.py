@@ -4,10 +4,13 @@ tag keys lineage reads, the parent and child runs of a pipeline run, and the run
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -22,6 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from vaemo import locks
 from vaemo.artifacts import IngestFolder, ModelFolder, TableVersion
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag of a dataset input: how the run used it
@@ -268,24 +273,81 @@ def log_figure(figure, artifact_file: str) -> None:
     plt.close(figure)
 
 
-def step_logger(tracking_uri: str, run_id: str):
-    """Per-step metrics from a training process into an existing run (thread- and process-safe client)."""
-    client = mlflow.MlflowClient(tracking_uri)
+class StepMetrics:
+    """Per-step metrics from a training process into an existing run, written by a background thread.
 
-    def log(step: int, values: dict[str, float]) -> None:
+    A step only queues its values (microseconds); the thread sends everything queued since its last
+    write as one batch (one SQLite write costs tens of milliseconds, ``benchmarks/metrics_bench.py``).
+    Use it as a context manager: leaving sends what is still queued, after a failure too. A write that
+    fails is logged once; leaving then raises, saying how many metrics did not arrive, unless the
+    block itself failed.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
+        self.error: Exception | None = None
+        self.lost = 0
+        self._finished = False
+        self._queue: queue.SimpleQueue[list[Metric] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send, name="mlflow-step-metrics", daemon=True)
+        self._thread.start()
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
         stamp = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in values.items()])
+        self._queue.put([Metric(k, float(v), stamp, step) for k, v in values.items()])
 
-    return log
+    def _send(self) -> None:
+        done = False
+        while not done:
+            pending = [self._queue.get()]
+            while not self._queue.empty():
+                pending.append(self._queue.get())
+            done = pending[-1] is None
+            metrics = [m for part in pending if part is not None for m in part]
+            if self.error is None and metrics:
+                try:
+                    write_metrics(self.client, self.run_id, metrics)
+                    continue
+                except (MlflowException, OSError) as exc:  # the store is down or locked: training goes on
+                    log.warning("step metrics no longer reach MLflow run %s: %s", self.run_id, exc)
+                    self.error = exc
+            self.lost += len(metrics)
+        self._finished = True  # not reached when a bug ends the thread (its traceback is printed)
+
+    def close(self) -> None:
+        """Send what is queued and stop the thread (waits for the last write)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> StepMetrics:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        if not self._finished and exc is None:
+            raise RuntimeError(f"the thread sending step metrics to MLflow run {self.run_id} failed (traceback above)")
+        if self.error is not None and exc is None:
+            raise RuntimeError(f"{self.lost} step metric value(s) did not reach MLflow run {self.run_id}: "
+                               f"{type(self.error).__name__}: {self.error}") from self.error
+
+
+def step_logger(tracking_uri: str, run_id: str) -> StepMetrics:
+    """The step logger of a training stage (a context manager; see :class:`StepMetrics`)."""
+    return StepMetrics(tracking_uri, run_id)
+
+
+def write_metrics(client: mlflow.MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Metrics into a run in as few writes as MLflow allows."""
+    for begin in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
 
 
 def log_history(tracking_uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]], prefix: str = "") -> None:
     """Many steps of metrics in one write (a per-step write to SQLite costs tens of milliseconds)."""
     stamp = int(time.time() * 1000)
     metrics = [Metric(f"{prefix}{k}", float(v), stamp, step) for step, values in rows for k, v in values.items()]
-    client = mlflow.MlflowClient(tracking_uri)
-    for begin in range(0, len(metrics), 1000):  # MLflow's limit per batch
-        client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
+    write_metrics(mlflow.MlflowClient(tracking_uri), run_id, metrics)
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

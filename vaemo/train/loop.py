@@ -356,12 +356,13 @@ def entry_point(
         parser.add_argument("--mlflow-run-id")
         args = parser.parse_args(argv)
         settings = settings_type.model_validate_json(args.settings.read_text()) if args.settings else settings_type()
-        log_step = None
         if args.mlflow_uri and args.mlflow_run_id:
             from vaemo.tracking import step_logger
 
-            log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
-        run(args, settings, log_step)
+            with step_logger(args.mlflow_uri, args.mlflow_run_id) as log_step:
+                run(args, settings, log_step)
+        else:
+            run(args, settings, None)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 0

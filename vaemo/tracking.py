@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import shutil
 import socket
 import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -274,62 +274,76 @@ def log_figure(figure, artifact_file: str) -> None:
 
 
 class StepMetrics:
-    """Per-step metrics from a training process into an existing run, written by a background thread.
+    """Per-step metrics from a training process into an existing run, written by a sender process.
 
-    A step only queues its values (microseconds); the thread sends everything queued since its last
-    write as one batch (one SQLite write costs tens of milliseconds, ``benchmarks/metrics_bench.py``).
-    Use it as a context manager: leaving sends what is still queued, after a failure too. A write that
-    fails is logged once; leaving then raises, saying how many metrics did not arrive, unless the
-    block itself failed.
+    A step only queues its values (the queue's own thread pickles them): the sender, a spawned
+    process, writes everything queued since its last write as one batch. Not a thread: MLflow's
+    SQLite store spends about 0.2 ms of Python per value, and a thread would hold the GIL the
+    training loop needs for that long (``benchmarks/metrics_bench.py``, README). Use it as a context
+    manager: leaving sends what is still queued, after a failure too. A write that fails is logged
+    by the sender, which then only counts what it drops; leaving raises, saying how many values did
+    not arrive, unless the block itself failed. A sender whose parent dies exits by itself.
     """
 
     def __init__(self, tracking_uri: str, run_id: str):
-        self.client, self.run_id = mlflow.MlflowClient(tracking_uri), run_id
-        self.error: Exception | None = None
-        self.lost = 0
-        self._finished = False
-        self._queue: queue.SimpleQueue[list[Metric] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._send, name="mlflow-step-metrics", daemon=True)
-        self._thread.start()
+        self.run_id = run_id
+        self.lost, self.error = 0, None
+        context = multiprocessing.get_context("spawn")  # a fork of a training process may hold CUDA state
+        self._steps, self._outcome = context.Queue(), context.Queue()
+        self._sender = context.Process(target=_send_steps, args=(tracking_uri, run_id, self._steps, self._outcome),
+                                       name="mlflow-step-metrics", daemon=True)
+        self._sender.start()
 
     def __call__(self, step: int, values: dict[str, float]) -> None:
-        stamp = int(time.time() * 1000)
-        self._queue.put([Metric(k, float(v), stamp, step) for k, v in values.items()])
-
-    def _send(self) -> None:
-        done = False
-        while not done:
-            pending = [self._queue.get()]
-            while not self._queue.empty():
-                pending.append(self._queue.get())
-            done = pending[-1] is None
-            metrics = [m for part in pending if part is not None for m in part]
-            if self.error is None and metrics:
-                try:
-                    write_metrics(self.client, self.run_id, metrics)
-                    continue
-                except (MlflowException, OSError) as exc:  # the store is down or locked: training goes on
-                    log.warning("step metrics no longer reach MLflow run %s: %s", self.run_id, exc)
-                    self.error = exc
-            self.lost += len(metrics)
-        self._finished = True  # not reached when a bug ends the thread (its traceback is printed)
+        self._steps.put((step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
 
     def close(self) -> None:
-        """Send what is queued and stop the thread (waits for the last write)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Send what is queued and stop the sender (waits for its last write)."""
+        if self._sender.is_alive():
+            self._steps.put(None)
+            self._sender.join()
+        if self._sender.exitcode == 0 and not self._outcome.empty():
+            self.lost, self.error = self._outcome.get()
 
     def __enter__(self) -> StepMetrics:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
-        if not self._finished and exc is None:
-            raise RuntimeError(f"the thread sending step metrics to MLflow run {self.run_id} failed (traceback above)")
-        if self.error is not None and exc is None:
-            raise RuntimeError(f"{self.lost} step metric value(s) did not reach MLflow run {self.run_id}: "
-                               f"{type(self.error).__name__}: {self.error}") from self.error
+        if exc is not None:
+            return
+        if self._sender.exitcode != 0:
+            raise RuntimeError(f"the process sending step metrics to MLflow run {self.run_id} failed "
+                               f"(exit code {self._sender.exitcode}; its traceback is above)")
+        if self.error is not None:
+            raise RuntimeError(f"{self.lost} step metric value(s) did not reach MLflow run {self.run_id}: {self.error}")
+
+
+def _send_steps(tracking_uri: str, run_id: str, steps, outcome) -> None:
+    """The sender process of :class:`StepMetrics`: batches of queued steps into the run until None arrives."""
+    client, parent = mlflow.MlflowClient(tracking_uri), multiprocessing.parent_process()
+    error, lost, done = None, 0, False
+    while not done:
+        try:
+            pending = [steps.get(timeout=1.0)]
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the training process was killed: nobody will close the queue
+            continue
+        while not steps.empty():
+            pending.append(steps.get())
+        done = pending[-1] is None
+        metrics = [Metric(k, v, stamp, step) for step, stamp, values in filter(None, pending)
+                   for k, v in values.items()]
+        if error is None and metrics:
+            try:
+                write_metrics(client, run_id, metrics)
+                continue
+            except (MlflowException, OSError) as exc:  # the store is down or locked: training goes on
+                log.warning("step metrics no longer reach MLflow run %s: %s", run_id, exc)
+                error = f"{type(exc).__name__}: {exc}"
+        lost += len(metrics)
+    outcome.put((lost, error))
 
 
 def step_logger(tracking_uri: str, run_id: str) -> StepMetrics:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.io import decode_jpeg, encode_jpeg
 
+from vaemo.config import PretrainConfig
 from vaemo.data.augment import materialise
 from vaemo.data.config import DataConfig
 from vaemo.data.samples import normalise_fbank, spec_mask, video_tensor
@@ -79,6 +80,8 @@ def test_repeat_aug_gives_k_draws_of_each_decoded_clip():
         assert not any(torch.equal(rows[i], rows[j]) for i in range(3) for j in range(i + 1, 3))
     with pytest.raises(ValueError, match="repeat_aug"):
         materialise(raw, CFG, device=CPU, train=True, repeat_aug=0)
+    with pytest.raises(ValueError, match="needs the training view"):
+        PretrainConfig(data={"repeat_aug": 2}, view={"enabled": False})
 
 
 def test_step_metrics_all_arrive_also_when_training_fails(tmp_path):

@@ -63,8 +63,9 @@ def align_flow(shards: str, db: str, init: str, out: str, settings: AlignConfig 
                      run.info.run_id, resume)
             metrics = model.metrics()
         else:
-            metrics = stage2.align(Path(shards), db, Path(init), Path(out), settings, resume=resume,
-                                   log_step=tracking.step_logger(uri, run.info.run_id))
+            with tracking.step_logger(uri, run.info.run_id) as log_step:
+                metrics = stage2.align(Path(shards), db, Path(init), Path(out), settings, resume=resume,
+                                       log_step=log_step)
         tracking.log_metrics_flat({k: v for k, v in metrics.items() if v is not None and k != "captions"})
         tracking.log_metrics_flat(metrics["captions"], "captions.")
         if metrics.get("embeddings"):

@@ -100,9 +100,8 @@ def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConf
             torchrun("vaemo.train.pretrain", settings, out, ["--shards", shards], uri, run.info.run_id, resume)
             metrics = model.metrics()
         else:
-            metrics = stage1.pretrain(
-                Path(shards), Path(out), settings, resume=resume, log_step=tracking.step_logger(uri, run.info.run_id)
-            )
+            with tracking.step_logger(uri, run.info.run_id) as log_step:
+                metrics = stage1.pretrain(Path(shards), Path(out), settings, resume=resume, log_step=log_step)
         tracking.log_metrics_flat({k: v for k, v in metrics.items() if v is not None})
         log_training_files(model, ("loss", "rec_video", "rec_audio", "contrastive", "lr"), "Stage 1")
         model_id = tracking.log_model_files("stage1", model.model_files(), tags={Tag.SHARDS_DIGEST: digest})

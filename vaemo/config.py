@@ -195,6 +195,13 @@ class PretrainConfig(TrainConfig):
         "restart", description="`vaemo run`, when the shards changed since the last finished pre-training: train anew, "
                                "or continue from that model (its folder is kept as stage1-previous/)")
 
+    @model_validator(mode="after")
+    def _repeat_needs_view(self) -> PretrainConfig:
+        if self.data.repeat_aug > 1 and not self.view.enabled:
+            raise ValueError("data.repeat_aug > 1 needs the training view (view.enabled: true); the mp4 path decodes "
+                             "one augmentation per window")
+        return self
+
 
 class ProbeConfig(Strict):
     """Linear probe on frozen, standardised clip embeddings (one linear layer, AdamW, mini-batches)."""

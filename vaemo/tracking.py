@@ -4,7 +4,10 @@ tag keys lineage reads, the parent and child runs of a pipeline run, and the run
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 import os
+import queue
 import shutil
 import socket
 import tempfile
@@ -22,6 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from vaemo import locks
 from vaemo.artifacts import IngestFolder, ModelFolder, TableVersion
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag: the UI shows the run under its parent
 CONTEXT_TAG = "mlflow.data.context"  # MLflow's tag of a dataset input: how the run used it
@@ -268,24 +273,95 @@ def log_figure(figure, artifact_file: str) -> None:
     plt.close(figure)
 
 
-def step_logger(tracking_uri: str, run_id: str):
-    """Per-step metrics from a training process into an existing run (thread- and process-safe client)."""
-    client = mlflow.MlflowClient(tracking_uri)
+class StepMetrics:
+    """Per-step metrics from a training process into an existing run, written by a sender process.
 
-    def log(step: int, values: dict[str, float]) -> None:
-        stamp = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in values.items()])
+    A step only queues its values (the queue's own thread pickles them): the sender, a spawned
+    process, writes everything queued since its last write as one batch. Not a thread: MLflow's
+    SQLite store spends about 0.2 ms of Python per value, and a thread would hold the GIL the
+    training loop needs for that long (``benchmarks/metrics_bench.py``, README). Use it as a context
+    manager: leaving sends what is still queued, after a failure too. A write that fails is logged
+    by the sender, which then only counts what it drops; leaving raises, saying how many values did
+    not arrive, unless the block itself failed. A sender whose parent dies exits by itself.
+    """
 
-    return log
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.run_id = run_id
+        self.lost, self.error = 0, None
+        context = multiprocessing.get_context("spawn")  # a fork of a training process may hold CUDA state
+        self._steps, self._outcome = context.Queue(), context.Queue()
+        self._sender = context.Process(target=_send_steps, args=(tracking_uri, run_id, self._steps, self._outcome),
+                                       name="mlflow-step-metrics", daemon=True)
+        self._sender.start()
+
+    def __call__(self, step: int, values: dict[str, float]) -> None:
+        self._steps.put((step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
+
+    def close(self) -> None:
+        """Send what is queued and stop the sender (waits for its last write)."""
+        if self._sender.is_alive():
+            self._steps.put(None)
+            self._sender.join()
+        if self._sender.exitcode == 0 and not self._outcome.empty():
+            self.lost, self.error = self._outcome.get()
+
+    def __enter__(self) -> StepMetrics:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+        if exc is not None:
+            return
+        if self._sender.exitcode != 0:
+            raise RuntimeError(f"the process sending step metrics to MLflow run {self.run_id} failed "
+                               f"(exit code {self._sender.exitcode}; its traceback is above)")
+        if self.error is not None:
+            raise RuntimeError(f"{self.lost} step metric value(s) did not reach MLflow run {self.run_id}: {self.error}")
+
+
+def _send_steps(tracking_uri: str, run_id: str, steps, outcome) -> None:
+    """The sender process of :class:`StepMetrics`: batches of queued steps into the run until None arrives."""
+    client, parent = mlflow.MlflowClient(tracking_uri), multiprocessing.parent_process()
+    error, lost, done = None, 0, False
+    while not done:
+        try:
+            pending = [steps.get(timeout=1.0)]
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the training process was killed: nobody will close the queue
+            continue
+        while not steps.empty():
+            pending.append(steps.get())
+        done = pending[-1] is None
+        metrics = [Metric(k, v, stamp, step) for step, stamp, values in filter(None, pending)
+                   for k, v in values.items()]
+        if error is None and metrics:
+            try:
+                write_metrics(client, run_id, metrics)
+                continue
+            except (MlflowException, OSError) as exc:  # the store is down or locked: training goes on
+                log.warning("step metrics no longer reach MLflow run %s: %s", run_id, exc)
+                error = f"{type(exc).__name__}: {exc}"
+        lost += len(metrics)
+    outcome.put((lost, error))
+
+
+def step_logger(tracking_uri: str, run_id: str) -> StepMetrics:
+    """The step logger of a training stage (a context manager; see :class:`StepMetrics`)."""
+    return StepMetrics(tracking_uri, run_id)
+
+
+def write_metrics(client: mlflow.MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Metrics into a run in as few writes as MLflow allows."""
+    for begin in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
 
 
 def log_history(tracking_uri: str, run_id: str, rows: list[tuple[int, dict[str, float]]], prefix: str = "") -> None:
     """Many steps of metrics in one write (a per-step write to SQLite costs tens of milliseconds)."""
     stamp = int(time.time() * 1000)
     metrics = [Metric(f"{prefix}{k}", float(v), stamp, step) for step, values in rows for k, v in values.items()]
-    client = mlflow.MlflowClient(tracking_uri)
-    for begin in range(0, len(metrics), 1000):  # MLflow's limit per batch
-        client.log_batch(run_id, metrics=metrics[begin : begin + 1000])
+    write_metrics(mlflow.MlflowClient(tracking_uri), run_id, metrics)
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

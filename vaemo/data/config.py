@@ -73,6 +73,13 @@ class DataConfig(BaseModel):
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
     freq_mask: int = Field(48, ge=0, description="widest SpecAugment frequency mask in mel bins (0: off)")
     time_mask: int = Field(48, ge=0, description="widest SpecAugment time mask in fbank frames (0: off)")
+    repeat_aug: int = Field(
+        1, ge=1,
+        description=(
+            "repeated augmentation (MAE-ST): each decoded clip is trained on this many times per batch, each "
+            "with its own crop, flip and masks, so a step sees batch_size x repeat_aug rows (training view only)"
+        ),
+    )
 
     # Loading (batch size and workers belong to the stage that loads: TrainConfig, EvaluateConfig)
     shuffle_buffer: int = Field(256, ge=0, description="samples held for shuffling in each worker (train)")

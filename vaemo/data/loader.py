@@ -391,10 +391,12 @@ class _Materialise:
     train: bool
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        from vaemo.data.view import materialise_cpu
+        from vaemo.data.augment import materialise
 
+        cpu, repeat = torch.device("cpu"), self.cfg.repeat_aug if self.train else 1
         for raw in src:
-            yield raw if raw["jpeg"] is None else materialise_cpu(raw, self.cfg, train=self.train)
+            yield raw if raw["jpeg"] is None else materialise(raw, self.cfg, device=cpu, train=self.train,
+                                                              repeat_aug=repeat)
 
 
 @dataclass

@@ -229,21 +229,30 @@ def normalise_fbank(feats: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return (feats - cfg.audio_mean) / cfg.audio_norm_divisor
 
 
+MaskBands = tuple[tuple[int, int], tuple[int, int]]  # (first, width) of the frequency band, then of the time band
+
+
+def draw_masks(frames: int, bins: int, cfg: DataConfig, rng: np.random.Generator) -> MaskBands:
+    """One frequency and one time band (SpecAugment), widths uniform in [0, max]; width 0 when a mask is off."""
+    bands = []
+    for size, widest in ((bins, cfg.freq_mask), (frames, cfg.time_mask)):
+        if widest:
+            width = int(rng.integers(0, min(widest, size) + 1))
+            bands.append((int(rng.integers(0, size - width + 1)), width))
+        else:
+            bands.append((0, 0))
+    return bands[0], bands[1]
+
+
 def spec_mask(feats: torch.Tensor, cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """One frequency and one time mask (SpecAugment), widths uniform in [0, max].
+    """The masks of :func:`draw_masks`, in place.
 
     Applied after normalisation with value 0, i.e. the dataset's mean level: the masked band reads
     as "average", not as silence.
     """
-    frames, bins = feats.shape
-    if cfg.freq_mask:
-        width = int(rng.integers(0, min(cfg.freq_mask, bins) + 1))
-        first = int(rng.integers(0, bins - width + 1))
-        feats[:, first : first + width] = 0.0
-    if cfg.time_mask:
-        width = int(rng.integers(0, min(cfg.time_mask, frames) + 1))
-        first = int(rng.integers(0, frames - width + 1))
-        feats[first : first + width, :] = 0.0
+    (freq_first, freq_width), (time_first, time_width) = draw_masks(*feats.shape, cfg, rng)
+    feats[:, freq_first : freq_first + freq_width] = 0.0
+    feats[time_first : time_first + time_width, :] = 0.0
     return feats
 
 
@@ -267,16 +276,31 @@ def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
-def video_tensor(frames: np.ndarray, cfg: DataConfig, rng: np.random.Generator | None) -> torch.Tensor:
-    """uint8 (T, H, W, 3) to normalised float32 (3, T, S, S); the same crop and flip for every frame.
+@dataclass(frozen=True)
+class VideoAug:
+    """One clip's crop and flip, the same for all its frames: a random box (top, left, h, w), or None for
+    the centre crop."""
 
-    Without rng: the centre S x S crop (after resizing the short side up to S if it is smaller).
+    box: tuple[int, int, int, int] | None
+    flip: bool
+
+
+def draw_video_aug(height: int, width: int, cfg: DataConfig, rng: np.random.Generator | None) -> VideoAug:
+    """The crop box, then the flip, from rng (in that order); without rng the centre crop and no flip."""
+    if rng is None:
+        return VideoAug(None, False)
+    box = _crop_box(height, width, cfg, rng) if cfg.crop_scale is not None else None
+    return VideoAug(box, cfg.flip_p > 0 and rng.random() < cfg.flip_p)
+
+
+def crop_frames(x: torch.Tensor, aug: VideoAug, size: int) -> torch.Tensor:
+    """uint8 (T, 3, H, W) on any device to float32 (T, 3, size, size), cropped, resized and flipped by ``aug``.
+
+    The centre crop resizes the short side up to size first when it is smaller.
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # T, 3, H, W, uint8
-    size = cfg.image_size
     height, width = x.shape[-2:]
-    if rng is not None and cfg.crop_scale is not None:
-        top, left, h, w = _crop_box(height, width, cfg, rng)
+    if aug.box is not None:
+        top, left, h, w = aug.box
         x = _resize(x[..., top : top + h, left : left + w].float(), size, size)
     else:
         if min(height, width) < size:
@@ -285,11 +309,25 @@ def video_tensor(frames: np.ndarray, cfg: DataConfig, rng: np.random.Generator |
             height, width = x.shape[-2:]
         top, left = (height - size) // 2, (width - size) // 2
         x = x[..., top : top + size, left : left + size].float()  # crop before converting
-    if rng is not None and cfg.flip_p > 0 and rng.random() < cfg.flip_p:
-        x = x.flip(-1)
-    mean = torch.tensor(cfg.video_mean).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(cfg.video_std).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).permute(1, 0, 2, 3).contiguous()
+    return x.flip(-1) if aug.flip else x
+
+
+def normalise_video(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Float pixel values (..., 3, T', S, S) with 0-255 range, channels at dim -4, to cfg's mean/std."""
+    shape = (3, 1, 1, 1)
+    mean = torch.tensor(cfg.video_mean, device=x.device).view(shape) * 255.0
+    std = torch.tensor(cfg.video_std, device=x.device).view(shape) * 255.0
+    return (x - mean) / std
+
+
+def video_tensor(frames: np.ndarray, cfg: DataConfig, rng: np.random.Generator | None) -> torch.Tensor:
+    """uint8 (T, H, W, 3) to normalised float32 (3, T, S, S); the same crop and flip for every frame.
+
+    Without rng: the centre S x S crop (after resizing the short side up to S if it is smaller).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # T, 3, H, W, uint8
+    aug = draw_video_aug(*x.shape[-2:], cfg, rng)
+    return normalise_video(crop_frames(x, aug, cfg.image_size).permute(1, 0, 2, 3), cfg).contiguous()
 
 
 def load_sample(

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
-from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.io import encode_jpeg
 from webdataset.tariterators import base_plus_ext
 
 from vaemo.artifacts import IngestFolder, file_sha256, shard_set_digest, write_json_atomic
@@ -61,10 +61,7 @@ from vaemo.data.samples import (
     decode_audio,
     decode_video,
     kaldi_fbank,
-    normalise_fbank,
     read_meta,
-    spec_mask,
-    video_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -285,17 +282,3 @@ def draw_window(sample: dict, data: DataConfig, rng: np.random.Generator | None)
     """The window :func:`raw_window` draws for this sample, without copying its bytes (resume's skip)."""
     return choose_window(len(_parts(sample, data)[0]), view_rate(data), view_data(data), rng)
 
-
-def materialise_cpu(raw: dict, data: DataConfig, *, train: bool) -> dict:
-    """A raw batch to the model's batch on the CPU, clip by clip, each clip's augmentation from its seed."""
-    videos, audios = [], []
-    for jpegs, feats, seed in zip(raw["jpeg"], raw["fbank"], raw["seed"].tolist(), strict=True):
-        rng = np.random.default_rng(seed) if train else None
-        frames = torch.stack([decode_jpeg(j) for j in jpegs]).permute(0, 2, 3, 1).numpy()
-        videos.append(video_tensor(frames, data, rng))
-        audio = normalise_fbank(feats.clone(), data)
-        audios.append(spec_mask(audio, data, rng) if rng is not None else audio)
-    empty_video = torch.empty(0, 3, data.frames, data.image_size, data.image_size)
-    rest = {k: v for k, v in raw.items() if k not in ("jpeg", "fbank", "seed")}
-    return {"video": torch.stack(videos) if videos else empty_video,
-            "audio": torch.stack(audios) if audios else raw["fbank"], **rest}

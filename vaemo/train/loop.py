@@ -37,6 +37,8 @@ from vaemo.errors import ArtifactError
 Batches = Callable[[int, int], Iterable[dict]]
 Objective = Callable[[nn.Module, dict], dict[str, torch.Tensor]]
 StepLogger = Callable[[int, dict[str, float]], None]
+# prepare(raw batch, device) -> the model's batch: a loader that leaves batches raw (bytes) for the device to decode
+Prepare = Callable[[dict, torch.device], dict]
 
 
 @dataclass
@@ -202,10 +204,13 @@ def train(
     resume: bool = False,
     log_step: StepLogger | None = None,
     seen_clips: list[str] | None = None,
+    prepare: Prepare | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.steps`` optimizer steps; rank 0 writes checkpoints and the step log.
 
     ``seen_clips`` collects the clip ids this process trained on (for checks of data sharding).
+    ``prepare`` turns the raw batches (those with a "jpeg" key) into the model's batches on the
+    training device; the samples counted are the rows it gives (repeated augmentations included).
     """
     env = init_distributed()
     if env.device.type == "cpu":
@@ -236,6 +241,10 @@ def train(
         parts: dict[str, float] = {}
         for micro in range(cfg.accumulation):
             batch = stream.next()
+            if batch.get("jpeg") is not None:
+                if prepare is None:
+                    raise TypeError("a raw batch (encoded frames) reached the training loop without a prepare function")
+                batch = prepare(batch, env.device)
             if seen_clips is not None:
                 seen_clips.extend(batch["clip_id"])
             sync = env.world == 1 or micro == cfg.accumulation - 1
@@ -347,12 +356,13 @@ def entry_point(
         parser.add_argument("--mlflow-run-id")
         args = parser.parse_args(argv)
         settings = settings_type.model_validate_json(args.settings.read_text()) if args.settings else settings_type()
-        log_step = None
         if args.mlflow_uri and args.mlflow_run_id:
             from vaemo.tracking import step_logger
 
-            log_step = step_logger(args.mlflow_uri, args.mlflow_run_id)
-        run(args, settings, log_step)
+            with step_logger(args.mlflow_uri, args.mlflow_run_id) as log_step:
+                run(args, settings, log_step)
+        else:
+            run(args, settings, None)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 0

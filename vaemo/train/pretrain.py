@@ -16,6 +16,7 @@ import torch
 
 from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import PretrainConfig
+from vaemo.data.augment import materialise
 from vaemo.data.config import DataConfig
 from vaemo.data.loader import ShardLosses, make_loader
 from vaemo.data.view import TrainingView, build
@@ -99,15 +100,21 @@ def pretrain(
         av.load_weights(model, cfg.init)  # continued pre-training; checkpoints of a resumed run replace these
 
     broken = ShardLosses()  # one for every loader of the run: each broken shard is warned about and counted once
+    # On a GPU the view's batches stay raw (workers only read bytes) and are decoded and augmented on the device.
+    raw = cfg.view.enabled and env.device.type == "cuda"
 
     def batches(epoch: int, skip: int):
         # Seeded by epoch, so a resumed run replays exactly the stream it left (the view's without decoding it).
         return make_loader(train_urls, data, train=True, seed=cfg.seed * 1000 + epoch, batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, losses=broken, view=cfg.view.enabled,
+                           num_workers=cfg.num_workers, losses=broken, view=cfg.view.enabled, raw=raw,
                            skip_batches=skip if cfg.view.enabled else 0)
 
+    def prepare(batch: dict, device: torch.device) -> dict:
+        return materialise(batch, data, device=device, train=True, repeat_aug=data.repeat_aug)
+
     seen: list[str] = []
-    result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen)
+    result = train(model, pretraining_objective, batches, cfg, out, resume=resume, log_step=log_step, seen_clips=seen,
+                   prepare=prepare)
     write_rank_record(out, env.rank, seen, model)
     broken.gather()
     if env.world > 1:

@@ -58,7 +58,8 @@ base_postgres() {
   changes=(--change "ENV POSTGRES_USER=postgres POSTGRES_DB=postgres")
 }
 step="local base images"
-base python python3.11 python3.11-venv ca-certificates
+# debootstrap does not resolve every dependency of --include: venv's are named.
+base python python3.11 python3.11-venv python3.11-distutils python3-pip-whl python3-setuptools-whl ca-certificates
 base postgres postgresql-15
 
 step="build vaemo:cpu"

@@ -41,6 +41,11 @@ base() {  # base NAME PACKAGES... : a Debian 12 image from debootstrap, once
   local root=$WORK/rootfs-$name
   run debootstrap --variant=minbase --include="$(IFS=,; echo "$*")" bookworm "$root" "$MIRROR"
   echo "deb $MIRROR bookworm main" > "$root/etc/apt/sources.list"
+  # The bases trust what this host trusts: behind a TLS-inspecting proxy, pip in the build needs its CA.
+  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    run chroot "$root" update-ca-certificates
+  fi
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
   "base_$name" "$root"
   tar -C "$root" -c . | docker import "${changes[@]}" - "vaemo-base:$name" >>"$LOG" 2>&1 || fail "docker import"
@@ -50,7 +55,8 @@ base() {  # base NAME PACKAGES... : a Debian 12 image from debootstrap, once
 # python refuses pip installs outside a venv).
 base_python() {
   run chroot "$1" python3.11 -m venv /usr/local/python
-  changes=(--change "ENV PATH=/usr/local/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+  changes=(--change "ENV PATH=/usr/local/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+           --change "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt")
 }
 base_postgres() {
   install -m 755 docker/vaemo-postgres.sh "$1/usr/local/bin/vaemo-postgres"
@@ -59,7 +65,7 @@ base_postgres() {
 }
 step="local base images"
 # debootstrap does not resolve every dependency of --include: venv's are named.
-base python python3.11 python3.11-venv python3.11-distutils python3-pip-whl python3-setuptools-whl ca-certificates
+base python python3.11 python3.11-venv python3-distutils python3-pip-whl python3-setuptools-whl ca-certificates
 base postgres postgresql-15
 
 step="build vaemo:cpu"

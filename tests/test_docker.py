@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_GPU = DOCKER / "compose.gpu.yaml"
+COMPOSE_OFFLINE = DOCKER / "compose.offline.yaml"
+DOCKER_CHECK = ROOT / "scripts/docker-check.sh"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "gpu": DOCKER / "Dockerfile.gpu"}
 SERVICES = {"postgres", "prefect-server", "mlflow", "worker"}
 IMAGE_DEFAULT_PORTS = {"postgres": 5432}  # services whose command does not say --port
@@ -178,6 +180,12 @@ def env_of(path: Path) -> dict[str, str]:
     for rest in args_of(path, "ENV"):
         env.update(item.split("=", 1) for item in shlex.split(rest))
     return env
+
+
+def base_image(path: Path) -> str:
+    """The image FROM names, through the default of the build argument it uses."""
+    defaults = dict(a.split("=", 1) for a in args_of(path, "ARG") if "=" in a)
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m.group(1)], args_of(path, "FROM")[0])
 
 
 def workdir(path: Path) -> PurePosixPath:
@@ -511,7 +519,7 @@ def test_mlflow_options_exist_in_the_installed_mlflow_and_accept_the_workers_hos
 
 
 def test_image_tags_match_pyproject_pins():
-    python = re.match(r"python:(\d+\.\d+)", args_of(DOCKERFILES["cpu"], "FROM")[0]).group(1)
+    python = re.match(r"python:(\d+\.\d+)", base_image(DOCKERFILES["cpu"])).group(1)
     assert services()["prefect-server"]["image"] == f"prefecthq/prefect:{pin('prefect')}-python{python}"
     assert services()["mlflow"]["image"] == f"ghcr.io/mlflow/mlflow:v{pin('mlflow')}"
     assert services()["postgres"]["image"] == "postgres:16"
@@ -652,7 +660,7 @@ def test_runtime_settings(variant):
     env = env_of(dockerfile)
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
-    python = re.match(r"python:(\d+\.\d+)-", args_of(dockerfile, "FROM")[0]).group(1)
+    python = re.match(r"python:(\d+\.\d+)-", base_image(dockerfile)).group(1)
     assert python in SpecifierSet(pyproject()["project"]["requires-python"])
     # The tools vaemo runs, which scripts/system-deps.sh also installs (it adds test-only ones), by package.
     system_deps = (ROOT / "scripts/system-deps.sh").read_text()
@@ -692,7 +700,7 @@ def test_runs_as_a_user_owning_the_mounted_folders(variant):
 
 def test_gpu_image_can_compile_triton_launchers():
     assert {"gcc", "libc6-dev"} <= apt_packages(DOCKERFILES["gpu"])
-    assert "nvidia/cuda" not in args_of(DOCKERFILES["gpu"], "FROM")[0], "torch's wheels bring CUDA; no second copy"
+    assert "nvidia/cuda" not in base_image(DOCKERFILES["gpu"]), "torch's wheels bring CUDA; no second copy"
 
 
 # === .dockerignore ================================================================================
@@ -709,3 +717,75 @@ def test_dockerignore_keeps_environments_outputs_and_data_out():
         path = (COMPOSE.parent / source).resolve()
         if is_host_path(source) and ROOT in path.parents and not path.suffix:
             assert dockerignored(path.relative_to(ROOT).as_posix()), f"{source} would be sent to every build"
+
+
+# === compose.offline.yaml and scripts/docker-check.sh ===============================================
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's `!reset` tag (an override's way to drop a key of the base file)."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+
+@functools.cache
+def compose_offline() -> dict:
+    return interpolate(yaml.load(COMPOSE_OFFLINE.read_text(), Loader=_ComposeLoader))
+
+
+@pytest.mark.parametrize("variant", DOCKERFILES)
+def test_the_base_image_is_a_build_argument_defaulting_to_the_public_image(variant):
+    dockerfile = DOCKERFILES[variant]
+    assert instructions(dockerfile)[0][0] == "ARG" and args_of(dockerfile, "FROM") == ["${BASE_IMAGE}"]
+    assert base_image(dockerfile) == "python:3.11-slim-bookworm"
+    assert services()["worker"]["build"]["args"]["BASE_IMAGE"] == base_image(dockerfile)
+
+
+def test_offline_override_runs_every_service_on_the_host_network_with_local_images():
+    override = compose_offline()["services"]
+    assert set(override) == SERVICES
+    for name, service in override.items():
+        assert service["network_mode"] == "host", name
+        if services()[name].get("ports"):
+            assert service["ports"] is None, f"{name}: published ports must be reset on the host network"
+    assert override["postgres"]["image"] == "vaemo-base:postgres"
+    assert override["prefect-server"]["image"] == override["mlflow"]["image"] == services()["worker"]["image"]
+    for name in ("prefect-server", "mlflow"):
+        assert override[name]["entrypoint"] == [], f"{name}: runs its own server, not `vaemo`"
+        command = as_list(override[name]["command"])
+        assert command[command.index("--host") + 1] == "127.0.0.1", f"{name}: loopback only on the host's network"
+        assert set(command[:2]) <= set(as_list(services()[name]["command"])), name
+
+
+def test_offline_urls_name_the_ports_the_servers_listen_on():
+    override = compose_offline()["services"]
+
+    def port(name: str) -> int:
+        command = as_list(override[name]["command"])
+        return int(command[command.index("--port") + 1])
+
+    pg_port = int(override["postgres"]["environment"]["POSTGRES_PORT"])
+    assert f"-p {pg_port} " in override["postgres"]["healthcheck"]["test"][1]
+    assert urlsplit(override["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]).port == pg_port
+    worker = override["worker"]["environment"]
+    assert worker["PREFECT_API_URL"] == f"http://127.0.0.1:{port('prefect-server')}/api"
+    assert override["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == worker["PREFECT_API_URL"]
+    assert worker["MLFLOW_TRACKING_URI"] == worker["VAEMO_MLFLOW_UI_URL"] == f"http://127.0.0.1:{port('mlflow')}"
+    for name in ("prefect-server", "mlflow"):
+        assert f"127.0.0.1:{port(name)}/" in " ".join(override[name]["healthcheck"]["test"]), name
+    allowed = as_list(override["mlflow"]["command"])
+    assert f"127.0.0.1:{port('mlflow')}" in allowed[allowed.index("--allowed-hosts") + 1].split(",")
+    # The defaults are the check's ports, which scripts/docker-check.sh exports under the same names.
+    script = DOCKER_CHECK.read_text()
+    for variable in ("VAEMO_PREFECT_PORT", "VAEMO_MLFLOW_PORT", "VAEMO_POSTGRES_PORT"):
+        assert f"export {variable}=" in script or f" {variable}=${{{variable}:-" in script, variable
+
+
+def test_docker_check_builds_on_the_local_base_and_uses_both_compose_files():
+    script = DOCKER_CHECK.read_text()
+    assert "-f docker/compose.yaml -f docker/compose.offline.yaml" in script
+    assert "--build-arg BASE_IMAGE=vaemo-base:python" in script and "--network host" in script
+    assert "dockerd --bridge=none" in script and "down --volumes" in script
+    assert "docker/vaemo-postgres.sh" in script and (DOCKER / "vaemo-postgres.sh").is_file()
+    done = subprocess.run(["bash", "-n", str(DOCKER_CHECK)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr

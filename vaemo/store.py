@@ -22,13 +22,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import lancedb
 import pyarrow as pa
 from lancedb.index import FTS, Bitmap, BTree, IvfSq
 
 from vaemo import locks
-from vaemo.config import StoreConfig
 from vaemo.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ CAPTION_KEYS = ["clip_id", "prompt_version", "model"]
 NPROBES, REFINE_FACTOR = 80, 10
 
 
+class Upkeep(Protocol):
+    """What the store reads of a stage's ``store`` settings (``vaemo.config.StoreConfig``)."""
+
+    vector_index_rows: int
+    keep_versions_days: float
+
+
 @dataclass(frozen=True)
 class Indexes:
     """The indexes a table keeps. BTREE suits keys with many values, BITMAP filter columns with few."""
@@ -53,7 +60,7 @@ class Indexes:
     btree: tuple[str, ...] = ()
     bitmap: tuple[str, ...] = ()
     full_text: tuple[str, ...] = ()
-    vectors: tuple[str, ...] = ()  # indexed once the table holds StoreConfig.vector_index_rows rows
+    vectors: tuple[str, ...] = ()  # indexed once the table holds Upkeep.vector_index_rows rows
 
 
 # existing_keys and the run summaries filter on prompt version, model and run tag; merge_insert matches clip ids.
@@ -152,7 +159,7 @@ def vector_index(rows: int) -> IvfSq:
     return IvfSq(distance_type="cosine", num_partitions=max(1, -(-rows // 8192)), max_iterations=20, sample_rate=64)
 
 
-def ensure_indexes(table, indexes: Indexes, cfg: StoreConfig) -> list[str]:
+def ensure_indexes(table, indexes: Indexes, cfg: Upkeep) -> list[str]:
     """Create the indexes the table lacks (the columns newly indexed); ``optimize`` keeps them up to date later."""
     rows = table.count_rows()
     if rows == 0:
@@ -184,7 +191,7 @@ def _tags_to_branches(table) -> None:
         table.tags.delete(name)
 
 
-def tag_and_optimize(table, tag: str, indexes: Indexes, cfg: StoreConfig) -> int:
+def tag_and_optimize(table, tag: str, indexes: Indexes, cfg: Upkeep) -> int:
     """Index the table, compact it, merge new rows into its indexes, remove old untagged versions, then pin its
     current version under ``tag``; returns that version."""
     table.checkout_latest()

@@ -153,7 +153,8 @@ def test_ranks_with_workers_report_the_losses_of_every_rank_once(tmp_path):
     out = tmp_path / "ddp"
     # Rank 0 learns of the shard rank 1 trained on only by the ranks' gathering: without it that shard's count
     # is missing, or, when rank 0's retrieval pass reads that shard again, it is warned about a second time.
-    settings = settings_file(tmp_path, steps=2, batch_size=1, num_workers=1, eval_clips=2)
+    # The mp4 path: the ranks read the ingest shards themselves (the view, one shard here, is tested in test_view).
+    settings = settings_file(tmp_path, steps=2, batch_size=1, num_workers=1, eval_clips=2, view={"enabled": False})
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             *stage1(folder, out, settings)[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -188,7 +189,8 @@ def test_captioning_counts_a_broken_shard_with_the_same_check(one_shard, tmp_pat
 def test_a_corpus_smaller_than_a_batch_trains_on_partial_batches(shards, tmp_path):
     """Three clips in three shards, batch_size 8 and two workers: each worker trains on what it holds."""
     out = tmp_path / "model"
-    settings = settings_file(tmp_path, batch_size=8, num_workers=2, steps=3, warmup_steps=1)
+    # The mp4 path's three shards (a training view would pack them into one shard, which the readers resample).
+    settings = settings_file(tmp_path, batch_size=8, num_workers=2, steps=3, warmup_steps=1, view={"enabled": False})
     done = subprocess.run(stage1(shards, out, settings), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.count("3 clip(s) for 2 reader(s) (1 rank(s) x 2 worker(s)) with batch_size 8: fewer than one "

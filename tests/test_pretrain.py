@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tests.conftest import ROOT, cli_env, vaemo_command
 from vaemo.artifacts import IngestFolder
 from vaemo.config import PretrainConfig
 from vaemo.data.view import TrainingView
+from vaemo.data.view import build as build_view
 from vaemo.train.pretrain import data_config, model_config
 
 TIMEOUT = 600
@@ -110,10 +112,14 @@ def test_killed_training_resumes_on_the_same_loss_curve(shards, tmp_path):
 
 
 def test_two_process_ddp_shards_data_and_agrees_on_weights(shards, tmp_path):
-    out = tmp_path / "ddp"
-    settings = settings_file(tmp_path, steps=1, batch_size=1)  # one epoch: shards are split between the ranks
+    out, ingest = tmp_path / "ddp", tmp_path / "ingest"
+    shutil.copytree(shards, ingest)  # the view is written inside the ingest folder, and the fixture is shared
+    # One epoch: the view's shards (one clip each here) are split between the ranks.
+    settings = settings_file(tmp_path, steps=1, batch_size=1, view={"samples_per_shard": 1})
+    cfg = PretrainConfig.model_validate_json(settings.read_text())
+    build_view(IngestFolder(ingest), data_config(cfg, model_config(cfg)), cfg.view)  # torchrun's ranks need it built
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            *stage1(shards, out, settings)[1:]]
+            *stage1(ingest, out, settings)[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

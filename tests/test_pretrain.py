@@ -113,7 +113,8 @@ def test_killed_training_resumes_on_the_same_loss_curve(shards, tmp_path):
 
 def test_two_process_ddp_shards_data_and_agrees_on_weights(shards, tmp_path):
     out, ingest = tmp_path / "ddp", tmp_path / "ingest"
-    shutil.copytree(shards, ingest)  # the view is written inside the ingest folder, and the fixture is shared
+    # The view is written inside the ingest folder, and the fixture is shared: a copy without other tests' views.
+    shutil.copytree(shards, ingest, ignore=shutil.ignore_patterns("views"))
     # One epoch: the view's shards (one clip each here) are split between the ranks.
     settings = settings_file(tmp_path, steps=1, batch_size=1, view={"samples_per_shard": 1})
     cfg = PretrainConfig.model_validate_json(settings.read_text())

@@ -21,8 +21,9 @@ ONE_PER_TASK = ViewConfig(ingest_shards_per_task=1)
 
 @pytest.fixture()
 def ingest(shards, tmp_path) -> IngestFolder:
-    """A private copy of the session's ingest folder (three committed shards of one clip each)."""
-    return IngestFolder(shutil.copytree(shards, tmp_path / "ingest"))
+    """A private copy of the session's ingest folder (three committed shards of one clip each), without the views
+    that other tests' pre-training built in it."""
+    return IngestFolder(shutil.copytree(shards, tmp_path / "ingest", ignore=shutil.ignore_patterns("views")))
 
 
 def test_view_build_is_incremental_and_idempotent(ingest):

@@ -5,13 +5,17 @@
 # with docker/compose.offline.yaml, runs the demo pipeline through the worker's deployment (Prefect's REST API),
 # checks the parent and child runs and their artifacts in the MLflow server (its REST API), then removes every
 # container, volume and network. The first step that fails ends it with one line `docker-check: FAILED at ...`.
-# Ports: VAEMO_PREFECT_PORT (14200), VAEMO_MLFLOW_PORT (15000), VAEMO_POSTGRES_PORT (15432).
+# Ports: VAEMO_PREFECT_PORT (14200), VAEMO_MLFLOW_PORT (15000), VAEMO_POSTGRES_PORT (15432). Screenshots of
+# both UIs (with Chromium) go to VAEMO_CHECK_SCREENSHOTS. `--gpu-image` also builds vaemo:gpu on the same base and
+# runs its `--help` (no GPU needed).
 set -euo pipefail
+case "${1:-}" in "" | --gpu-image) ;; *) echo "usage: docker-check.sh [--gpu-image]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 export VAEMO_PREFECT_PORT=${VAEMO_PREFECT_PORT:-14200} VAEMO_MLFLOW_PORT=${VAEMO_MLFLOW_PORT:-15000}
 export VAEMO_POSTGRES_PORT=${VAEMO_POSTGRES_PORT:-15432} VAEMO_DATA=${VAEMO_DATA:-$PWD/docker/data}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 WORK=$(mktemp -d)
+SHOTS=${VAEMO_CHECK_SCREENSHOTS:-$WORK/screenshots}
 LOG=$WORK/log
 compose=(docker compose -p vaemo-check -f docker/compose.yaml -f docker/compose.offline.yaml)
 step=start
@@ -71,6 +75,12 @@ base postgres postgresql-15
 step="build vaemo:cpu"
 run docker build --network host --build-arg BASE_IMAGE=vaemo-base:python -f docker/Dockerfile.cpu -t vaemo:cpu .
 
+if [ "${1:-}" = --gpu-image ]; then
+  step="build vaemo:gpu"
+  run docker build --network host --build-arg BASE_IMAGE=vaemo-base:python -f docker/Dockerfile.gpu -t vaemo:gpu .
+  run docker run --rm --network host vaemo:gpu --help
+fi
+
 step="compose up"
 mkdir -p "$VAEMO_DATA"
 run "${compose[@]}" up -d --no-build --wait --wait-timeout 300
@@ -97,7 +107,7 @@ done
 [ "$state" = COMPLETED ] || fail "flow run $flow_run still $state after 15 minutes"
 
 step="runs and artifacts in MLflow"
-python3 - "$MLFLOW" <<'PY' >>"$LOG" 2>&1 || fail "MLflow has no complete parent/child runs with artifacts (see log)"
+python3 - "$MLFLOW" "$WORK/parent-run" <<'PY' >>"$LOG" 2>&1 || fail "MLflow has no complete parent/child runs with artifacts (see log)"
 import json, sys, urllib.request
 base = sys.argv[1]
 def call(path, body=None):
@@ -115,8 +125,29 @@ for run in runs:
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]["artifact_uri"]
 stored = [r for r in runs if call(f"/api/2.0/mlflow-artifacts/artifacts?path={r['info']['experiment_id']}/{r['info']['run_id']}/artifacts").get("files")]
 assert stored, "no run has artifacts in the server's store"
+with open(sys.argv[2], "w") as out:  # for the screenshots
+    print(parents[0]["info"]["experiment_id"], parents[0]["info"]["run_id"], file=out)
 print(f"docker-check: {len(parents)} parent and {len(children)} child runs, {len(stored)} with artifacts on the server")
 PY
+
+step="screenshots"
+# What a user sees in both UIs, served by the containers: looked at by hand (docker/README.md).
+if command -v chromium >/dev/null; then
+  mkdir -p "$SHOTS"
+  read -r experiment parent_run < "$WORK/parent-run"
+  shot() {
+    run timeout 180 chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
+      --disable-component-update --disable-sync --no-first-run --user-data-dir="$WORK/chromium" \
+      --hide-scrollbars --window-size=1400,900 --virtual-time-budget=20000 --screenshot="$SHOTS/$1.png" "$2"
+  }
+  shot prefect-flow-run "http://127.0.0.1:$VAEMO_PREFECT_PORT/runs/flow-run/$flow_run"
+  shot prefect-deployments "http://127.0.0.1:$VAEMO_PREFECT_PORT/deployments"
+  shot mlflow-experiment "$MLFLOW/#/experiments/$experiment"
+  shot mlflow-parent-run "$MLFLOW/#/experiments/$experiment/runs/$parent_run"
+  echo "docker-check: screenshots in $SHOTS"
+else
+  echo "docker-check: no chromium on PATH, no screenshots"
+fi
 
 step="teardown"
 teardown

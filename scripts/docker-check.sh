@@ -46,7 +46,7 @@ base() {  # base NAME PACKAGES... : a Debian 12 image from debootstrap, once
   run debootstrap --variant=minbase --include="$(IFS=,; echo "$*")" bookworm "$root" "$MIRROR"
   echo "deb $MIRROR bookworm main" > "$root/etc/apt/sources.list"
   # The bases trust what this host trusts: behind a TLS-inspecting proxy, pip in the build needs its CA.
-  if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  if [ -d "$root/usr/local/share/ca-certificates" ] && compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
     run chroot "$root" update-ca-certificates
   fi

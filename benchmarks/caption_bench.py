@@ -9,14 +9,16 @@ attempt, same sampling and structured output); "pipeline" times a full captionin
 same clips: shard reading and decoding, generation in chunks of ``--batch-clips`` (repair rounds
 included), parsing, text embeddings and the LanceDB upserts, overlapped as the run does them.
 ``--replicas N`` instead times the pipeline with one engine replica pinned to one CPU core against
-N replicas on N cores (replica start-up excluded). On a CPU with the tiny random model the figures
-check the plumbing; the real target is a real model on GPUs.
+N replicas on N cores (replica start-up excluded), and beside it what the machine's cores allow:
+single-threaded matrix products on N cores against one (virtual cores may share physical ones). On a
+CPU with the tiny random model the figures check the plumbing; the real target is a real model on GPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -72,6 +74,28 @@ def bare_and_pipeline(args, cfg: CaptionConfig) -> dict:
     return result
 
 
+def _matrix_products(core: int, seconds: float) -> float:
+    import torch
+
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    a = torch.rand(256, 256)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        count += 1
+    return count / seconds
+
+
+def core_scaling(cores: list[int], seconds: float = 10.0) -> float:
+    """Products per second on all ``cores`` at once against one core alone: the most that N processes,
+    one per core, can gain on this machine."""
+    with multiprocessing.get_context("spawn").Pool(len(cores)) as pool:
+        one = pool.apply(_matrix_products, (cores[0], seconds))
+        together = pool.starmap(_matrix_products, [(core, seconds) for core in cores])
+    return round(sum(together) / one, 3)
+
+
 def replica_scaling(args, cfg: CaptionConfig) -> dict:
     """The pipeline with one replica on one core, then ``--replicas`` replicas on as many cores."""
     cores = sorted(os.sched_getaffinity(0))
@@ -99,6 +123,7 @@ def replica_scaling(args, cfg: CaptionConfig) -> dict:
     result[f"replicas_{args.replicas}_vs_1_clips_per_s"] = round(
         result[f"replicas_{args.replicas}"]["clips_per_s"] / result["replicas_1"]["clips_per_s"], 3
     )
+    result[f"cores_{args.replicas}_vs_1_matrix_products_per_s"] = core_scaling(cores[:args.replicas])
     return result
 
 

@@ -92,10 +92,10 @@ step="demo run through the deployment"
 PREFECT=http://127.0.0.1:$VAEMO_PREFECT_PORT/api
 MLFLOW=http://127.0.0.1:$VAEMO_MLFLOW_PORT
 for _ in $(seq 60); do
-  deployment=$(curl -sf "$PREFECT/deployments/name/vaemo-pipeline/demo" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' 2>/dev/null) && break
+  deployment=$(curl -sf "$PREFECT/deployments/name/vaemo_pipeline/demo" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' 2>/dev/null) && break
   sleep 5
 done
-[ -n "${deployment:-}" ] || fail "the worker never served deployment vaemo-pipeline/demo"
+[ -n "${deployment:-}" ] || fail "the worker never served deployment vaemo_pipeline/demo"
 flow_run=$(curl -sf -X POST -H 'Content-Type: application/json' -d '{}' "$PREFECT/deployments/$deployment/create_flow_run" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') || fail "create_flow_run refused"
 state=

@@ -22,6 +22,9 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from flows.pipeline import vaemo_pipeline
+from vaemo.config import load_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -570,7 +573,7 @@ def test_worker_mounts_data_read_only_and_the_work_dir_of_pipelines_yaml():
 def test_copy_sources_exist_and_reach_the_build_context(variant):
     dockerfile = DOCKERFILES[variant]
     sources = [source for source, _ in copies(dockerfile)]
-    assert {"pyproject.toml", "README.md", "scripts", "vaemo", "flows", "pipelines.yaml"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "scripts/install-llm.sh", "vaemo", "flows", "pipelines.yaml"} <= set(sources)
     needed = []
     for source in sources:
         path = ROOT / source
@@ -787,5 +790,8 @@ def test_docker_check_builds_on_the_local_base_and_uses_both_compose_files():
     assert "--build-arg BASE_IMAGE=vaemo-base:python" in script and "--network host" in script
     assert "dockerd --bridge=none" in script and "down --volumes" in script
     assert "docker/vaemo-postgres.sh" in script and (DOCKER / "vaemo-postgres.sh").is_file()
+    # the deployment it starts is the one `vaemo serve` makes of the demo pipeline
+    deployments = set(re.findall(r"deployments/name/([\w-]+)/([\w-]+)", script))
+    assert deployments == {(vaemo_pipeline.name, "demo")} and "demo" in load_settings(ROOT / "pipelines.yaml").pipelines
     done = subprocess.run(["bash", "-n", str(DOCKER_CHECK)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr

@@ -7,10 +7,12 @@ import functools
 import inspect
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
@@ -41,12 +43,20 @@ def flow_run_tags() -> dict[str, str]:
     return tags
 
 
-def vaemo_flow(name: str, check=None):
+def run_name(*what: str) -> str:
+    """A flow run's name: what it runs and when it started (UTC, to the minute), e.g. "demo-2026-12-02T17:05"."""
+    return "-".join([*what, f"{datetime.now(UTC):%Y-%m-%dT%H:%M}"])
+
+
+def vaemo_flow(name: str, check=None, subject: Callable[[dict], str] | None = None):
     """Decorate a stage's flow function: ``check(**parameters)`` refuses what cannot work (a VaemoError) before
     any work, and the command line runs it too before it starts a Prefect server (``flow.fn.check``). A refusal
     ends the flow Failed with its one line, and with the error as its data, so the command line can tell a
     refusal (exit 2) from a bug (a traceback). The storage's refusal of a write (a full disk), in any stage, is
-    such an error too (StorageError, exit 1)."""
+    such an error too (StorageError, exit 1).
+
+    Its runs are named by ``run_name`` after ``subject(parameters)`` (default: the flow's name), instead of
+    Prefect's random adjective-animal names."""
 
     def decorate(flow_function):
         signature = inspect.signature(flow_function, eval_str=True)
@@ -67,7 +77,8 @@ def vaemo_flow(name: str, check=None):
         # Prefect builds the parameters' schema from the signature, its annotations resolved where the flow is.
         run.__signature__ = signature
         run.check = check  # beside the function, which Flow.with_options keeps
-        return flow(name=name, log_prints=True)(run)
+        return flow(name=name, log_prints=True,
+                    flow_run_name=lambda: run_name(subject(runtime.flow_run.parameters) if subject else name))(run)
 
     return decorate
 
@@ -129,6 +140,15 @@ def gpu_slot(gpus: int = 1):
         yield
 
 
+def publish_mlflow_link(key: str, what: str, tracking_cfg: TrackingConfig, work: Path, experiment_id: str,
+                        run_id: str) -> str:
+    """A link artifact ``key`` in the flow run to ``what``'s MLflow run; returns the run's URL."""
+    url = tracking_cfg.run_url(work, experiment_id, run_id)
+    create_link_artifact(key=key, link=url, link_text=f"MLflow run {run_id} ({what})",
+                         description=f"The {what}'s MLflow run")
+    return url
+
+
 @contextmanager
 def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: dict, tags: dict | None = None,
               system_metrics: bool = False):
@@ -137,10 +157,8 @@ def stage_run(stage: str, work_dir: str, tracking_cfg: TrackingConfig, params: d
     uri = tracking_cfg.uri(work)
     with tracking.stage_run(stage, tracking_uri=uri, experiment=tracking_cfg.experiment, work_dir=work, params=params,
                             tags={**flow_run_tags(), **(tags or {})}, system_metrics=system_metrics) as run:
-        create_link_artifact(key=f"{stage}-mlflow-run",
-                             link=tracking_cfg.run_url(work, run.info.experiment_id, run.info.run_id),
-                             link_text=f"MLflow run {run.info.run_id} ({stage})",
-                             description=f"The {stage} stage's MLflow run")
+        publish_mlflow_link(f"{stage}-mlflow-run", f"{stage} stage", tracking_cfg, work, run.info.experiment_id,
+                            run.info.run_id)
         yield run, uri
 
 

@@ -13,12 +13,13 @@ import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.context import get_run_context
 from prefect.states import Failed
 
 from flows.align import align_flow
 from flows.caption import caption_flow
-from flows.common import flow_run_tags, vaemo_flow
+from flows.common import flow_run_tags, publish_mlflow_link, run_name, vaemo_flow
 from flows.evaluate import evaluate_flow
 from flows.ingest import on_cluster
 from flows.pretrain import pretrain_flow
@@ -26,19 +27,30 @@ from vaemo import tracking
 from vaemo.config import CorpusConfig, Settings
 from vaemo.errors import VaemoError
 from vaemo.eval import REPORT
-from vaemo.pipeline import STAGES, Step, StepFailed, layout, one_run_at_a_time, preflight, run_pipeline
+from vaemo.pipeline import (
+                            STAGES,
+                            PipelineFailed,
+                            Step,
+                            StepFailed,
+                            StepOutcome,
+                            layout,
+                            one_run_at_a_time,
+                            preflight,
+                            run_pipeline,
+)
 
 # The flow that runs each stage of the library's table (vaemo.pipeline.stages.STAGES).
 SUBFLOWS = {"ingest": lambda settings: on_cluster(settings.dask), "pretrain": lambda _: pretrain_flow,
             "caption": lambda _: caption_flow, "align": lambda _: align_flow, "evaluate": lambda _: evaluate_flow}
 
 
-def _executor(settings: Settings, parent_run_id: str):
+def _executor(settings: Settings, pipeline: str, parent_run_id: str):
     common = {"work_dir": str(settings.work_dir), "tracking_cfg": settings.tracking, "parent_run_id": parent_run_id}
 
     def execute(step: Step, resume: bool) -> dict:
         extra = {"resume": resume} if step.trained else {}
-        state = SUBFLOWS[step.stage](settings)(**step.params, **extra, **common, return_state=True)
+        subflow = SUBFLOWS[step.stage](settings).with_options(flow_run_name=lambda: run_name(pipeline, step.label))
+        state = subflow(**step.params, **extra, **common, return_state=True)
         if state.is_completed():
             return state.result()
         outcome = state.result(raise_on_failure=False)
@@ -47,6 +59,18 @@ def _executor(settings: Settings, parent_run_id: str):
         raise StepFailed(state.message or state.name)
 
     return execute
+
+
+def _publish_steps(settings: Settings, pipeline: str, experiment_id: str, outcomes: list[StepOutcome]) -> None:
+    """A table artifact in the flow run: one row per step, with how it went and the link to its MLflow run."""
+    work = Path(settings.work_dir)
+    rows = [{"stage": step.stage, "corpus": step.corpus,
+             "outcome": f"skipped (reusing run {step.reused_run_id})" if step.outcome == "skipped" else step.outcome,
+             "seconds": round(step.seconds, 1),
+             "mlflow_run": settings.tracking.run_url(work, experiment_id, step.run_id) if step.run_id else ""}
+            for step in outcomes]
+    create_table_artifact(rows, key="pipeline-steps", description=f"The steps of pipeline {pipeline}: each ran, was "
+                          "skipped (its key matched the marker of the run whose outputs it reuses) or failed")
 
 
 def _summary(settings: Settings, name: str, result: dict) -> str:
@@ -66,7 +90,7 @@ def check(pipeline: str, settings: Settings) -> None:
     preflight(settings, pipeline)
 
 
-@vaemo_flow("vaemo_pipeline", check)
+@vaemo_flow("vaemo_pipeline", check, subject=lambda parameters: parameters["pipeline"])
 def vaemo_pipeline(pipeline: str, settings: Settings) -> dict:
     """Run the stages of the named ``pipeline`` of ``settings`` in order, each skipped when its key matches its marker.
 
@@ -80,9 +104,16 @@ def vaemo_pipeline(pipeline: str, settings: Settings) -> dict:
                                          Path(settings.work_dir), flow_run_tags(),
                                          {"pipeline": pipeline, "stages": ",".join(spec.stages),
                                           "corpora": ",".join(spec.corpora)})
+            publish_mlflow_link("pipeline-mlflow-run", f"pipeline {pipeline}", settings.tracking,
+                                Path(settings.work_dir), runs.experiment_id, runs.parent_id)
             logger.info("pipeline %s: stages %s on corpora %s; MLflow parent run %s", pipeline, spec.stages,
                         spec.corpora, runs.parent_id)
-            result = run_pipeline(pipeline, settings, STAGES, _executor(settings, runs.parent_id), runs)
+            try:
+                result = run_pipeline(pipeline, settings, STAGES, _executor(settings, pipeline, runs.parent_id), runs)
+            except PipelineFailed as failure:  # the table shows the steps up to the failed one
+                _publish_steps(settings, pipeline, runs.experiment_id, failure.outcomes)
+                raise
+            _publish_steps(settings, pipeline, runs.experiment_id, result["outcomes"])
     except VaemoError as exc:  # a stage failed (PipelineFailed), or another run holds the lock
         return Failed(message=str(exc))
     result["flow_run_id"] = str(get_run_context().flow_run.id)

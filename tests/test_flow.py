@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -45,6 +46,8 @@ def test_ingest_command_runs_the_flow_and_tracks_it(source, tmp_path):
     # Prefect: a completed flow run with its progress, table and report artifacts.
     db = sqlite3.connect(work / "prefect" / "prefect.db")
     assert db.execute("select state_type from flow_run where name is not null").fetchall() == [("COMPLETED",)]
+    [(name,)] = db.execute("select name from flow_run").fetchall()
+    assert re.fullmatch(r"ingest-\d{4}-\d\d-\d\dT\d\d:\d\d", name), "named after the stage and its start"
     keys = {row[0] for row in db.execute("select key from artifact")}
     assert {"ingest-progress", "ingest-stats", "ingest-report"} <= keys
     task_states = [row[0] for row in db.execute("select state_type from task_run")]

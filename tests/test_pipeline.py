@@ -5,6 +5,7 @@ captions and Stage 1."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 from pathlib import Path
@@ -139,3 +140,82 @@ def test_pipeline_fails_resumes_skips_and_walks_lineage(labelled_source, tiny_ml
         assert shard_digest in out and captions_tag in out and stage1_id in out, out
         for stage in ("evaluate run", "align run", "caption run", "pretrain run", "ingest run"):
             assert stage in out, out
+
+
+def test_prefect_shows_each_step_its_mlflow_run_and_the_library_warnings(corpus, tmp_path, monkeypatch):
+    """A short pipeline, failing at evaluation (it has no model), then with ingest only: each pipeline flow run
+    links its MLflow parent run and tables its steps, flow runs are named by pipeline and time, and a warning of
+    the library (a label row naming no video) is in the ingest flow run's logs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from vaemo.config import TrackingConfig
+
+    work = tmp_path / "work"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path\n" + "".join(f"{p.name}\n" for p in sorted(corpus.glob("*.mp4"))) + "gone.mp4\n")
+
+    def config(stages: list[str]) -> Path:
+        path = tmp_path / f"{len(stages)}-stages.yaml"
+        path.write_text(json.dumps({
+            "work_dir": str(work), "dask": {"workers": 1},
+            "corpora": {"c": {"path": str(corpus), "dataset": "generic", "labels": str(labels)}},
+            "pipelines": {"short": {"corpora": ["c"], "stages": stages}}}))
+        return path
+
+    env = cli_env(work)
+    Path(env["PREFECT_HOME"]).mkdir(parents=True)
+    monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+    server = SubprocessASGIServer()
+    server.start(timeout=120)  # its first start migrates a new database: slow on a busy machine
+    env["PREFECT_API_URL"] = server.api_url
+    try:
+        runs = [subprocess.run(vaemo_command("run", "--config", str(config(stages)), "--pipeline", "short"),
+                               capture_output=True, text=True, env=env, timeout=TIMEOUT)
+                for stages in (["ingest", "evaluate"], ["ingest"])]
+        assert [r.returncode for r in runs] == [1, 0], [r.stdout[-3000:] + r.stderr[-3000:] for r in runs]
+
+        mlflow_client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+        experiment = mlflow_client.get_experiment_by_name("vaemo").experiment_id
+        parents = mlflow_client.search_runs([experiment], "tags.`vaemo.stage` = 'pipeline'",
+                                            order_by=["attributes.start_time ASC"])
+        failed_steps, skipped_steps = (children(mlflow_client, p.info.run_id) for p in parents)
+        ingest_run = failed_steps["ingest"]
+
+        def url(run_id: str) -> str:
+            return TrackingConfig().run_url(work, experiment, run_id)
+
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as client:
+
+            def artifacts(flow_run_id: str) -> dict:
+                found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                return {a.key: a for a in found}
+
+            expected_rows = [
+                [{"stage": "ingest", "corpus": "c", "outcome": "ran", "mlflow_run": url(ingest_run.info.run_id)},
+                 {"stage": "evaluate", "corpus": "", "outcome": "failed",
+                  "mlflow_run": url(failed_steps["evaluate"].info.run_id)}],
+                [{"stage": "ingest", "corpus": "c", "outcome": f"skipped (reusing run {ingest_run.info.run_id})",
+                  "mlflow_run": url(skipped_steps["ingest"].info.run_id)}]]
+            for parent, rows in zip(parents, expected_rows, strict=True):
+                flow_run_id = parent.data.tags["prefect.flow_run_id"]
+                assert re.fullmatch(r"short-\d{4}-\d\d-\d\dT\d\d:\d\d", client.read_flow_run(flow_run_id).name)
+                published = artifacts(flow_run_id)
+                assert published["pipeline-mlflow-run"].data == (
+                    f"[MLflow run {parent.info.run_id} (pipeline short)]({url(parent.info.run_id)})")
+                table = json.loads(published["pipeline-steps"].data)
+                assert [{k: v for k, v in row.items() if k != "seconds"} for row in table] == rows, table
+                assert all(row["seconds"] >= 0 for row in table)
+            assert json.loads(artifacts(parents[0].data.tags["prefect.flow_run_id"])["pipeline-steps"].data)[0][
+                "seconds"] > 0, "ingest took time"
+
+            ingest_flow_run = ingest_run.data.tags["prefect.flow_run_id"]
+            assert re.fullmatch(r"short-ingest:c-\d{4}-\d\d-\d\dT\d\d:\d\d", client.read_flow_run(ingest_flow_run).name)
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ingest_flow_run])))
+            warnings = [log for log in logs if log.name.startswith("vaemo.") and log.level >= logging.WARNING]
+            assert any("1 rows of" in log.message and "'gone.mp4'" in log.message for log in warnings), [
+                (log.name, log.message) for log in logs]
+    finally:
+        server.stop()

@@ -35,6 +35,7 @@ class Recorder:
 
     def failed(self, label, message):
         self.events.append(("failed", label, message))
+        return f"failed-{label}"
 
     def finished(self):
         self.events.append(("finished",))
@@ -92,6 +93,9 @@ def test_every_stage_runs_once_then_a_rerun_skips_them_all(tmp_path):
     first = run_pipeline("p", cfg, STAGES, run, Recorder())
     assert run.labels() == ["ingest:c", "pretrain", "caption", "align", "evaluate"]
     assert first["skipped"] == [] and first["children"]["evaluate"] == "run-5"
+    assert [(o.label, o.stage, o.corpus, o.outcome, o.run_id, o.reused_run_id) for o in first["outcomes"][:2]] == [
+        ("ingest:c", "ingest", "c", "ran", "run-1", None), ("pretrain", "pretrain", "", "ran", "run-2", None)]
+    assert all(o.seconds >= 0 for o in first["outcomes"]) and len(first["outcomes"]) == 5
     dirs = layout(cfg.work_dir, "p")
     markers = {
         label: read_marker(path)
@@ -113,6 +117,8 @@ def test_every_stage_runs_once_then_a_rerun_skips_them_all(tmp_path):
         ("skipped", "ingest:c", "run-1"), ("skipped", "pretrain", "run-2"), ("skipped", "caption", "run-3"),
         ("skipped", "align", "run-4"), ("skipped", "evaluate", "run-5")]
     assert recorder.events[-1] == ("finished",)
+    assert [(o.outcome, o.run_id, o.reused_run_id) for o in again["outcomes"]] == [
+        ("skipped", f"skip-of-run-{i}", f"run-{i}") for i in range(1, 6)]
 
 
 def test_a_changed_setting_reruns_its_stage_and_those_that_read_its_output(tmp_path):
@@ -132,8 +138,11 @@ def test_a_changed_setting_reruns_its_stage_and_those_that_read_its_output(tmp_p
 def test_a_failed_step_keeps_earlier_markers_and_the_rerun_resumes_from_its_checkpoints(tmp_path):
     cfg, run, recorder = settings(tmp_path), Stages(), Recorder()
     run.fail["pretrain"] = StepFailed("out of memory")
-    with pytest.raises(PipelineFailed, match="stage pretrain failed: out of memory; earlier stages' outputs are kept"):
+    with pytest.raises(PipelineFailed, match="stage pretrain failed: out of memory; earlier stages' outputs are kept"
+                       ) as failure:
         run_pipeline("p", cfg, STAGES, run, recorder)
+    assert [(o.label, o.outcome, o.run_id) for o in failure.value.outcomes] == [
+        ("ingest:c", "ran", "run-1"), ("pretrain", "failed", "failed-pretrain")]
     dirs = layout(cfg.work_dir, "p")
     assert read_marker(dirs["corpora"] / "c")["state"] == "done" and read_marker(dirs["pretrain"])["state"] == "running"
     assert ("failed", "pretrain", "out of memory") in recorder.events and ("finished",) not in recorder.events
@@ -200,9 +209,10 @@ def test_mlflow_gets_a_parent_run_and_a_child_per_step_skipped_or_failed(tmp_pat
 
     failing = recorder()
     run.fail["pretrain"] = StepFailed("no GPU")
-    with pytest.raises(PipelineFailed):
+    with pytest.raises(PipelineFailed) as failure:
         run_pipeline("p", cfg, STAGES, run, failing)
     parent, children = with_children(failing)
+    assert failure.value.outcomes[-1].run_id == children["pretrain"].info.run_id
     assert parent.info.status == "FAILED" and parent.data.tags["vaemo.failed_stage"] == "pretrain"
     assert parent.data.params == {"pipeline": "p"} and parent.data.tags["prefect.flow_run_id"] == "f1"
     assert set(children) == {"pretrain"}, "the stage flow opens its own child run; only the failure needs one here"

@@ -419,17 +419,20 @@ class PipelineRuns:
         if result.get("skipped"):
             self.client.set_tag(self.parent_id, Tag.skipped_stage(label), "true")
 
-    def failed(self, label: str, message: str) -> None:
-        """Mark the parent FAILED; a step that failed before it opened its own run gets a FAILED child run here."""
+    def failed(self, label: str, message: str) -> str | None:
+        """Mark the parent FAILED; a step that failed before it opened its own run gets a FAILED child run here.
+        Returns the failed step's child run id (none for a failure of the pipeline itself)."""
         stage = label.split(":")[0]
         failed_here = (f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{Tag.STAGE}` = '{stage}' "
                        "and attributes.status = 'FAILED'")
         started = self.client.search_runs([self.experiment_id], filter_string=failed_here)
+        child = started[0].info.run_id if started else None
         if not started and stage != "pipeline":
-            self._child(label, stage, {Tag.ERROR: message[:5000]}, "FAILED")
+            child = self._child(label, stage, {Tag.ERROR: message[:5000]}, "FAILED")
         self.client.set_tag(self.parent_id, Tag.ERROR, f"{label}: {message}"[:5000])
         self.client.set_tag(self.parent_id, Tag.FAILED_STAGE, label)
         self.client.set_terminated(self.parent_id, "FAILED")
+        return child
 
     def finished(self) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED")

@@ -12,6 +12,7 @@ from vaemo.pipeline.runner import (
                                    Recorder,
                                    Step,
                                    StepFailed,
+                                   StepOutcome,
                                    StepRefused,
                                    layout,
                                    one_run_at_a_time,
@@ -21,5 +22,5 @@ from vaemo.pipeline.runner import (
 )
 from vaemo.pipeline.stages import STAGES
 
-__all__ = ["STAGES", "PipelineFailed", "Plan", "Recorder", "Step", "StepFailed", "StepRefused", "layout",
+__all__ = ["STAGES", "PipelineFailed", "Plan", "Recorder", "Step", "StepFailed", "StepOutcome", "StepRefused", "layout",
            "one_run_at_a_time", "preflight", "read_marker", "run_pipeline"]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,6 +87,26 @@ class PipelineFailed(VaemoError):
     def __init__(self, label: str, message: str):
         super().__init__(f"stage {label} failed: {message}; earlier stages' outputs are kept and a re-run resumes here")
         self.label, self.reason = label, message
+        self.outcomes: list[StepOutcome] = []  # the steps up to the failed one, filled in by run_pipeline
+
+
+@dataclass
+class StepOutcome:
+    """How one step of a pipeline run went, for the orchestrator to show."""
+
+    label: str  # the stage, or "ingest:<corpus>"
+    outcome: str  # "ran", "skipped" or "failed"
+    seconds: float
+    run_id: str | None = None  # its child run (for a failed step: the recorder's, when it made one)
+    reused_run_id: str | None = None  # a skipped step's: the run whose outputs it reuses
+
+    @property
+    def stage(self) -> str:
+        return self.label.partition(":")[0]
+
+    @property
+    def corpus(self) -> str:
+        return self.label.partition(":")[2]
 
 
 @dataclass
@@ -124,7 +145,8 @@ class Recorder(Protocol):
 
     def done(self, label: str, result: dict) -> None: ...
 
-    def failed(self, label: str, message: str) -> None: ...
+    def failed(self, label: str, message: str) -> str | None:
+        """Record the failure; the failed step's child run id, where there is one."""
 
     def finished(self) -> None: ...
 
@@ -134,20 +156,27 @@ def run_pipeline(name: str, settings: Settings, stages: dict[str, Planner], exec
     """Run the named pipeline's stages in order, each planned by its row of ``stages`` (``vaemo.pipeline.STAGES``);
     PipelineFailed (after recording it) when a step fails."""
     plan = Plan(name, settings, layout(settings.work_dir, name))
-    current = "pipeline"  # the step in progress, named in the parent run's error
+    outcomes: list[StepOutcome] = []
+    current, started = "pipeline", time.monotonic()  # the step in progress, named in the parent run's error
     try:
         for stage in plan.spec.stages:
-            current = stage
+            current, started = stage, time.monotonic()
             try:
                 steps = stages[stage](plan)
             except StepRefused as refused:
                 raise PipelineFailed(stage, str(refused)) from None
             for step in steps:
-                current = step.label
-                plan.results[step.label] = _run_step(step, execute, recorder)
-                recorder.done(step.label, plan.results[step.label])
+                current, started = step.label, time.monotonic()
+                result, reused = _run_step(step, execute, recorder)
+                plan.results[step.label] = result
+                recorder.done(step.label, result)
+                outcome = "skipped" if result.get("skipped") else "ran"
+                outcomes.append(StepOutcome(step.label, outcome, time.monotonic() - started,
+                                            result.get("mlflow_run_id"), reused))
     except PipelineFailed as failure:
-        recorder.failed(failure.label, failure.reason)
+        outcomes.append(StepOutcome(failure.label, "failed", time.monotonic() - started,
+                                    recorder.failed(failure.label, failure.reason)))
+        failure.outcomes = outcomes
         raise
     except BaseException as exc:
         recorder.failed(current, f"{type(exc).__name__}: {exc}")
@@ -155,17 +184,19 @@ def run_pipeline(name: str, settings: Settings, stages: dict[str, Planner], exec
     recorder.finished()
     return {"pipeline": name, "mlflow_run_id": recorder.parent_id,
             "children": {label: result.get("mlflow_run_id") for label, result in plan.results.items()},
-            "skipped": [label for label, result in plan.results.items() if result.get("skipped")]}
+            "skipped": [label for label, result in plan.results.items() if result.get("skipped")],
+            "outcomes": outcomes}
 
 
-def _run_step(step: Step, execute: Execute, recorder: Recorder) -> dict:
+def _run_step(step: Step, execute: Execute, recorder: Recorder) -> tuple[dict, str | None]:
+    """The step's result, and the run it reused when it was skipped."""
     marker = read_marker(step.out)
     same = marker.get("key") == step.key
     if same and marker.get("state") == "done" and (step.intact is None or step.intact(marker)):
         log.info(
             "%s: skipped, same inputs and settings as run %s (key %s)", step.label, marker.get("run_id"), step.key[:12]
         )
-        return {**recorder.skipped(step, marker), "skipped": True}
+        return {**recorder.skipped(step, marker), "skipped": True}, marker.get("run_id")
     resume = False
     if step.trained:
         resume = same and bool(ModelFolder(step.out).checkpoints())
@@ -182,7 +213,7 @@ def _run_step(step: Step, execute: Execute, recorder: Recorder) -> dict:
                             "result": {k: result[k] for k in step.keep}})
     if step.after:
         step.after()
-    return result
+    return result, None
 
 
 def preflight(settings: Settings, name: str) -> None:

@@ -28,15 +28,15 @@ from vaemo.config import CorpusConfig, Settings
 from vaemo.errors import VaemoError
 from vaemo.eval import REPORT
 from vaemo.pipeline import (
-                            STAGES,
-                            PipelineFailed,
-                            Step,
-                            StepFailed,
-                            StepOutcome,
-                            layout,
-                            one_run_at_a_time,
-                            preflight,
-                            run_pipeline,
+    STAGES,
+    PipelineFailed,
+    Step,
+    StepFailed,
+    StepOutcome,
+    layout,
+    one_run_at_a_time,
+    preflight,
+    run_pipeline,
 )
 
 # The flow that runs each stage of the library's table (vaemo.pipeline.stages.STAGES).

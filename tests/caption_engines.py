@@ -37,3 +37,10 @@ def fails_on_core_1(cfg) -> Replies:
     if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "1":
         raise EngineError("no memory left for the KV cache")
     return Replies()
+
+
+def threads_and_cores() -> tuple[int, list[int]]:
+    """In a replica's process: torch's thread count, as torch sized it at import, and the cores it may use."""
+    import torch
+
+    return torch.get_num_threads(), sorted(os.sched_getaffinity(0))

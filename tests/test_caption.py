@@ -7,6 +7,7 @@ The tiny model's text is meaningless: these tests check structure, counts and id
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -265,6 +266,19 @@ def test_replicas_are_pinned_to_their_own_devices(monkeypatch):
     assert replica_count(CaptionConfig(replicas="auto")) == 1
     assert [p.cores for p in placements(len(cores), 1)] == [(c,) for c in cores]
     assert placements(1, 1)[0].environment()["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a placement of one core needs two to differ")
+def test_a_replica_process_starts_on_its_cores_before_torch_sizes_its_threads(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    cores = sorted(os.sched_getaffinity(0))
+    placement = placements(len(cores), 1)[-1]
+    with placement.starting():
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    with pool:
+        threads, child_cores = pool.apply(caption_engines.threads_and_cores)
+    assert (threads, child_cores) == (1, list(placement.cores))
+    assert sorted(os.sched_getaffinity(0)) == cores and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two replicas need two CPU cores")

@@ -4,6 +4,8 @@ engine replicas so that each replica runs on devices of its own."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -38,11 +40,26 @@ class Placement:
         return {"CUDA_VISIBLE_DEVICES": "", "VLLM_CPU_OMP_THREADS_BIND": cores,
                 "OMP_NUM_THREADS": str(len(self.cores))}
 
-    def enter(self) -> None:
-        """Pin the calling process (a replica, before it imports its engine)."""
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """Around the start of a replica's process: it inherits the variables and the CPU cores of this
+        placement from its first instruction. Set inside the replica, they would come after the unpickling
+        of its arguments imports torch, whose OpenMP pool sizes itself then: one thread per core of the
+        parent, all crowded onto the replica's share."""
+        saved = {name: os.environ.get(name) for name in self.environment()}
+        cores = os.sched_getaffinity(0)  # of the calling thread only, which the child copies
         os.environ.update(self.environment())
         if self.cores:
             os.sched_setaffinity(0, self.cores)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, cores)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def placements(replicas: int, gpus_per_replica: int) -> list[Placement]:

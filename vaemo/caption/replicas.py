@@ -166,10 +166,10 @@ class InProcess:
         pass
 
 
-def _serve(index: int, placement: Placement, cfg: CaptionConfig, prompt: Prompt, schema: dict,
+def _serve(index: int, cfg: CaptionConfig, prompt: Prompt, schema: dict,
            inbox: Connection, outbox: Connection, load: Callable[[CaptionConfig], CaptionEngine]) -> None:
-    """A replica's process: pin, load the engine, then generate the chunks it is sent until told to stop."""
-    placement.enter()
+    """A replica's process (started pinned: Placement.starting): load the engine, then generate the chunks it
+    is sent until told to stop."""
     try:
         engine = load(cfg)
     except Exception as exc:  # noqa: BLE001 - the coordinator reports it with the replica's device
@@ -215,8 +215,9 @@ class ReplicaPool:
             job_recv, job_send = context.Pipe(duplex=False)
             result_recv, result_send = context.Pipe(duplex=False)
             process = context.Process(target=_serve, name=f"caption-replica-{index}",
-                                      args=(index, placement, cfg, prompt, schema, job_recv, result_send, load))
-            process.start()
+                                      args=(index, cfg, prompt, schema, job_recv, result_send, load))
+            with placement.starting():
+                process.start()
             job_recv.close()  # the replica's ends: a dead replica's pipe then reads as closed
             result_send.close()
             self.live.append(_Replica(index, placement, process, job_send, result_recv))

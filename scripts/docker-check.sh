@@ -130,6 +130,10 @@ with open(sys.argv[2], "w") as out:  # for the screenshots
 print(f"docker-check: {len(parents)} parent and {len(children)} child runs, {len(stored)} with artifacts on the server")
 PY
 
+step="both UIs served"
+curl -sf "http://127.0.0.1:$VAEMO_PREFECT_PORT/" | grep -qi "<html" || fail "the Prefect server serves no UI page"
+curl -sf "$MLFLOW/" | grep -qi "<html" || fail "the MLflow server serves no UI page"
+
 step="screenshots"
 # What a user sees in both UIs, served by the containers: looked at by hand (docker/README.md).
 if command -v chromium >/dev/null; then

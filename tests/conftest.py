@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,24 @@ def cli_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
     env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return env
+
+
+@contextmanager
+def own_prefect_server(work: Path, monkeypatch):
+    """A Prefect server of the test's own, its home under ``work``; yields the server and the environment
+    of commands that report to it."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    env = cli_env(work)
+    Path(env["PREFECT_HOME"]).mkdir(parents=True)
+    monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+    server = SubprocessASGIServer()
+    server.start(timeout=120)  # its first start migrates a new database: slow on a busy machine
+    env["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server, env
+    finally:
+        server.stop()
 
 
 def ingest_folder(source: Path, out: Path, cfg=None, labels: Path | None = None):

@@ -12,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, cli_env, vaemo_command
+from tests.conftest import ROOT, cli_env, own_prefect_server, vaemo_command
 from vaemo.config import IngestConfig
 from vaemo.ingest.run import IngestRun
 
@@ -101,24 +101,15 @@ def test_bad_arguments_get_a_message_not_a_traceback(tmp_path, source):
 def test_ingest_on_an_existing_dask_cluster(source, tmp_path, monkeypatch):
     """A cluster started elsewhere (here: a separate LocalCluster) runs the batch tasks."""
     from distributed import Client, LocalCluster
-    from prefect.server.api.server import SubprocessASGIServer
 
     work = tmp_path / "work"
-    env = cli_env(work)
-    Path(env["PREFECT_HOME"]).mkdir(parents=True)
-    monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
-    server = SubprocessASGIServer()
-    server.start(timeout=120)  # its first start migrates a new database: slow on a busy machine
-    env["PREFECT_API_URL"] = server.api_url
-    monkeypatch.setenv("PREFECT_API_URL", server.api_url)  # the cluster's workers report here too
-    try:
+    with own_prefect_server(work, monkeypatch) as (server, env):
+        monkeypatch.setenv("PREFECT_API_URL", server.api_url)  # the cluster's workers report here too
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             with Client(cluster) as client:
                 worker_pids = set(client.run(os.getpid).values())
                 done = vaemo(work, "ingest", str(source), "--dataset", "generic", "--out", str(work / "out"),
                              "--dask-address", cluster.scheduler_address, env=env)
-    finally:
-        server.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     markers = [json.loads(p.read_text()) for p in (work / "out" / "batches").glob("*.json")]
     assert markers and {m["worker_pid"] for m in markers} <= worker_pids

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import cli_env, own_prefect_server, vaemo_command
 
 TIMEOUT = 600
 STAGES = ["align", "caption", "evaluate", "ingest", "pretrain"]
@@ -148,7 +148,6 @@ def test_prefect_shows_each_step_its_mlflow_run_and_the_library_warnings(corpus,
     the library (a label row naming no video) is in the ingest flow run's logs."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from vaemo.config import TrackingConfig
@@ -165,13 +164,7 @@ def test_prefect_shows_each_step_its_mlflow_run_and_the_library_warnings(corpus,
             "pipelines": {"short": {"corpora": ["c"], "stages": stages}}}))
         return path
 
-    env = cli_env(work)
-    Path(env["PREFECT_HOME"]).mkdir(parents=True)
-    monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
-    server = SubprocessASGIServer()
-    server.start(timeout=120)  # its first start migrates a new database: slow on a busy machine
-    env["PREFECT_API_URL"] = server.api_url
-    try:
+    with own_prefect_server(work, monkeypatch) as (server, env):
         runs = [subprocess.run(vaemo_command("run", "--config", str(config(stages)), "--pipeline", "short"),
                                capture_output=True, text=True, env=env, timeout=TIMEOUT)
                 for stages in (["ingest", "evaluate"], ["ingest"])]
@@ -217,5 +210,3 @@ def test_prefect_shows_each_step_its_mlflow_run_and_the_library_warnings(corpus,
             warnings = [log for log in logs if log.name.startswith("vaemo.") and log.level >= logging.WARNING]
             assert any("1 rows of" in log.message and "'gone.mp4'" in log.message for log in warnings), [
                 (log.name, log.message) for log in logs]
-    finally:
-        server.stop()

@@ -217,9 +217,10 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
 
         evidence = Path(os.environ.get("VAEMO_EVIDENCE_DIR", tmp_path))
         evidence.mkdir(parents=True, exist_ok=True)
-        screenshot(
-            f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png", [flow_run["name"], "tiny"]
-        )
+        # the run takes its readable name (pipeline and start time) when it starts, after the deployment created it
+        run_name = http_json(f"{prefect}/api/flow_runs/{flow_run['id']}")["name"]
+        assert run_name.startswith("tiny-"), run_name
+        screenshot(f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png", [run_name, "tiny"])
         screenshot(
             f"{mlflow}/#/experiments/{experiment}/runs/{parent}",
             evidence / "mlflow-pipeline-run.png",

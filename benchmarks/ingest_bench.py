@@ -12,10 +12,19 @@ For a folder of real clips it measures:
    into a temporary folder, all videos in one batch (no Prefect, no Dask);
 3. where the ingest time goes: the batch marker's per-stage timings plus content hashing;
 4. MTCNN milliseconds per detection frame (every ``cfg.detect_every``-th decoded frame);
-5. ingest / decode-only ratio (the README's target is at most 1.5x on one core) and the
+5. ingest / decode-only ratio (the target is at most 1.3x on one core) and the
    realtime factor (source seconds per ingest second);
-6. with ``--with-flow``, a full ``vaemo ingest`` (Prefect + Dask, one worker) as a subprocess, for
+6. the same ingest with the reference settings (``REFERENCE``: the defaults before the speed-ups
+   of the detection and media settings), on the same files in the same run: its ratio, split and statuses beside the new
+   ones, and how well the new settings' face boxes agree with the reference's (below);
+7. with ``--with-flow``, a full ``vaemo ingest`` (Prefect + Dask, one worker) as a subprocess, for
    the fixed start-up cost the orchestration adds.
+
+Face-box agreement: for every clip the reference ingest stored, the frames of its span are decoded
+once and ``face.face_span`` runs on them with both settings (the function the pipeline crops
+with). Per frame that both settings give a box for, the IoU is taken of the face squares (the
+interpolated, smoothed square crop box shrunk back by ``face_scale * (1 + crop_margin /
+crop_size)`` to the face's side); the report gives the mean per clip and over clips.
 
 ``--set key=value`` overrides an ``IngestConfig`` field, to measure options such as
 ``detect_every`` or ``video_preset`` without editing ``pipelines.yaml``.
@@ -58,7 +67,13 @@ from vaemo.ingest.run import IngestRun
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("hash", "probe", "decode", "vad", "detect", "encode", "write")
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.3
+MIN_MEAN_IOU = 0.9
+# The ingest settings before the detection and media speed-ups: the reference every run is compared with.
+REFERENCE = {
+    "detect_every": 10, "detect_max_side": 256, "detect_pyramid_factor": 0.709, "media_io": "ffmpeg",
+    "video_preset": "veryfast", "video_crf": 20,
+}
 
 
 # ---------------------------------------------------------------- set-up
@@ -79,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stages.ingest settings (default: the project's pipelines.yaml; defaults if absent)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one IngestConfig field, e.g. --set detect_every=20 (repeatable)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the ingest with the REFERENCE settings and the face-box comparison")
     p.add_argument("--with-flow", action="store_true",
                    help="also time a full `vaemo ingest` (Prefect + Dask, one worker) as a subprocess")
     args = p.parse_args(argv)
@@ -175,18 +192,19 @@ def time_hashing(source: Path, videos: list[dict]) -> float:
     return time.perf_counter() - begin
 
 
-def warm_up(cfg: IngestConfig, sizes: set[tuple[int, int]]) -> dict:
+def warm_up(cfgs: list[IngestConfig], sizes: set[tuple[int, int]]) -> dict:
     """Load silero-VAD and MTCNN and call each once, so no timed run pays for a model load.
 
     MTCNN is cached per minimum face size, which follows from the frame size, so there is one
     warm-up detection per distinct decoded frame size.
     """
-    timings = {}
+    timings, cfg = {}, cfgs[0]
     with stopwatch(timings, "vad_load_and_first_call_s"):
         voice.speech_segments(np.zeros(cfg.sample_rate, np.float32), cfg.sample_rate, cfg.vad_threshold)
     with stopwatch(timings, "mtcnn_load_and_first_call_s"):
         for width, height in sorted(sizes):
-            face.detect(np.zeros((1, height, width, 3), np.uint8), cfg)
+            for each in cfgs:
+                face.detect(np.zeros((1, height, width, 3), np.uint8), each)
     timings["mtcnn_frame_sizes"] = len(sizes)
     return timings
 
@@ -226,8 +244,9 @@ def mtcnn_speed(frames: np.ndarray, cfg: IngestConfig) -> dict:
     return result
 
 
-def measure_video(source: Path, video: dict, cfg: IngestConfig) -> dict:
-    """Decode-only time and MTCNN speed of one video (the frames are decoded once for both)."""
+def measure_video(source: Path, video: dict, cfgs: dict[str, IngestConfig]) -> dict:
+    """Decode-only time and MTCNN speed under each setting of one video (the frames are decoded once for all)."""
+    cfg = cfgs["new"]
     record = video["record"]
     row = {"path": record.path, "video_id": video["video_id"]}
     try:
@@ -238,8 +257,59 @@ def measure_video(source: Path, video: dict, cfg: IngestConfig) -> dict:
     except media.MediaError as exc:
         return {**row, "error": f"{exc.status}: {exc.reason}"}
     row.update(decoded, decode_size="{}x{}".format(*size), detect_size="{}x{}".format(*detection_size(size, cfg)))
-    row.update(mtcnn_speed(frames, cfg))
+    row["mtcnn"] = {name: mtcnn_speed(frames, each) for name, each in cfgs.items()}
+    row.update(row["mtcnn"]["new"])
     return row
+
+
+def face_squares(boxes: np.ndarray, cfg: IngestConfig) -> np.ndarray:
+    """Square crop boxes shrunk back around their centres to the face's side (see ``face.crop_boxes``)."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 / (cfg.face_scale * (1 + cfg.crop_margin / cfg.crop_size))
+    return np.concatenate([centre - half, centre + half], 1)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of paired boxes (N, 4)."""
+    low, high = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=1)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def box_agreement(source: Path, videos: list[dict], clips: dict[str, list[dict]], cfgs: dict) -> list[dict]:
+    """Per reference clip: mean IoU of the new settings' face squares against the reference's, same frames."""
+    ref, new = cfgs["reference"], cfgs["new"]
+    rows = []
+    for video in videos:
+        path = source / video["record"].path
+        for clip in clips.get(video["video_id"], []):
+            info = media.probe(path, ref.probe_timeout)
+            size = media.frame_size(info.width, info.height, info.rotation, ref.decode_short_side)
+            length = clip["end"] - clip["start"]
+            frames = media.decode_frames(path, clip["start"], length, ref.fps, size, 60.0 + 4 * length)
+            frames = frames[: clip["frames"]]
+            boxes = {}
+            for name, cfg in (("reference", ref), ("new", new)):
+                try:
+                    found = face.face_span(frames, cfg, 1)
+                except face.NoFace as exc:
+                    boxes[name] = (None, exc.status)
+                    continue
+                per_frame = np.full((len(frames), 4), np.nan)
+                per_frame[found.span[0] : found.span[1]] = face_squares(found.boxes, cfg)
+                boxes[name] = (per_frame, "ok")
+            row = {"clip_id": clip["clip_id"], "path": video["record"].path, "frames": len(frames),
+                   "new_status": boxes["new"][1], "common_frames": 0, "mean_iou": None}
+            if boxes["reference"][0] is not None and boxes["new"][0] is not None:
+                a, b = boxes["reference"][0], boxes["new"][0]
+                both = ~np.isnan(a[:, 0]) & ~np.isnan(b[:, 0])
+                row["common_frames"] = int(both.sum())
+                if both.any():
+                    iou = box_iou(a[both], b[both])
+                    row.update(mean_iou=float(iou.mean()), min_iou=float(iou.min()))
+            rows.append(row)
+    return rows
 
 
 def ingest(source: Path, dataset: str, cfg: IngestConfig) -> dict:
@@ -302,13 +372,15 @@ def stage_split(run: dict, hash_s: float) -> list[dict]:
     ]
 
 
-def summarise(rows: list[dict], run: dict, cfg: IngestConfig) -> dict:
+def summarise(rows: list[dict], run: dict, cfg: IngestConfig, name: str = "new") -> dict:
     measured = [r for r in rows if "error" not in r]
     decode_s = sum(r["decode_s"] for r in measured)
     source_s = sum(r["duration"] for r in measured)
-    detect_frames = sum(r["detect_frames"] for r in measured)
-    detect_s = sum(r["detect_s"] for r in measured)
+    detect_frames = sum(r["mtcnn"][name]["detect_frames"] for r in measured)
+    detect_s = sum(r["mtcnn"][name]["detect_s"] for r in measured)
     return {
+        "ok_videos": sum(1 for v in run["videos"].values() if v["status"] == "ok"),
+        "ok_clips": sum(v["n_clips"] for v in run["videos"].values() if v["status"] == "ok"),
         "videos": len(rows),
         "clips": run["stats"]["clips"],
         "status_counts": run["stats"]["status_counts"],
@@ -325,6 +397,57 @@ def summarise(rows: list[dict], run: dict, cfg: IngestConfig) -> dict:
         "mtcnn_frames": detect_frames,
         "detect_every": cfg.detect_every,
     }
+
+
+def compare(ref: dict, new: dict, rows: list[dict], agreement: list[dict]) -> dict:
+    """The acceptance: every video ``ok`` with the reference stays ``ok``, and the mean face-box IoU."""
+    lost = [r["path"] for r in rows if r.get("reference_status") == "ok" and r.get("status") != "ok"]
+    ious = [a["mean_iou"] for a in agreement if a["mean_iou"] is not None]
+    mean_iou = float(np.mean(ious)) if ious else None
+    return {
+        "ratio_reference": ref["ratio_ingest_to_decode"],
+        "ratio_new": new["ratio_ingest_to_decode"],
+        "speed_up": round(ref["ingest_s"] / new["ingest_s"], 2),
+        "ok_lost": lost,
+        "clips_compared": len(agreement),
+        "clips_without_new_box": [a["clip_id"] for a in agreement if a["mean_iou"] is None],
+        "mean_iou": None if mean_iou is None else round(mean_iou, 4),
+        "min_clip_iou": None if not ious else round(min(ious), 4),
+        "accepted": not lost and mean_iou is not None and mean_iou >= MIN_MEAN_IOU and len(ious) == len(agreement),
+        "clips": agreement,
+    }
+
+
+def comparison_markdown(report: dict) -> list[str]:
+    c, ref, new = report["comparison"], report["reference"], report
+    head = ["settings", "ingest s", "ingest / decode-only", "MTCNN frames", "MTCNN ms/frame", "ok videos",
+            "ok clips", "statuses"]
+    summary = [
+        [name, fmt(r["summary"]["ingest_s"]), f"{r['summary']['ratio_ingest_to_decode']}x",
+         r["summary"]["mtcnn_frames"], r["summary"]["mtcnn_ms_per_frame"], r["summary"]["ok_videos"],
+         r["summary"]["ok_clips"], r["summary"]["status_counts"]]
+        for name, r in (("reference", ref), ("new", new))
+    ]
+    split = [[stage["stage"], f"{fmt(stage['seconds'], 2)} s ({fmt(stage['percent'], 1)} %)",
+              f"{fmt(new_stage['seconds'], 2)} s ({fmt(new_stage['percent'], 1)} %)"]
+             for stage, new_stage in zip(ref["stages"], new["stages"], strict=True)]
+    return [
+        "## Reference settings against the new ones (same files, same run)",
+        f"Reference: {report['reference_settings']} over the same settings otherwise (processing digest "
+        f"{ref['processing_digest']}); new: {report['processing_digest']}. Speed-up {c['speed_up']}x, ratio "
+        f"{c['ratio_reference']}x -> {c['ratio_new']}x (target <= {TARGET_RATIO}x).",
+        table(head, summary),
+        table(["stage", "reference", "new"], split),
+        f"Face boxes of the new settings against the reference on {c['clips_compared']} reference clips: mean IoU "
+        f"**{c['mean_iou']}** (lowest clip {c['min_clip_iou']}; acceptance >= {MIN_MEAN_IOU}); clips without a box "
+        f"under the new settings: {c['clips_without_new_box'] or 'none'}; videos `ok` before and not now: "
+        f"{c['ok_lost'] or 'none'}. **Acceptance: {'met' if c['accepted'] else 'NOT met'}.**",
+        table(["clip", "source", "frames", "new", "frames with both boxes", "mean IoU", "lowest IoU"],
+              [[a["clip_id"], a["path"], a["frames"], a["new_status"], a["common_frames"], fmt(a["mean_iou"], 3),
+                fmt(a.get("min_iou"), 3)] for a in c["clips"]]),
+        "Boxes: `face.face_span` with each setting on the same decoded frames of every reference clip; the IoU is of "
+        "the face squares (the smoothed crop box shrunk back to the face's side), over the frames both settings cover.",
+    ]
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -371,16 +494,19 @@ def markdown(report: dict) -> str:
         "`hash` is timed on its own (it runs inside planning); `detect` is the whole face step (MTCNN on every "
         "`detect_every`-th frame, track linking, and the crop + resize of every frame); `other` is the rest of "
         "planning, shard commit and the parquet files.",
+        *(comparison_markdown(report) if report.get("comparison") else []),
         "## Per video",
         table(
-            ["video", "source", "s", "status", "clips", "decode size", "decode-only s (audio+video)", "ingest s",
-             "ingest / decode", f"MTCNN frames (every {s['detect_every']})", "detect size", "MTCNN ms/frame"],
+            ["video", "source", "s", "status", "reference status", "clips", "decode size",
+             "decode-only s (audio+video)", "ingest s", "ingest / decode",
+             f"MTCNN frames (every {s['detect_every']})", "detect size", "MTCNN ms/frame"],
             [
                 [
                     r["path"],
                     r.get("source_size"),
                     fmt(r.get("duration"), 1),
                     r.get("status", r.get("error")),
+                    r.get("reference_status"),
                     r.get("n_clips"),
                     r.get("decode_size"),
                     f"{fmt(r.get('decode_s'), 3)} ({fmt(r.get('audio_s'), 3)}+{fmt(r.get('video_s'), 3)})"
@@ -424,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     media.require_ffmpeg()
     videos = corpus(args.source, args.dataset)
     cfg = load_config(args.config, args.overrides, args.cores, len(videos))
+    cfgs = {"new": cfg} if args.no_reference else {"reference": cfg.model_copy(update=REFERENCE), "new": cfg}
     infos = {}
     for video in videos:
         try:
@@ -431,35 +558,45 @@ def main(argv: list[str] | None = None) -> int:
         except media.MediaError:
             pass  # reported per video by measure_video
     sizes = {media.frame_size(i.width, i.height, i.rotation, cfg.decode_short_side) for i in infos.values()}
-    warm = warm_up(cfg, sizes)
+    warm = warm_up(list(cfgs.values()), sizes)
 
     best_rows: dict[str, dict] = {}
-    best_run, best_hash = None, None
-    with tqdm(total=args.repeat * (len(videos) + 2), unit="step", file=sys.stderr) as bar:
+    best_runs: dict[str, dict | None] = dict.fromkeys(cfgs)
+    best_hash = None
+    with tqdm(total=args.repeat * (len(videos) + 1 + len(cfgs)), unit="step", file=sys.stderr) as bar:
         for repeat in range(args.repeat):
             bar.set_description(f"decode-only + MTCNN ({repeat + 1}/{args.repeat})")
             for video in videos:
                 best_rows[video["video_id"]] = keep_fastest(
-                    best_rows.get(video["video_id"]), measure_video(args.source, video, cfg), "decode_s"
+                    best_rows.get(video["video_id"]), measure_video(args.source, video, cfgs), "decode_s"
                 )
                 bar.update()
             bar.set_description(f"hashing ({repeat + 1}/{args.repeat})")
             hash_s = time_hashing(args.source, videos)
             best_hash = hash_s if best_hash is None else min(best_hash, hash_s)
             bar.update()
-            bar.set_description(f"ingest ({repeat + 1}/{args.repeat})")
-            best_run = keep_fastest(best_run, ingest(args.source, args.dataset, cfg), "total_s")
-            bar.update()
+            for name, each in cfgs.items():
+                bar.set_description(f"ingest, {name} settings ({repeat + 1}/{args.repeat})")
+                best_runs[name] = keep_fastest(best_runs[name], ingest(args.source, args.dataset, each), "total_s")
+                bar.update()
+        agreement = None
+        if "reference" in cfgs:
+            bar.set_description("face boxes, reference vs new")
+            clips = {vid: row["clips"] for vid, row in best_runs["reference"]["videos"].items()}
+            agreement = box_agreement(args.source, videos, clips, cfgs)
         flow = None
         if args.with_flow:
             bar.set_description("full vaemo ingest")
             flow = flow_wall_time(args.source, args.dataset, cfg)
 
+    best_run = best_runs["new"]
     rows = []
     for video in videos:
         row = dict(best_rows[video["video_id"]])
         done = best_run["videos"].get(video["video_id"], {})
         row.update(status=done.get("status"), n_clips=done.get("n_clips"), ingest_s=done.get("seconds"))
+        if "reference" in cfgs:
+            row["reference_status"] = best_runs["reference"]["videos"].get(video["video_id"], {}).get("status")
         if row.get("ingest_s") is not None and row.get("decode_s"):
             row["ratio"] = row["ingest_s"] / row["decode_s"]
         rows.append(row)
@@ -473,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "processing_digest": cfg.processing_digest(),
         "config": cfg.model_dump(),
+        "reference_settings": None if args.no_reference else REFERENCE,
         "warm_up": warm,
         "summary": summarise(rows, best_run, cfg),
         "stages": stage_split(best_run, best_hash),
@@ -487,6 +625,14 @@ def main(argv: list[str] | None = None) -> int:
             "ffmpeg children inherit the CPU affinity and size their thread pools to it",
         ],
     }
+    if "reference" in cfgs:
+        ref = best_runs["reference"]
+        report["reference"] = {
+            "summary": summarise(rows, ref, cfgs["reference"], "reference"),
+            "stages": stage_split(ref, best_hash),
+            "processing_digest": cfgs["reference"].processing_digest(),
+        }
+        report["comparison"] = compare(report["reference"]["summary"], report["summary"], rows, agreement)
     report["load_end"] = load_average()
     print(markdown(report))
     if args.out:

@@ -1,6 +1,6 @@
 """Does Stage 1 learn? The learning check of benchmarks/stage1_learning.yaml over several seeds.
 
-    .venv/bin/python benchmarks/stage1_learning.py INGEST_DIR [--seeds 0 1 2] [--out DIR]
+    .venv/bin/python benchmarks/stage1_learning.py INGEST_DIR [--seeds 0 1 2] [--mp4] [--out DIR]
 
 Each seed trains `tiny` from scratch with the file's settings (the seed changes the initial
 weights and the data stream) and is judged against the targets: loss_last <= 0.6 x loss_first
@@ -48,12 +48,16 @@ def main() -> None:
     parser.add_argument(
         "--settings", type=Path, default=SETTINGS, help="a pipelines file whose stages.pretrain is used"
     )
+    parser.add_argument("--mp4", action="store_true",
+                        help="train from the mp4 shards (the reference path) instead of the training view")
     parser.add_argument("--out", type=Path, help="where the runs go (default: a new temporary folder)")
     args = parser.parse_args()
     base = load_settings(args.settings).stages.pretrain
+    if args.mp4:
+        base = base.model_copy(update={"view": base.view.model_copy(update={"enabled": False})})
     out = args.out or Path(tempfile.mkdtemp(prefix="stage1-learning-"))
     rows = {}
-    print(f"settings {args.settings}, runs in {out}")
+    print(f"settings {args.settings}, {'mp4 shards' if args.mp4 else 'training view'}, runs in {out}")
     print("seed  minutes  loss_first -> loss_last  ratio  top-1  x chance  passed")
     for seed in args.seeds:
         begin = time.perf_counter()
@@ -68,6 +72,7 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load": os.getloadavg()},
         "settings": base.model_dump(mode="json"),
+        "reads": "mp4 shards" if args.mp4 else "training view",
         "targets": {"max_loss_ratio": MAX_LOSS_RATIO, "min_times_chance": MIN_TIMES_CHANCE},
         "seeds": rows,
         "all_passed": all(row["passed"] for row in rows.values()),

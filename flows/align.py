@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import gpu_stage_run, torchrun, vaemo_flow
+from flows.common import gpu_stage_run, torchrun, training_progress, vaemo_flow
 from flows.pretrain import log_training_files
 from vaemo import tracking
 from vaemo.align import train as stage2
@@ -54,29 +54,29 @@ def align_flow(shards: str, db: str, init: str, out: str, settings: AlignConfig 
                        gpus=settings.processes) as (run, uri):
         digest = tracking.log_shards(ingest, "training")
         tracking.log_table_version("captions", captions.pinned, context="training")
-        stage1_id = tracking.log_model_input(stage1, "stage1_model", "init", "stage1", Tag.STAGE1_MODEL_ID, uri)
+        stage1_id = tracking.log_model_input(stage1, "stage1_model", "stage1", uri)
         logger.info("Stage 2 from %s on %d captioned clips (%s, tag %s, %d skipped: not ok), %d steps, %d process(es)",
                     init, captions.counts["captions_ok"], db, captions.tag, captions.counts["captions_skipped"],
                     settings.steps, settings.processes)
-        if settings.processes > 1:
-            torchrun("vaemo.align.train", settings, out, ["--shards", shards, "--db", db, "--init", init], uri,
-                     run.info.run_id, resume)
-            metrics = model.metrics()
-        else:
-            with tracking.step_logger(uri, run.info.run_id) as log_step:
-                metrics = stage2.align(Path(shards), db, Path(init), Path(out), settings, resume=resume,
-                                       log_step=log_step)
+        with training_progress("align-progress", "Stage 2", out, settings.steps):
+            if settings.processes > 1:
+                torchrun("vaemo.align.train", settings, out, ["--shards", shards, "--db", db, "--init", init], uri,
+                         run.info.run_id, resume)
+                metrics = model.metrics()
+            else:
+                with tracking.step_logger(uri, run.info.run_id) as log_step:
+                    metrics = stage2.align(Path(shards), db, Path(init), Path(out), settings, resume=resume,
+                                           log_step=log_step)
         tracking.log_metrics_flat({k: v for k, v in metrics.items() if v is not None and k != "captions"})
         tracking.log_metrics_flat(metrics["captions"], "captions.")
         if metrics.get("embeddings"):
             emb = metrics["embeddings"]
-            tracking.log_table_version(
-                emb["table"], TableVersion(db, emb["table"], emb["tag"], emb["version"]), context="output"
-            )
-        log_training_files(model, ("loss", "global", "modality", "rec", "temperature", "lr"), "Stage 2")
+            tracking.log_output_table(emb["table"], TableVersion(db, emb["table"], emb["tag"], emb["version"]))
+        log_training_files(model, ("loss", "global", "modality", "rec", "temperature", "lr"), "Stage 2", settings)
         tags = {Tag.SHARDS_DIGEST: digest, Tag.CAPTIONS_TAG: captions.tag,
                 **({Tag.STAGE1_MODEL_ID: stage1_id} if stage1_id else {})}
-        model_id = tracking.log_model_files("stage2", model.model_files(), tags=tags)
+        model_id = tracking.log_model("stage2", model, tracking.registered_name(tracking_cfg.experiment, "stage2"),
+                                      tracking.pipeline_alias(parent_run_id), tags=tags)
         model.write_record(model_id, run.info.run_id, uri)
         line = summary(metrics, out, run.info.run_id)
         create_markdown_artifact(key="align-report", markdown=(

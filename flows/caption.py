@@ -67,9 +67,7 @@ def caption_flow(shards: str, db: str, settings: CaptionConfig = CaptionConfig()
         )
         # requests per generate call, clips/s and tokens/s per replica and in total, the share spent waiting
         tracking.log_metrics_flat(summary["engines"], "engine.")
-        tracking.log_table_version(
-            "captions", TableVersion(db, summary["table"], summary["tag"], summary["version"]), context="output"
-        )
+        tracking.log_output_table("captions", TableVersion(db, summary["table"], summary["tag"], summary["version"]))
         tracking.log_json(summary, "caption_summary.json")
         if not sample.empty:
             tracking.log_table(sample.astype(str), "caption_samples.json")

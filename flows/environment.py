@@ -37,8 +37,8 @@ def prepare(settings) -> None:
     if library.level == logging.NOTSET:
         library.setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: the
-    # temporary server of a later command can then expire the slot of a command that was killed.
+    # Concurrency leases (the "gpu" slot) on disk in PREFECT_HOME, not in one server's memory: a later server of the
+    # work directory can then expire the slot of a command that was killed.
     os.environ.setdefault(
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"
     )
@@ -50,52 +50,34 @@ def prepare(settings) -> None:
 
 @contextmanager
 def prefect_api(while_starting: Callable[[], T] = lambda: None) -> Iterator[T]:
-    """Use PREFECT_API_URL when set; else one temporary local server for this command, stopped when it ends.
-    Yields what ``while_starting`` returns: it runs while the server boots (a command imports its flow and checks
-    its input meanwhile, instead of paying for both in turn).
+    """Use PREFECT_API_URL when set; else the work directory's own server (vaemo/prefect_server.py), started by the
+    first command that needs it and reused by later ones. Yields what ``while_starting`` returns: it runs while a new
+    server boots (a command imports its flow and checks its input meanwhile, instead of paying for both in turn).
 
-    Prefect would start its temporary server lazily in every process, so each Dask worker would
-    boot its own; exporting one URL before the cluster starts lets all of them share it. The
-    server is vaemo's (vaemo/servers.py), not Prefect's: in a session of its own, so that a Ctrl-C
-    in the terminal does not stop it before the command has reported the interrupted run to it.
+    Prefect would start its temporary server lazily in every process, so each Dask worker would boot its own;
+    exporting one URL before the cluster starts lets all of them share it.
     """
     if os.environ.get("PREFECT_API_URL"):
         yield while_starting()
         return
-    from vaemo.servers import launch, prefect_start_lock, stop_all, temporary_prefect_server, wait_ready
+    from vaemo.prefect_server import shared_server
 
-    home = Path(os.environ["PREFECT_HOME"])
-    server = temporary_prefect_server(home)
-    try:
-        with prefect_start_lock(home):
-            new_database = not (home / "prefect.db").exists()
-            launch([server])
-            try:
-                prepared = while_starting()
-            except BaseException:
-                # A refusal: a server that migrates a new database finishes (stopped half way, it could leave the
-                # database half made); one on a ready database is killed at once (SQLite keeps the database whole).
-                if new_database:
-                    wait_ready([server])
-                else:
-                    server.stop(timeout=0)
-                raise
-            wait_ready([server])
+    with shared_server(Path(os.environ["PREFECT_HOME"]), while_starting) as (api_url, prepared):
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        api_url = os.environ["PREFECT_API_URL"] = f"{server.url}/api"
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            yield prepared
-    finally:
-        if os.environ.pop("PREFECT_API_URL", None):
-            # Send buffered logs and events while the server is still up; afterwards they would be
-            # retried against a closed port at interpreter exit.
+        os.environ["PREFECT_API_URL"] = api_url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                yield prepared
+        finally:
+            os.environ.pop("PREFECT_API_URL")
+            # Send buffered logs and events while this command still counts as a user of the server; afterwards
+            # they could be retried against a closed port at interpreter exit.
             from prefect.events.worker import EventsWorker
             from prefect.logging.handlers import APILogWorker
 
             APILogWorker.drain_all(timeout=10)
             EventsWorker.drain_all(timeout=10)
-        stop_all([server])
 
 
 class _LogFile(logging.FileHandler):

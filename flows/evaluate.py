@@ -19,6 +19,7 @@ from vaemo.artifacts import IngestFolder, ModelFolder
 from vaemo.config import EvaluateConfig, TrackingConfig
 from vaemo.eval import REPORT, RESULTS, prepare
 from vaemo.eval import evaluate as run_evaluation
+from vaemo.eval.report import markdown as report_markdown
 from vaemo.eval.report import test_set_line
 from vaemo.eval.run import PREDICTIONS
 from vaemo.tracking import Tag
@@ -82,7 +83,7 @@ def evaluate_flow(model: str, data: str, out: str, settings: EvaluateConfig = Ev
     with gpu_stage_run("evaluate", work_dir, tracking_cfg, params,
                        {**tags, **tracking.child_tags(parent_run_id)}) as (run, uri):
         tracking.log_shards(IngestFolder(data), "evaluation")
-        tracking.log_model_input(ModelFolder(model), "model", "model", "model", Tag.MODEL_ID, uri)
+        tracking.log_model_input(ModelFolder(model), "model", "model", uri)
         logger.info("%s %s on %s (%s input): %s, %d labelled clips, classes %s", settings.protocol, settings.mode, data,
                     settings.modality, plan.rule, len(plan.clips), ", ".join(plan.classes))
         progress = create_progress_artifact(progress=0.0, key="evaluate-progress", description="Share of folds done")
@@ -132,7 +133,7 @@ def evaluate_flow(model: str, data: str, out: str, settings: EvaluateConfig = Ev
             table=_table(results),
             description=f"{settings.protocol} {settings.mode} ({settings.modality}): per fold and mean, %",
         )
-        create_markdown_artifact(key="evaluate-report", markdown=(outputs / REPORT).read_text(encoding="utf-8"),
+        create_markdown_artifact(key="evaluate-report", markdown=report_markdown(results, embed_figures_from=outputs),
                                  description="Evaluation report")
         return {"mean": results["mean"], "chance_uar": results["chance_uar"], "folds": len(results["folds"]),
                 "out": out, "mlflow_run_id": run.info.run_id, "summary": summary(results, out, run.info.run_id)}

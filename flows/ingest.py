@@ -1,4 +1,5 @@
-"""The ``ingest`` flow: one task per batch of videos on a Dask cluster, stats to Prefect and MLflow."""
+"""The ``ingest`` flow: one task per batch of videos on a Dask cluster (a single batch in the flow's own process),
+stats to Prefect and MLflow."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect_dask import DaskTaskRunner
@@ -54,7 +56,8 @@ def task_runner(dask: DaskConfig) -> DaskTaskRunner:
 
 
 def on_cluster(dask: DaskConfig):
-    """The ingest flow with its batches on ``dask``'s cluster."""
+    """The ingest flow with its batches on ``dask``'s cluster. The task runner makes its cluster (or connects) at its
+    first submit, so a run of one batch, which calls its task in the flow's process, starts none."""
     return ingest_flow.with_options(task_runner=task_runner(dask))
 
 
@@ -106,7 +109,8 @@ def ingest_flow(source: str, out: str, dataset: str = "auto", labels: str | None
         tracking.log_json(stats, folder.STATS)
         tracking.log_json(settings.model_dump(), "ingest_config.json")
         tracking.log_files([folder / folder.MANIFEST, folder / folder.CLIPS])
-        tracking.log_shards(folder, "output", stats["shard_set_digest"], extra_tags={"clips": str(stats["clips"])})
+        tracking.log_output("shards", stats["shard_set_digest"], {"dir": folder.shards_dir.resolve(),
+                                                                  "clips": stats["clips"]})
         create_table_artifact(key="ingest-stats",
                               table=[{"status": k, "videos": v} for k, v in stats["status_counts"].items()],
                               description="Videos per status")
@@ -121,25 +125,35 @@ def ingest_flow(source: str, out: str, dataset: str = "auto", labels: str | None
         return {**stats, "mlflow_run_id": run.info.run_id, "summary": summary(stats, out)}
 
 
+def _outcomes(plan, out: str, cfg: IngestConfig):
+    """(batch, final state) of every batch as it ends: one batch runs here, in the flow's process, unless the flow
+    runs on an existing cluster (a local cluster's start and stop would cost more than its help); more are submitted
+    to the task runner."""
+    batch_task = ingest_batch.with_options(timeout_seconds=cfg.batch_timeout_seconds)
+    runner = FlowRunContext.get().task_runner
+    if len(plan.batches) == 1 and not (isinstance(runner, DaskTaskRunner) and runner.address):
+        yield plan.batches[0], batch_task(plan.batches[0], out, cfg, return_state=True)
+        return
+    futures = {batch_task.submit(batch, out, cfg): batch for batch in plan.batches}
+    for future in as_completed(list(futures)):
+        future.wait()
+        yield futures[future], future.state
+
+
 def _run_batches(plan, out: str, cfg: IngestConfig) -> dict[str, str]:
-    """Submit every batch, follow completion with a terminal bar and a Prefect progress artifact."""
+    """Run every batch, follow completion with a terminal bar and a Prefect progress artifact."""
     failed: dict[str, str] = {}
     if not plan.batches:
         return failed
     progress = create_progress_artifact(progress=0.0, key="ingest-progress", description="Share of batches done")
-    batch_task = ingest_batch.with_options(timeout_seconds=cfg.batch_timeout_seconds)
-    futures = {batch_task.submit(batch, out, cfg): batch for batch in plan.batches}
     with tqdm(total=plan.pending_videos, unit="video", desc="ingest") as bar:
-        for done, future in enumerate(as_completed(list(futures)), start=1):
-            batch = futures[future]
-            future.wait()
-            state = future.state
+        for done, (batch, state) in enumerate(_outcomes(plan, out, cfg), start=1):
             if state.is_completed():
-                bar.set_postfix(clips=future.result()["clips"], refresh=False)
-            elif isinstance(error := future.result(raise_on_failure=False), StorageError):
+                bar.set_postfix(clips=state.result()["clips"], refresh=False)
+            elif isinstance(error := state.result(raise_on_failure=False), StorageError):
                 raise error  # every later batch would fail the same way; the committed ones stay
             else:
                 failed[batch.batch_id] = f"batch failed: {state.message}"
             bar.update(len(batch.videos))
-            update_progress_artifact(progress, progress=100.0 * done / len(futures))
+            update_progress_artifact(progress, progress=100.0 * done / len(plan.batches))
     return failed

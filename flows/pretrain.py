@@ -10,11 +10,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from tqdm import tqdm
 
-from flows.common import gpu_stage_run, torchrun, vaemo_flow
+from flows.common import gpu_stage_run, torchrun, training_progress, vaemo_flow
 from flows.ingest import task_runner
 from vaemo import tracking
 from vaemo.artifacts import IngestFolder, ModelFolder
-from vaemo.config import DaskConfig, PretrainConfig, TrackingConfig
+from vaemo.config import DaskConfig, PretrainConfig, TrackingConfig, TrainConfig
 from vaemo.data.config import DataConfig, ViewConfig
 from vaemo.data.view import TrainingView, build_group
 from vaemo.model import av
@@ -24,10 +24,12 @@ from vaemo.train import pretrain as stage1
 from vaemo.train.loop import read_step_log
 
 
-def log_training_files(model: ModelFolder, curves: tuple[str, ...], title: str) -> None:
-    """The training curves, checkpoints and metrics of a training run's folder (Stage 1 and Stage 2)."""
+def log_training_files(model: ModelFolder, curves: tuple[str, ...], title: str, settings: TrainConfig) -> None:
+    """The training curves and metrics of a training run's folder (Stage 1 and Stage 2), and its checkpoints when
+    ``settings`` say so."""
     tracking.log_figure(training_curves(read_step_log(model.path), curves, title), "training_curves.png")
-    tracking.log_files(model.checkpoints(), artifact_path=model.CHECKPOINTS)
+    if settings.log_checkpoints:
+        tracking.log_files(model.checkpoints(), artifact_path=model.CHECKPOINTS)
     tracking.log_files([model / model.METRICS])
 
 
@@ -56,11 +58,11 @@ def view_flow(shards: str, data: DataConfig, cfg: ViewConfig) -> dict:
 def ensure_view(shards: str, settings: PretrainConfig, dask: DaskConfig) -> TrainingView:
     """The shards' training view, built on ``dask``'s cluster unless its digest is current; logged as a dataset."""
     data = stage1.data_config(settings, stage1.model_config(settings))
-    view = TrainingView(IngestFolder(shards), data, settings.view)
-    if view.is_current():
-        get_run_logger().info("training view %s is current (digest %s)", view.path, view.built_digest())
-    else:
-        view_flow.with_options(task_runner=task_runner(dask))(shards, data, settings.view)
+    with TrainingView(IngestFolder(shards), data, settings.view).building() as view:
+        if view.is_current():
+            get_run_logger().info("training view %s is current (digest %s)", view.path, view.built_digest())
+        else:
+            view_flow.with_options(task_runner=task_runner(dask))(shards, data, settings.view)
     tracking.log_dataset("training_view", view.shards_dir, view.built_digest(), context="training")
     return view
 
@@ -96,15 +98,17 @@ def pretrain_flow(shards: str, out: str, settings: PretrainConfig = PretrainConf
         tracking.log_metrics_flat({"params": info["params"], "pretrain_gflops": info["pretrain_gflops"]}, "model.")
         logger.info("Stage 1 %s (%s parameters) on %s, %d steps, %d process(es)", settings.model,
                     f"{info['params']['total']:,}", shards, settings.steps, settings.processes)
-        if settings.processes > 1:
-            torchrun("vaemo.train.pretrain", settings, out, ["--shards", shards], uri, run.info.run_id, resume)
-            metrics = model.metrics()
-        else:
-            with tracking.step_logger(uri, run.info.run_id) as log_step:
-                metrics = stage1.pretrain(Path(shards), Path(out), settings, resume=resume, log_step=log_step)
+        with training_progress("pretrain-progress", "Stage 1", out, settings.steps):
+            if settings.processes > 1:
+                torchrun("vaemo.train.pretrain", settings, out, ["--shards", shards], uri, run.info.run_id, resume)
+                metrics = model.metrics()
+            else:
+                with tracking.step_logger(uri, run.info.run_id) as log_step:
+                    metrics = stage1.pretrain(Path(shards), Path(out), settings, resume=resume, log_step=log_step)
         tracking.log_metrics_flat({k: v for k, v in metrics.items() if v is not None})
-        log_training_files(model, ("loss", "rec_video", "rec_audio", "contrastive", "lr"), "Stage 1")
-        model_id = tracking.log_model_files("stage1", model.model_files(), tags={Tag.SHARDS_DIGEST: digest})
+        log_training_files(model, ("loss", "rec_video", "rec_audio", "contrastive", "lr"), "Stage 1", settings)
+        model_id = tracking.log_model("stage1", model, tracking.registered_name(tracking_cfg.experiment, "stage1"),
+                                      tracking.pipeline_alias(parent_run_id), tags={Tag.SHARDS_DIGEST: digest})
         model.write_record(model_id, run.info.run_id, uri)  # Stage 2 names it as its input
         line = (f"pretrain done: loss {metrics['loss_first']:.4f} -> {metrics['loss_last']:.4f}, video->audio top-1 "
                 f"{metrics['av_retrieval_top1']:.3f} (chance {metrics['av_retrieval_chance']:.3f}); model in {out}, "

@@ -11,9 +11,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Nothing is fetched at test time, and Prefect keeps its state out of the user's home.
+# Nothing is fetched at test time, Prefect keeps its state out of the user's home, and a work directory's Prefect
+# server stops with the last command that uses it, so no test leaves one running.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("VAEMO_PREFECT_SERVER_IDLE_SECONDS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,8 @@ def vaemo_command(*args: str) -> list[str]:
 
 def cli_env(work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
-    env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+               VAEMO_PREFECT_SERVER_IDLE_SECONDS="0")
     return env
 
 
@@ -99,3 +102,26 @@ def short_prompt() -> Path:
     from vaemo.caption.prompt import PROMPTS_DIR
 
     return PROMPTS_DIR / "cot-v1-short.yaml"
+
+
+@pytest.fixture(scope="session")
+def labelled_source(tmp_path_factory) -> tuple[Path, Path]:
+    """A labelled corpus for the whole pipeline (2 classes, 3 speakers, 2 clips each) and its label file."""
+    from vaemo import synth
+
+    source = tmp_path_factory.mktemp("labelled-src")
+    return source, synth.labelled_corpus(source, classes=2, speakers=3, clips_per_class=2, seed=4)
+
+
+def fast_stages(tiny_mllm: Path, short_prompt: Path) -> dict:
+    """Stage settings under which all five stages run in seconds on the generated corpora."""
+    return {
+        "ingest": {"videos_per_batch": 12},
+        "pretrain": {"steps": 2, "batch_size": 3, "num_workers": 0, "warmup_steps": 1, "eval_clips": 3,
+                     "checkpoint_every": 100},
+        "caption": {"engine": "vllm", "model": str(tiny_mllm), "prompt": str(short_prompt), "count": 4,
+                    "sampling": {"max_tokens": 256}},
+        "align": {"steps": 2, "batch_size": 2, "num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100,
+                  "embeddings_table": None, "retrieval_before": False},
+        "evaluate": {"tsne_clips": 0, "probe": {"epochs": 5}},
+    }

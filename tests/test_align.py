@@ -118,7 +118,7 @@ def log_stage1(work: Path, folder: Path) -> str:
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     with tracking.stage_run("pretrain", tracking_uri=uri, experiment="vaemo", work_dir=work) as run:
-        model_id = tracking.log_model_files("stage1", ModelFolder(folder).model_files())
+        model_id = tracking.log_model("stage1", ModelFolder(folder), tracking.registered_name("vaemo", "stage1"), None)
         ModelFolder(folder).write_record(model_id, run.info.run_id, uri)
     return model_id
 
@@ -192,24 +192,24 @@ def test_align_command_on_vllm_captions_retrieves_far_above_chance(ingested, sta
     )[0]
     assert run.info.status == "FINISHED" and run.data.params["caption_tag"] == summary["tag"]
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
-    assert {"shards", "captions", "stage1_model"} <= set(inputs)
+    assert set(inputs) == {"shards", "captions"}  # what it read; the Stage 1 model is a model input
+    client = mlflow.MlflowClient()
+    # search_runs leaves the model inputs out: read the run itself
+    assert [m.model_id for m in client.get_run(run.info.run_id).inputs.model_inputs] == [stage1_id]
     assert run.data.tags["vaemo.training.captions.digest"] == f"{summary['tag']}@v{summary['version']}"
     assert {t.key: t.value for t in inputs["captions"].tags}["vaemo.lancedb.tag"] == summary["tag"]
-    assert {t.key: t.value for t in inputs["stage1_model"].tags}["vaemo.stage1.model_id"] == stage1_id
     assert run.data.tags["vaemo.input.stage1.model_id"] == stage1_id
-    client = mlflow.MlflowClient()
     for key in ("global", "modality", "modality_video", "modality_audio"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 13)), key
     model = mlflow.get_logged_model(run.data.tags["vaemo.output.model.stage2"])
     assert model.tags["vaemo.stage1.model_id"] == stage1_id and model.tags["vaemo.captions.tag"] == summary["tag"]
-    assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} == {
-        "model.safetensors", "config.json", "text_heads.safetensors", "text_alignment.json"}
-    outputs = [
-        d
-        for d in run.inputs.dataset_inputs
-        if any(t.key == "mlflow.data.context" and t.value == "output" for t in d.tags)
-    ]
-    assert [d.dataset.name for d in outputs] == ["clip_embeddings"]
+    assert [m.model_id for m in client.get_run(run.info.run_id).outputs.model_outputs] == [model.model_id]
+    assert {a.path for a in client.list_logged_model_artifacts(model.model_id, "artifacts/model")} == {
+        f"artifacts/model/{name}" for name in
+        ("model.safetensors", "config.json", "text_heads.safetensors", "text_alignment.json")}
+    assert run.data.tags["vaemo.output.clip_embeddings.table"] == "clip_embeddings"  # written, not read
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}  # checkpoints stay in the model folder
+    assert {"training_curves.png", "metrics.json"} <= logged and "checkpoints" not in logged, logged
 
     found = subprocess.run(
                            vaemo_command("search", "--db", str(db), "--text", "a trembling voice and a tense face",

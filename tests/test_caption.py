@@ -391,15 +391,19 @@ def test_caption_command_survives_a_kill_and_tracks_lineage(shards, tiny_mllm, s
         and sum(v for k, v in run.data.metrics.items() if k.startswith("status.")) == 3
     )
     metrics = run.data.metrics
-    assert metrics["engine.replicas"] == 2 and metrics["engine.requests_per_generate_call"] >= 1
-    assert {"engine.replica.0.clips_per_second", "engine.replica.1.tokens_per_second",
-            "engine.wait_share"} <= set(metrics) and 0 <= metrics["engine.wait_share"] <= 1
-    # MLflow keeps datasets as run inputs; the context tells the shards read from the captions written.
+    if stored == 3:  # on a busy machine the last chunk can land before the kill: the re-run starts no engine
+        assert not any(key.startswith("engine.") for key in metrics), sorted(metrics)
+    else:
+        assert metrics["engine.replicas"] == 2 and metrics["engine.requests_per_generate_call"] >= 1
+        assert {"engine.replica.0.clips_per_second", "engine.replica.1.tokens_per_second",
+                "engine.wait_share"} <= set(metrics) and 0 <= metrics["engine.wait_share"] <= 1
+    # The shards read are a run input; the captions written are an output (run tags: MLflow's outputs are models).
     contexts = {
         d.dataset.name: {t.key: t.value for t in d.tags}.get("mlflow.data.context") for d in run.inputs.dataset_inputs
     }
-    assert contexts == {"shards": "input", "captions": "output"}
+    assert contexts == {"shards": "input"} and run.data.tags["vaemo.output.captions.table"] == "captions"
     tag, version = run.data.tags["vaemo.output.captions.digest"].split("@v")
     assert store.run_tags(lancedb.connect(str(db)).open_table("captions"))[tag] == int(version)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"prompt", "caption_summary.json", "caption_samples.json"} <= artifacts
+    described = {"caption_samples.json"} if stored < 3 else set()  # samples of what this run described
+    assert {"prompt", "caption_summary.json"} | described <= artifacts, artifacts

@@ -3,6 +3,8 @@ it is logged, and exits 1; every command takes the pipelines file the same way; 
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -74,11 +76,26 @@ def test_choices_come_from_the_registries():
     assert parse(["pretrain", "--shards", "s", "--out", "o", "--preset", "small"]).__dict__["setting:model"] == "small"
 
 
-def test_every_option_says_what_it_does():
-    for sub in parser()._subparsers._group_actions:
-        for name, command in sub.choices.items():
-            missing = [a.dest for a in command._actions if not a.help and a.dest not in ("help", "dev_command")]
-            assert not missing, f"vaemo {name}: options without help: {missing}"
+def commands(command=None, path=("vaemo",)):
+    """Every command of the parser, ``dev``'s too, with its words (e.g. ("vaemo", "dev", "tiny-mllm"))."""
+    command = command or parser()
+    yield path, command
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    for path, command in commands():
+        command.format_help()  # renders: no stray % in a help text
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            assert action.help, f"{' '.join(path)}: {action.dest} has no help"
+            switch = isinstance(action, argparse._StoreTrueAction | argparse._StoreConstAction)
+            if action.option_strings and not action.required and not switch:
+                assert "default" in action.help, f"{' '.join(path)}: {action.option_strings[0]} hides its default"
 
 
 def test_help_and_argument_errors_load_no_heavy_library():

@@ -1,3 +1,4 @@
+import re
 import time
 from pathlib import Path
 
@@ -7,6 +8,8 @@ from vaemo.config import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES, 
 from vaemo.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+# The ingest defaults before the speed-ups (detection and media settings changed since, as config values).
+BEFORE_SPEED_UPS = {"detect_every": 10, "detect_pyramid_factor": 0.709, "media_io": "ffmpeg"}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -85,13 +88,30 @@ def test_schedule_is_a_five_field_cron_line(tmp_path):
         load_settings(write(tmp_path, base + "    schedule: 'daily'\n"))
 
 
+@pytest.mark.parametrize("cron", ["61 3 * * *", "0 3 32 * *", "0 25 * * *", "0 3 * * funday"])
+def test_a_schedule_a_cron_parser_refuses_fails_naming_the_pipeline_and_the_value(tmp_path, cron):
+    base = "corpora:\n  c:\n    path: .\npipelines:\n  nightly:\n    corpora: [c]\n"
+    expected = rf"pipelines\.nightly\.schedule: .*{re.escape(repr(cron))}.*not a valid cron"
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(write(tmp_path, base + f"    schedule: '{cron}'\n"))
+
+
 def test_the_processing_digest_of_existing_ingest_folders_survives_a_renamed_setting():
     # Ingest folders store this digest; a rename (window_seconds -> max_cut_seconds) must not change it, or every
-    # existing folder would be refused as made with other settings. The value is the digest of the defaults.
+    # existing folder would be refused as made with other settings. The value is the digest of the defaults before
+    # the speed-ups (options added since are left out at the value that matches what was done before them).
     view = IngestConfig().digest_view()
     assert view["window_seconds"] == 8.0 and "max_cut_seconds" not in view
-    assert IngestConfig().processing_digest() == "18e68a16f02acbf0"
+    assert IngestConfig(**BEFORE_SPEED_UPS).processing_digest() == "18e68a16f02acbf0"
     assert IngestConfig(max_cut_seconds=6).processing_digest() != IngestConfig().processing_digest()
+
+
+def test_the_speed_up_defaults_are_a_new_processing_digest():
+    """New defaults make other clips, so their folders are new ones; each added option is in the digest when changed."""
+    assert IngestConfig().processing_digest() != "18e68a16f02acbf0"
+    for key, value in (("detect_pyramid_factor", 0.65), ("media_io", "pyav")):
+        changed = IngestConfig(**{**BEFORE_SPEED_UPS, key: value})
+        assert changed.digest_view()[key] == value and changed.processing_digest() != "18e68a16f02acbf0"
 
 
 def test_a_misspelt_stage_override_fails_when_the_file_loads(tmp_path):

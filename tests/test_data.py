@@ -92,8 +92,8 @@ def test_a_real_sample_decodes_to_the_model_shapes(raw):
         meta = json.loads(sample["json"])
         window = out["window"]
         assert not window.looped and 0 <= window.start and window.end <= meta["end"] - meta["start"] + 1e-6
-        # Evaluation is centred: the same margin before and after the window (to a frame).
-        assert abs(window.start - (meta["end"] - meta["start"] - window.end)) <= 1 / 25 + 1e-6
+        # Evaluation is centred: the same margin before and after the window (to a stride step of 4 frames).
+        assert abs(window.start - (meta["end"] - meta["start"] - window.end)) <= 4 / 25 + 1e-6
         trained = load_sample(sample, CFG, train=True, rng=np.random.default_rng(0))
         assert trained["video"].shape == (3, 16, 160, 160) and trained["audio"].shape == (256, 128)
 
@@ -116,7 +116,8 @@ def test_frames_and_audio_come_from_the_same_instants(n_frames):
         # The sample under sampled frame i (displayed 4i frames into the window) is that frame's instant.
         np.testing.assert_array_equal(np.floor(wave[np.arange(16) * 4 * sr_per_frame]), shown)
         if draw is None:
-            assert window.start_frame == (0 if n_frames < 64 else (n_frames - 64) // 2)
+            # centred on the stride step (4 frames) nearest the middle
+            assert window.start_frame == (0 if n_frames < 64 else 4 * int((n_frames - 64) / 8 + 0.5))
 
 
 def test_video_and_audio_onsets_agree_through_real_encoding():

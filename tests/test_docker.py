@@ -667,7 +667,7 @@ def test_runtime_settings(variant):
     assert python in SpecifierSet(pyproject()["project"]["requires-python"])
     # The tools vaemo runs, which scripts/system-deps.sh also installs (it adds test-only ones), by package.
     system_deps = (ROOT / "scripts/system-deps.sh").read_text()
-    tools = re.search(r"for tool in ([\w\- ]+); do", system_deps).group(1).split()
+    tools = {t for needs in re.findall(r'^\w+_needs="([\w\- ]+)"$', system_deps, re.M) for t in needs.split()}
     assert set(RUNTIME_TOOLS) <= set(tools)
     renames = dict(re.findall(r"sed 's/([\w-]+)/([\w-]+)/'", system_deps))
     assert {renames.get(t, t) for t in RUNTIME_TOOLS} <= apt_packages(dockerfile)

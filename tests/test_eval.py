@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import sqlite3
 import subprocess
 import tarfile
@@ -222,8 +224,16 @@ def test_probe_on_trained_features_beats_chance_through_the_cli(labelled, tmp_pa
     assert "fold1.test.last.uar" in run.data.metrics and "fold1.train_loss" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"results.json", "report.md", "confusion_best_val.png", "embedding_tsne.png", "folds"} <= artifacts
-    keys = {row[0] for row in sqlite3.connect(work / "prefect" / "prefect.db").execute("select key from artifact")}
-    assert {"evaluate-results", "evaluate-report", "evaluate-progress"} <= keys
+    published = dict(sqlite3.connect(work / "prefect" / "prefect.db").execute("select key, data from artifact"))
+    assert {"evaluate-results", "evaluate-report", "evaluate-progress"} <= set(published)
+    # the report as Prefect's UI shows it: the same text, its figures inside it (the UI has no files beside it)
+    shown = json.loads(published["evaluate-report"]) if published["evaluate-report"].startswith('"') else \
+        published["evaluate-report"]
+    embedded = dict(re.findall(r"!\[([^]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", shown))
+    linked = dict(re.findall(r"!\[([^]]*)\]\(([^)]+\.png)\)", report))
+    assert len(linked) == 4 and set(embedded) == set(linked), (sorted(embedded), sorted(linked))
+    assert all(base64.b64decode(embedded[caption]) == (out / name).read_bytes() for caption, name in linked.items())
+    assert re.sub(r"\(data:image/png;base64,[^)]+\)", "", shown) == re.sub(r"\([^)]+\.png\)", "", report)
 
 
 def test_finetune_runs_a_fold_and_keeps_both_checkpoint_rules(labelled, tmp_path):

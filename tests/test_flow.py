@@ -61,8 +61,7 @@ def test_ingest_command_runs_the_flow_and_tracks_it(source, tmp_path):
     assert run.data.params["ingest.crop_size"] == "160" and run.data.metrics["clips"] == stats["clips"]
     assert run.data.tags["vaemo.output.shards.digest"] == stats["shard_set_digest"]
     assert run.data.tags["prefect.flow_run_id"]
-    inputs = run.inputs.dataset_inputs
-    assert [i.dataset.digest for i in inputs] == [stats["shard_set_digest"][:36]]
+    assert run.inputs.dataset_inputs == [] and run.data.tags["vaemo.output.shards.clips"] == str(stats["clips"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"manifest.parquet", "stats.json", "ingest_config.json"} <= artifacts
     assert (work / "mlartifacts").is_dir()  # artifacts live beside the store, not in the cwd

@@ -1,6 +1,7 @@
-"""A command's processes and runs end with it: SIGTERM or SIGINT to a stage command stops its temporary Prefect
-server, its Dask workers and its torchrun ranks and leaves no process behind; the MLflow run of a command that
-was killed is marked KILLED by the next command on the work directory, and a live one is left alone."""
+"""A command's processes and runs end with it: SIGTERM or SIGINT to a stage command stops its Dask workers and its
+torchrun ranks, and the work directory's Prefect server when no other command uses it, and leaves no process behind;
+the MLflow run of a command that was killed is marked KILLED by the next command on the work directory, and a live
+one is left alone."""
 
 from __future__ import annotations
 
@@ -99,10 +100,11 @@ def stop_and_check(process: subprocess.Popen, sig: signal.Signals) -> None:
 
 def test_sigterm_stops_an_ingest_with_its_prefect_server_and_dask_workers(corpus, tmp_path):
     work = tmp_path / "work"
-    process = start(work, "ingest", str(corpus), "--dataset", "generic", "--out", str(work / "out"), "--workers", "1")
-    # in its stage: the temporary server answers and a Dask worker decodes a video
+    # two workers: the three videos in two batches, on a Dask cluster (one batch would run in the command's process)
+    process = start(work, "ingest", str(corpus), "--dataset", "generic", "--out", str(work / "out"), "--workers", "2")
+    # in its stage: the work directory's server answers and a Dask worker decodes a video
     server = wait_until(process, lambda: [c for c in commands(process) if "prefect.server.api.server" in c],
-                        "with its temporary Prefect server")[0]
+                        "with the work directory's Prefect server")[0]
     port = int(server.split("--port ")[1].split()[0])
     wait_until(process, lambda: any(c.startswith("ffmpeg") for c in commands(process)), "decoding in a Dask worker")
     assert listening(port)
@@ -178,14 +180,14 @@ with prefect_api():
 
 
 def test_first_commands_at_once_on_a_new_work_dir_start_their_prefect_servers_cleanly(tmp_path):
-    # Each starts a temporary server on the new Prefect database, as stage commands started at once do; unserialised,
-    # their migrations and block registrations collide (alembic and UNIQUE constraint tracebacks, a server that
-    # does not start).
+    # As stage commands started at once do: one starts the work directory's server on the new Prefect database, the
+    # others use it; unserialised, servers started at once would collide in their migrations and block registrations
+    # (alembic and UNIQUE constraint tracebacks, a server that does not start).
     work = tmp_path / "work"
     commands = [subprocess.Popen([sys.executable, "-c", USE_PREFECT, str(work)], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True, env=cli_env(work)) for _ in range(3)]
     outputs = [command.communicate(timeout=TIMEOUT)[0] for command in commands]
     assert [command.returncode for command in commands] == [0, 0, 0], outputs
     assert all("healthy\n" in text and "Traceback" not in text for text in outputs), outputs
-    log = (work / "prefect" / "temporary-server.log").read_text()
+    log = (work / "prefect" / "server.log").read_text()
     assert "Traceback" not in log and "Error" not in log, log[-3000:]

@@ -11,21 +11,11 @@ import subprocess
 from pathlib import Path
 
 import mlflow
-import pytest
 
-from tests.conftest import cli_env, own_prefect_server, vaemo_command
+from tests.conftest import cli_env, fast_stages, own_prefect_server, vaemo_command
 
 TIMEOUT = 600
 STAGES = ["align", "caption", "evaluate", "ingest", "pretrain"]
-
-
-@pytest.fixture(scope="module")
-def labelled_source(tmp_path_factory) -> tuple[Path, Path]:
-    from vaemo import synth
-
-    source = tmp_path_factory.mktemp("pipeline-src")
-    labels = synth.labelled_corpus(source, classes=2, speakers=3, clips_per_class=2, seed=4)
-    return source, labels
 
 
 def write_config(
@@ -35,16 +25,7 @@ def write_config(
         "work_dir": str(work),
         "dask": {"workers": 1},
         "corpora": {"labelled": {"path": str(source), "dataset": "generic", "labels": str(labels)}},
-        "stages": {
-            "ingest": {"videos_per_batch": 12},
-            "pretrain": {"steps": 2, "batch_size": 4, "num_workers": 0, "warmup_steps": 1, "eval_clips": 4,
-                         "checkpoint_every": 100},
-            "caption": {"engine": "vllm", "model": str(tiny_mllm), "prompt": str(short_prompt), "count": 4,
-                        "sampling": {"max_tokens": 256}},
-            "align": {"steps": 2, "batch_size": 2, "num_workers": 0, "warmup_steps": 1, "checkpoint_every": 100,
-                      "embeddings_table": None, "retrieval_before": False},
-            "evaluate": {"tsne_clips": 0, "probe": {"epochs": 5}},
-        },
+        "stages": fast_stages(tiny_mllm, short_prompt),
         "pipelines": {
             "full": {"corpora": ["labelled"], "stages": ["ingest", "pretrain", "caption", "align", "evaluate"],
                      "stage_overrides": {"evaluate": {"folds": folds}}}

@@ -44,6 +44,7 @@ def test_pretrain_command_trains_and_tracks(shards, tmp_path):
     config = tmp_path / "pipelines.yaml"
     config.write_text(
         "stages:\n  pretrain:\n    batch_size: 2\n    num_workers: 1\n    checkpoint_every: 2\n    warmup_steps: 1\n"
+        "    log_checkpoints: true\n"
     )
     done = subprocess.run(
         vaemo_command("--config", str(config), "--work-dir", str(work), "pretrain", "--shards", str(shards), "--preset",
@@ -71,14 +72,16 @@ def test_pretrain_command_trains_and_tracks(shards, tmp_path):
     for name in set(step_log(out)[1]) - {"step"}:  # every value of every step, sent in the background, arrived
         history = client.get_metric_history(run.info.run_id, name)  # (the run's summary is logged at step 0)
         assert [m.step for m in history if m.step] == [1, 2, 3, 4], name
-    assert {"training_curves.png", "metrics.json", "checkpoints"} <= {
+    assert {"training_curves.png", "metrics.json", "checkpoints"} <= {  # log_checkpoints: true
         a.path for a in client.list_artifacts(run.info.run_id)
     }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/step-00000002.pt", "checkpoints/step-00000004.pt"}
     model = mlflow.get_logged_model(run.data.tags["vaemo.output.model.stage1"])
-    assert model.status.to_proto() != 0 and {a.path for a in client.list_logged_model_artifacts(model.model_id)} == {
-        "model.safetensors",
-        "config.json",
-    }
+    listed = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert model.status.to_proto() != 0 and {"MLmodel", "pyfunc_model.py", "artifacts"} <= listed, listed
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id, "artifacts/model")}
+    assert files == {"artifacts/model/model.safetensors", "artifacts/model/config.json"}, files
 
 
 def test_killed_training_resumes_on_the_same_loss_curve(shards, tmp_path):

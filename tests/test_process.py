@@ -151,3 +151,53 @@ def test_separate_audio_file_is_used_and_hashed(corpus, tmp_path):
 def test_timeout_is_a_status_not_a_hang(corpus):
     outcome = run(sorted(corpus.glob("*.mp4"))[0], cfg=IngestConfig(probe_timeout=0.001))
     assert outcome.status == "timeout" and "within" in outcome.reason
+
+
+def test_in_process_audio_matches_ffmpeg_and_keeps_the_statuses(corpus, tmp_path):
+    """media_io: pyav decodes and encodes the voice as the ffmpeg processes do, with the same error statuses."""
+    path = sorted(corpus.glob("*.mp4"))[0]
+    ours, theirs = media.decode_audio(path, 16000, 30, backend="pyav"), media.decode_audio(path, 16000, 30)
+    count = min(len(ours), len(theirs))
+    assert abs(len(ours) - len(theirs)) <= 160 and np.abs(ours[:count] - theirs[:count]).max() < 1e-3
+    flac = tmp_path / "voice.flac"
+    flac.write_bytes(media.encode_audio(ours, 16000, "flac", 30, backend="pyav"))
+    assert np.abs(media.decode_audio(flac, 16000, 30) - ours).max() < 1e-4  # lossless but for the int16 scaling
+    info = media.probe(flac, 30, require_video=False, backend="pyav")
+    assert info.has_audio and abs(info.duration - len(ours) / 16000) < 0.05
+    junk = tmp_path / "junk.wav"
+    junk.write_text("not audio at all\n" * 50)
+    for call, status in (
+        (lambda: media.probe(junk, 30, require_video=False, backend="pyav"), "not_a_video"),
+        (lambda: media.decode_audio(junk, 16000, 30, backend="pyav"), "decode_error"),
+        (lambda: media.probe(flac, 1e-6, require_video=False, backend="pyav"), "timeout"),
+    ):
+        with pytest.raises(media.MediaError) as caught:
+            call()
+        assert caught.value.status == status and caught.value.reason
+
+
+def test_in_process_probe_reports_what_ffprobe_does(bad_cases, corpus):
+    """media_io: pyav probes every generated case as ffprobe does: the same fields (codec names aside, FFmpeg's
+    decoder names are not ffprobe's) or the same refusal."""
+    def described(path: Path, backend: str):
+        try:
+            info = media.probe(path, 30, backend=backend)
+        except media.MediaError as error:
+            return error.status
+        return {**vars(info), "vcodec": None, "acodec": info.has_audio}
+
+    paths = [*bad_cases.values(), *sorted(corpus.glob("*.mp4"))[:2]]
+    found = {path.name: (described(path, "pyav"), described(path, "ffmpeg")) for path in paths}
+    assert all(ours == theirs for ours, theirs in found.values()), found
+    assert found[bad_cases["rotated"].name][0]["rotation"] == 90 and found[bad_cases["variable_fps"].name][0][
+        "variable_fps"]
+    assert {status for status, _ in found.values() if isinstance(status, str)} >= {"empty_file", "not_a_video"}
+
+
+def test_a_video_processed_twice_gives_the_same_clips(corpus):
+    """In-process encoding is reproducible: the same video gives the same bytes, first call or later."""
+    path = sorted(corpus.glob("*.mp4"))[0]
+    first, again, third = (run(path) for _ in range(3))
+    assert first.status == "ok" and first.clips
+    for a, b, c in zip(first.clips, again.clips, third.clips, strict=True):
+        assert a.video == b.video == c.video and a.audio == b.audio == c.audio

@@ -1,6 +1,7 @@
-"""`vaemo ui` and `vaemo serve` as users run them: a deployment run triggered through the Prefect API,
-its MLflow runs read back through MLflow's REST API, screenshots of both UIs (headless Chromium),
-Ctrl-C stopping both servers; and two pipeline runs started at once on one work directory."""
+"""`vaemo ui` and `vaemo serve` as users run them: the full pipeline's deployment run triggered through the
+Prefect API, its lineage read back through MLflow's REST API, its Prefect artifacts, a second run that skips every
+stage, screenshots of both UIs (headless Chromium), Ctrl-C stopping both servers; and two pipeline runs started at
+once on one work directory."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tests.conftest import cli_env, vaemo_command
+from tests.conftest import cli_env, fast_stages, vaemo_command
+from vaemo.config import mlflow_ui_page
 
 TIMEOUT = 600
 SCHEDULE = "0 3 * * *"
+FULL = ["ingest", "pretrain", "caption", "align", "evaluate"]
 
 
 def free_port() -> int:
@@ -86,9 +89,9 @@ def write_config(path: Path, work: Path, source: Path, mlflow_port: int | None =
     return path
 
 
-def chromium(*args: str) -> str:
+def chromium(*args: str, height: int = 900) -> str:
     done = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,900",
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1400,{height}",
          "--virtual-time-budget=20000", *args],
         capture_output=True,
         text=True,
@@ -98,16 +101,20 @@ def chromium(*args: str) -> str:
     return done.stdout
 
 
-def screenshot(url: str, out: Path, shows: list[str]) -> None:
-    """A headless Chromium picture of a page after its scripts ran, and a check that the page shows ``shows``."""
-    chromium(f"--screenshot={out}", url)
+def screenshot(url: str, out: Path, shows: list[str], height: int = 900) -> str:
+    """A headless Chromium picture of a page after its scripts ran, ``height`` pixels tall; returns what of ``shows``
+    the page's DOM lacks (the DOM is kept beside the picture then), empty when it has all."""
+    chromium(f"--screenshot={out}", url, height=height)
     picture = np.asarray(Image.open(out).convert("RGB"))
-    assert picture.shape == (900, 1400, 3) and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50, (
+    assert picture.shape == (height, 1400, 3) and len(np.unique(picture.reshape(-1, 3), axis=0)) > 50, (
         f"{out.name} looks blank"
     )
-    page = chromium("--dump-dom", url)
+    page = chromium("--dump-dom", url, height=height)
     missing = [text for text in shows if text not in page]
-    assert not missing, f"{url} does not show {missing}"
+    if missing:
+        out.with_suffix(".html").write_text(page)
+        return f"{url} does not show {missing} (its DOM: {out.with_suffix('.html')})"
+    return ""
 
 
 def stop(process: subprocess.Popen) -> int:
@@ -115,10 +122,37 @@ def stop(process: subprocess.Popen) -> int:
     return process.wait(90)
 
 
-def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_path):
+def write_served_config(path: Path, work: Path, labelled: tuple[Path, Path], clips: Path, mlflow_port: int,
+                        tiny_mllm: Path, short_prompt: Path) -> Path:
+    """Two pipelines: ``full`` (all five stages on a labelled corpus, tiny settings) and ``tiny`` (ingest and
+    pretrain), the one the new-corpus deployment runs."""
+    source, labels = labelled
+    config = {
+        "work_dir": str(work),
+        "dask": {"workers": 1},
+        "tracking": {"ui_url": f"http://127.0.0.1:{mlflow_port}"},
+        "corpora": {"labelled": {"path": str(source), "dataset": "generic", "labels": str(labels)},
+                    "clips": {"path": str(clips), "dataset": "generic"}},
+        "stages": fast_stages(tiny_mllm, short_prompt),
+        "pipelines": {
+            "full": {"corpora": ["labelled"], "stages": FULL, "schedule": SCHEDULE,
+                     "stage_overrides": {"evaluate": {"folds": 3}}},
+            "tiny": {"corpora": ["clips"], "stages": ["ingest", "pretrain"]},
+        },
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_ui_serves_deployments_triggered_through_the_prefect_api(labelled_source, corpus, tiny_mllm, short_prompt,
+                                                                 tmp_path):
+    """The full pipeline through its deployment; its lineage, evaluation back to shards, through MLflow's REST API;
+    the Stage 1 model by its alias; the Prefect artifacts of the run and of a second run that skips every stage;
+    the new-corpus deployment; screenshots of both UIs; Ctrl-C stopping both servers."""
     work = tmp_path / "work"
     prefect_port, mlflow_port = free_port(), free_port()
-    config = write_config(tmp_path / "pipelines.yaml", work, corpus, mlflow_port)
+    config = write_served_config(tmp_path / "pipelines.yaml", work, labelled_source, corpus, mlflow_port, tiny_mllm,
+                                 short_prompt)
     env = cli_env(work)
     prefect, mlflow = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     ui_log, serve_log = tmp_path / "ui.log", tmp_path / "serve.log"
@@ -142,17 +176,17 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
                                      start_new_session=True)
         found = wait_for(
             lambda: (
-                (d := {d["name"]: d for d in http_json(f"{prefect}/api/deployments/filter", {})}) and len(d) == 2 and d
+                (d := {d["name"]: d for d in http_json(f"{prefect}/api/deployments/filter", {})}) and len(d) == 3 and d
             ),
-            "both deployments",
+            "the three deployments",
             alive=serve,
             log=serve_log,
         )
-        assert sorted(found) == ["new-corpus", "tiny"], sorted(found)
-        tiny = found["tiny"]
-        assert [s["schedule"]["cron"] for s in tiny["schedules"]] == [SCHEDULE]
-        assert tiny["global_concurrency_limit"]["limit"] == 1
-        assert "Settings" in json.dumps(tiny["parameter_openapi_schema"]) and tiny["parameters"]["pipeline"] == "tiny"
+        assert sorted(found) == ["full", "new-corpus", "tiny"], sorted(found)
+        full = found["full"]
+        assert [s["schedule"]["cron"] for s in full["schedules"]] == [SCHEDULE] and found["tiny"]["schedules"] == []
+        assert full["global_concurrency_limit"]["limit"] == 1
+        assert "Settings" in json.dumps(full["parameter_openapi_schema"]) and full["parameters"]["pipeline"] == "full"
         assert "CorpusConfig" in json.dumps(found["new-corpus"]["parameter_openapi_schema"])
 
         def run_to_the_end(deployment: dict, parameters: dict) -> dict:
@@ -169,7 +203,37 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
             assert state["type"] == "COMPLETED", state["message"] + serve_log.read_text()[-4000:]
             return flow_run
 
-        flow_run = run_to_the_end(tiny, {})
+        def mlflow_run(run_id: str) -> dict:
+            return http_json(f"{mlflow}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+
+        def tags_of(run: dict) -> dict[str, str]:
+            return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+        def source_run(model_id: str) -> str:
+            return http_json(f"{mlflow}/api/2.0/mlflow/logged-models/{model_id}")["model"]["info"]["source_run_id"]
+
+        def datasets(run: dict) -> dict[str, dict]:
+            """A run's dataset inputs by name: the dataset and its input tags."""
+            return {d["dataset"]["name"]: {**d["dataset"], "tags": {t["key"]: t["value"] for t in d.get("tags", [])}}
+                    for d in run["inputs"].get("dataset_inputs", [])}
+
+        def model_inputs(run: dict) -> list[str]:
+            return [m["model_id"] for m in run["inputs"].get("model_inputs", [])]
+
+        def model_outputs(run: dict) -> list[str]:
+            return [m["model_id"] for m in run.get("outputs", {}).get("model_outputs", [])]
+
+        def pipeline_artifacts(flow_run_id: str) -> dict[str, dict]:
+            found = http_json(f"{prefect}/api/artifacts/filter",
+                              {"flow_runs": {"id": {"any_": [flow_run_id]}},
+                               "artifacts": {"key": {"any_": ["pipeline-steps", "pipeline-mlflow-run"]}}})
+            return {a["key"]: a for a in found}
+
+        def steps_table(artifact: dict) -> list[dict]:
+            data = artifact["data"]
+            return json.loads(data) if isinstance(data, str) else data
+
+        flow_run = run_to_the_end(full, {})
 
         # MLflow's REST API: the parent run names the flow run and the deployment, a child per stage
         experiment = http_json(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vaemo")["experiment"][
@@ -178,24 +242,94 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
         runs = http_json(f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment], "max_results": 100})[
             "runs"
         ]
-        tags = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"]["tags"]} for run in runs}
+        tags = {run["info"]["run_id"]: tags_of(run) for run in runs}
         status = {run["info"]["run_id"]: run["info"]["status"] for run in runs}
         parents = [rid for rid, t in tags.items() if t.get("vaemo.stage") == "pipeline"]
-        assert len(parents) == 1 and status[parents[0]] == "FINISHED"
+        assert len(parents) == 1 and status[parents[0]] == "FINISHED", [(p, status[p]) for p in parents]
         parent = parents[0]
         assert (
-            tags[parent]["prefect.flow_run_id"] == flow_run["id"] and tags[parent]["prefect.deployment"] == tiny["id"]
+            tags[parent]["prefect.flow_run_id"] == flow_run["id"] and tags[parent]["prefect.deployment"] == full["id"]
         )
         children = {t["vaemo.stage"]: rid for rid, t in tags.items() if t.get("mlflow.parentRunId") == parent}
-        assert sorted(children) == ["ingest", "pretrain"] and all(
-            status[rid] == "FINISHED" for rid in children.values()
-        )
+        assert sorted(children) == sorted(FULL), sorted(children)
+        assert all(status[rid] == "FINISHED" and tags[rid].get("vaemo.skipped") != "true"
+                   for rid in children.values()), {s: status[rid] for s, rid in children.items()}
 
-        # each stage links its MLflow run from Prefect
+        # MLflow's own lineage, walked back from the evaluation run through its inputs and the logged models'
+        # source runs: evaluation <- Stage 2 model <- (captions version, Stage 1 model <- shards)
+        evaluation = mlflow_run(children["evaluate"])
+        stage2_ids = model_inputs(evaluation)
+        assert len(stage2_ids) == 1, evaluation["inputs"]
+        stage2_id = stage2_ids[0]
+        assert stage2_id == tags[children["align"]]["vaemo.output.model.stage2"], (stage2_id, tags[children["align"]])
+        evaluated = datasets(evaluation).get("shards")
+        assert evaluated is not None, evaluation["inputs"]
+        align_id = source_run(stage2_id)
+        assert align_id == children["align"], (align_id, children)
+        align = mlflow_run(align_id)
+        assert model_outputs(align) == [stage2_id], align.get("outputs")
+        used = datasets(align)
+        assert {"shards", "captions"} <= set(used), sorted(used)
+        captions = used["captions"]["tags"]
+        caption_run = tags[children["caption"]]
+        assert (f"{captions['vaemo.lancedb.tag']}@v{captions['vaemo.lancedb.version']}" == captions["vaemo.digest"]
+                == caption_run["vaemo.output.captions.digest"]), (captions, caption_run)
+        stage1_ids = model_inputs(align)
+        assert len(stage1_ids) == 1, align["inputs"]
+        stage1_id = stage1_ids[0]
+        assert stage1_id == tags[children["pretrain"]]["vaemo.output.model.stage1"]
+        pretrain_id = source_run(stage1_id)
+        assert pretrain_id == children["pretrain"], (pretrain_id, children)
+        pretrain = mlflow_run(pretrain_id)
+        assert model_outputs(pretrain) == [stage1_id], pretrain.get("outputs")
+        shards = datasets(pretrain).get("shards")
+        assert shards is not None, pretrain["inputs"]
+        made = tags[children["ingest"]]["vaemo.output.shards.digest"]
+        assert shards["tags"]["vaemo.digest"] == made == evaluated["tags"]["vaemo.digest"] == used["shards"]["tags"][
+            "vaemo.digest"], (shards, evaluated, used["shards"], made)
+
+        # the Stage 1 model registered under the pipeline's alias loads as an MLflow model and embeds a clip
+        version = http_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=vaemo-stage1&alias=full")[
+            "model_version"]
+        assert version["run_id"] == children["pretrain"] and stage1_id in version["source"], version
+        stage2_version = http_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=vaemo-stage2&alias=full")[
+            "model_version"]
+        assert stage2_version["run_id"] == children["align"], stage2_version
+        from mlflow import pyfunc, set_tracking_uri  # here `mlflow` is the server's address
+
+        set_tracking_uri(mlflow)
+        video = sorted(labelled_source[0].rglob("*.mp4"))[0]
+        rows = pyfunc.load_model("models:/vaemo-stage1@full").predict([str(video)])
+        assert len(rows) >= 1 and len(rows["embedding"][0]) > 0 and set(rows["source"]) == {str(video)}
+
+        # Prefect: the pipeline run links its MLflow run and tables its steps, each stage links its own run
+        def url(run_id: str) -> str:  # the address vaemo gives: the UI's model-training view
+            return mlflow_ui_page(mlflow, f"experiments/{experiment}/runs/{run_id}")
+
+        published = pipeline_artifacts(flow_run["id"])
+        assert sorted(published) == ["pipeline-mlflow-run", "pipeline-steps"], sorted(published)
+        assert url(parent) in published["pipeline-mlflow-run"]["data"], published["pipeline-mlflow-run"]
+        table = steps_table(published["pipeline-steps"])
+        assert [(row["stage"], row["outcome"], row["mlflow_run"]) for row in table] == [
+            (stage, "ran", url(children[stage])) for stage in FULL], table
         artifacts = http_json(f"{prefect}/api/artifacts/filter", {"artifacts": {"key": {"like_": "-mlflow-run"}}})
         links = " ".join(a["data"] for a in artifacts)
         for stage, run_id in children.items():
-            assert f"{mlflow}/#/experiments/{experiment}/runs/{run_id}" in links, (stage, links)
+            assert url(run_id) in links, (stage, links)
+
+        # a second run of the deployment: nothing changed, so every stage is skipped, reusing the first run's
+        again = run_to_the_end(full, {})
+        published_again = pipeline_artifacts(again["id"])
+        assert sorted(published_again) == ["pipeline-mlflow-run", "pipeline-steps"], sorted(published_again)
+        second_parent = http_json(f"{mlflow}/api/2.0/mlflow/runs/search",
+                                  {"experiment_ids": [experiment],
+                                   "filter": f"tags.`prefect.flow_run_id` = '{again['id']}' and "
+                                             "tags.`vaemo.stage` = 'pipeline'"})["runs"]
+        assert len(second_parent) == 1 and second_parent[0]["info"]["status"] == "FINISHED", second_parent
+        assert url(second_parent[0]["info"]["run_id"]) in published_again["pipeline-mlflow-run"]["data"]
+        table_again = steps_table(published_again["pipeline-steps"])
+        assert [(row["stage"], row["outcome"]) for row in table_again] == [
+            (stage, f"skipped (reusing run {children[stage]})") for stage in FULL], table_again
 
         # the new-corpus deployment: the tiny pipeline on a folder that pipelines.yaml does not name
         run_to_the_end(found["new-corpus"],
@@ -219,13 +353,38 @@ def test_ui_serves_deployments_triggered_through_the_prefect_api(corpus, tmp_pat
         evidence.mkdir(parents=True, exist_ok=True)
         # the run takes its readable name (pipeline and start time) when it starts, after the deployment created it
         run_name = http_json(f"{prefect}/api/flow_runs/{flow_run['id']}")["name"]
-        assert run_name.startswith("tiny-"), run_name
-        screenshot(f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png", [run_name, "tiny"])
-        screenshot(
-            f"{mlflow}/#/experiments/{experiment}/runs/{parent}",
-            evidence / "mlflow-pipeline-run.png",
-            ["pipeline tiny", parent],
-        )
+        assert run_name.startswith("full-"), run_name
+        second_name = http_json(f"{prefect}/api/flow_runs/{again['id']}")["name"]
+        steps_page = f"{prefect}/artifacts/artifact/"
+        # MLflow's run pages list a run's datasets (the first by name and digest, "+1" for the next) and its logged
+        # models, each an input or an output, with their registered versions; tall pages, so the models show too
+        shards_shown = f"shards ({shards['digest']})"
+        # the evaluation report as the evaluate flow run published it: its figures inside it
+        report = http_json(f"{prefect}/api/artifacts/filter", {"artifacts": {"key": {"any_": ["evaluate-report"]}}})
+        assert len(report) == 1, [a["key"] for a in report]
+        missing = [
+            screenshot(f"{prefect}/runs/flow-run/{flow_run['id']}", evidence / "prefect-flow-run.png",
+                       [run_name, "full"]),  # its graph, artifacts included, is a canvas
+            screenshot(steps_page + published["pipeline-steps"]["id"], evidence / "prefect-pipeline-steps.png",
+                       [run_name, "pipeline-steps", *(url(children[stage]) for stage in FULL)]),
+            screenshot(steps_page + report[0]["id"], evidence / "prefect-evaluation-report.png",
+                       ["Evaluation: generic, probe", "data:image/png;base64,", "Figures"], height=2400),
+            screenshot(steps_page + published_again["pipeline-steps"]["id"],
+                       evidence / "prefect-pipeline-steps-skipped.png",
+                       [second_name, *(f"skipped (reusing run {children[stage]})" for stage in FULL)]),
+            # the model-training view's sidebar names the Model registry (the GenAI one lists judges and traces)
+            screenshot(url(parent), evidence / "mlflow-pipeline-run.png", ["pipeline full", parent, "Model registry"]),
+            screenshot(url(align_id), evidence / "mlflow-align-run.png",
+                       [shards_shown, captions["vaemo.digest"], "Logged models (2)", ">Input<", ">Output<",
+                        "vaemo-stage1", "vaemo-stage2"], height=2400),
+            screenshot(url(children["evaluate"]), evidence / "mlflow-evaluate-run.png",
+                       [shards_shown, "Logged models (1)", ">Input<", "vaemo-stage2"], height=2400),
+            screenshot(mlflow_ui_page(mlflow, f"models/vaemo-stage1/versions/{version['version']}"),
+                       evidence / "mlflow-model-version.png", ["vaemo-stage1", "full", "pretrain"]),
+            screenshot(mlflow_ui_page(mlflow, f"experiments/{experiment}"), evidence / "mlflow-experiment.png",
+                       ["Runs", "Models", "Model registry", "pipeline"]),
+        ]
+        assert not any(missing), [m for m in missing if m]
     finally:
         if serve is not None:
             stop(serve)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import cli_env, ingest_folder, vaemo_command
+from tests.test_config import BEFORE_SPEED_UPS
 from tests.test_eval import TIMEOUT
 from tests.test_eval_accounting import AS_CREMA_D
 from vaemo.config import EvaluateConfig, IngestConfig
@@ -25,9 +26,10 @@ FACELESS = ("bad/faceless_no_audio.mp4", "anger", "spk01", 3)
 
 
 def test_the_option_changes_the_digest_only_when_on():
-    assert IngestConfig().processing_digest() == "18e68a16f02acbf0"  # folders made before the option keep theirs
+    before = IngestConfig(**BEFORE_SPEED_UPS)
+    assert before.processing_digest() == "18e68a16f02acbf0"  # folders made before the option keep theirs
     assert "video_only_clips" not in IngestConfig().digest_view()
-    assert IngestConfig(video_only_clips=True).processing_digest() not in ("18e68a16f02acbf0", "")
+    assert before.model_copy(update={"video_only_clips": True}).processing_digest() not in ("18e68a16f02acbf0", "")
     assert IngestConfig(video_only_clips=True).digest_view()["video_only_clips"] is True
 
 

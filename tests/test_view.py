@@ -11,8 +11,8 @@ from torchvision.io import decode_jpeg
 from vaemo.artifacts import IngestFolder
 from vaemo.data.config import DataConfig, ViewConfig
 from vaemo.data.loader import make_loader
-from vaemo.data.samples import audio_bytes, decode_audio, decode_video, fbank
-from vaemo.data.view import TrainingView, build
+from vaemo.data.samples import audio_bytes, choose_window, decode_audio, decode_video, fbank
+from vaemo.data.view import TrainingView, _view_frames, build, view_data, view_rate
 from vaemo.train.pretrain import training_view
 
 CFG = DataConfig(frames=4, frame_stride=4, audio_frames=64)  # a 0.64 s window: short clips are not looped
@@ -42,6 +42,21 @@ def test_view_build_is_incremental_and_idempotent(ingest):
     after = {p.name: p.stat().st_mtime_ns for p in view.shards_dir.glob("*.tar")}
     assert second["clips"] == 3 and len(after) == 3 and {n: after[n] for n in built} == built  # only one added
     assert second["digest"] != first["digest"]
+
+
+def test_a_second_builder_waits_for_the_first_and_finds_the_view_built(ingest):
+    """Planning removes unfinished work, so two builders at once (two runs on one ingest folder) must not overlap."""
+    import threading
+
+    view = TrainingView(ingest, CFG, ONE_PER_TASK)
+    results = []
+    with view.building():  # the first builder, still at work
+        second = threading.Thread(target=lambda: results.append(build(ingest, CFG, ONE_PER_TASK)))
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not view.shards_dir.exists()  # waiting, touching nothing
+    second.join(timeout=60)
+    assert not second.is_alive() and results[0]["clips"] == 3 and view.is_current()
 
 
 def test_view_digest_and_folder_follow_the_settings(shards):
@@ -74,6 +89,22 @@ def test_a_view_window_shows_the_mp4_clips_frames_and_voice(ingest):
         # float16 rows of the clip's fbank; the edge rows see the clip's samples instead of a reflection
         assert torch.allclose(raw["fbank"][i][1:-1], reference[1:-1], atol=0.02)
         assert raw["seed"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("clip_fps", [25.0, 30.0])
+def test_the_centred_window_is_the_same_from_the_mp4_shards_and_from_the_view(clip_fps):
+    """Evaluation's window starts on a frame the view stores, the one the view's own centred window starts on."""
+    view_cfg = view_data(CFG)
+    for n_frames in range(16, 400):
+        stored = _view_frames(n_frames, clip_fps, CFG)
+        mp4 = choose_window(n_frames, clip_fps, CFG, None)
+        view = choose_window(len(stored), view_rate(CFG), view_cfg, None)
+        assert mp4.start_frame == stored[view.start_frame], n_frames
+        if not mp4.looped:  # centred to within two stride steps (one when a step is a whole number of frames)
+            step = CFG.frame_stride * clip_fps / CFG.fps
+            margin_after = n_frames - (mp4.start_frame + round(CFG.frames * step))
+            slack = step if step.is_integer() else 2 * step
+            assert 0 <= margin_after and abs(mp4.start_frame - margin_after) <= slack, n_frames
 
 
 def test_resume_skips_batches_without_reading_their_bytes(ingest):

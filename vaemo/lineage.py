@@ -1,8 +1,9 @@
 """Walk an MLflow run back to what made its inputs: shards, captions, Stage 1 / Stage 2 models.
 
-Every stage logs its inputs as datasets with content digests (``Tag.DIGEST``) and its outputs as
-run tags (``Tag.output_digest``) or logged models (``Tag.output_model``), so a run's inputs lead to
-the runs that produced them, without reading any tensor (the keys: ``vaemo.tracking.Tag``).
+Every stage logs what it reads as MLflow run inputs: datasets with content digests (``Tag.DIGEST``)
+and logged models (MLflow's model inputs); what it makes as run outputs: logged models, and
+datasets as run tags (``Tag.output_digest``: MLflow's outputs hold models only). So a run's inputs
+lead to the runs that produced them, without reading any tensor (the keys: ``vaemo.tracking.Tag``).
 """
 
 from __future__ import annotations
@@ -49,14 +50,19 @@ def _producer_by_tag(client: mlflow.MlflowClient, experiment_ids: list[str], key
     return runs[0].info.run_id if runs else None
 
 
-def _model_link(client: mlflow.MlflowClient, name: str, context: str, model_id: str, digest: str = "") -> Link:
+def _model_link(client: mlflow.MlflowClient, model_id: str) -> Link:
+    """A model input: the logged model, the run that made it, and its registered versions."""
     try:
         model = client.get_logged_model(model_id)
     except MlflowException:
-        return Link(name, context, digest, {"model_id": model_id, "note": "logged model not in this store"})
-    detail = {"model_id": model_id, "logged_model": model.name,
-              **{k: v for k, v in model.tags.items() if k.startswith(Tag.PREFIX)}}
-    return Link(name, context, digest, detail, producer=model.source_run_id)
+        return Link("model", "model", "", {"model_id": model_id, "note": "logged model not in this store"})
+    versions = [client.get_model_version(v.name, v.version)  # searching leaves the aliases out
+                for v in client.search_model_versions(f"run_id = '{model.source_run_id}'")
+                if v.source == f"models:/{model_id}"]
+    detail = {"model_id": model_id, **{k: v for k, v in model.tags.items() if k.startswith(Tag.PREFIX)},
+              "registered": ", ".join(f"{v.name} v{v.version}" + "".join(f" @{a}" for a in v.aliases)
+                                      for v in versions)}
+    return Link(f"{model.name}_model", "model", "", detail, producer=model.source_run_id)
 
 
 def node(client: mlflow.MlflowClient, run_id: str) -> Node:
@@ -70,7 +76,7 @@ def node(client: mlflow.MlflowClient, run_id: str) -> Node:
         context = itags.get(CONTEXT_TAG, "")
         digest = itags.get(Tag.DIGEST, item.dataset.digest)
         name = item.dataset.name
-        if context == "output":
+        if context == "output":  # a run logged before outputs became tags
             continue
         if name == "shards":
             links.append(Link(name, context, digest, {"uri": item.dataset.source},
@@ -80,10 +86,9 @@ def node(client: mlflow.MlflowClient, run_id: str) -> Node:
                       "version": itags.get(Tag.LANCEDB_VERSION)}
             producer = _producer_by_tag(client, experiments, Tag.output_digest(name), digest)
             links.append(Link(name, context, digest, detail, producer))
-        elif model_id := itags.get(Tag.STAGE1_MODEL_ID) or itags.get(Tag.MODEL_ID):
-            links.append(_model_link(client, name, context, model_id, digest))
         else:
             links.append(Link(name, context, digest, {"uri": item.dataset.source}))
+    links += [_model_link(client, item.model_id) for item in run.inputs.model_inputs]
     outputs = {k.removeprefix(Tag.OUTPUT): v for k, v in tags.items() if k.startswith(Tag.OUTPUT)}
     return Node(run_id, tags.get(Tag.STAGE, "?"), run.info.status, tags.get(Tag.SKIPPED) == "true", links, outputs)
 

@@ -1,5 +1,6 @@
 """The processes a command starts and how they stop: ``vaemo ui``'s local Prefect server and MLflow server over the
-work directory's own stores, the temporary Prefect server of a stage command, child processes, SIGTERM and SIGINT.
+work directory's own stores, child processes, SIGTERM and SIGINT (a stage command's Prefect server, shared by the
+commands on one work directory, is in vaemo/prefect_server.py).
 
 Servers run as child processes in their own sessions (a Ctrl-C in the terminal reaches the command, which stops
 them after it has reported to them), log to a file, and answer on one host (127.0.0.1 by default); stopping stops the
@@ -194,19 +195,6 @@ def local_servers(work_dir: Path, mlflow_uri: str, host: str, prefect_port: int,
     ]
 
 
-def temporary_prefect_server(prefect_home: Path) -> Server:
-    """A Prefect API server for one command, on a free port, its database in ``prefect_home``: what Prefect's own
-    temporary server runs (the API alone: no UI, no background services), as a :class:`Server`."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return Server("temporary Prefect", "127.0.0.1", port, "/api/health",
-                  [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-                   "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                  Path(prefect_home) / "temporary-server.log",
-                  {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
-
-
 def prefect_start_lock(prefect_home: Path):
     """Held while a Prefect server whose database is in ``prefect_home`` starts. Its start migrates a new database
     and registers Prefect's block types; two at once fail on each other's rows. So one command at a time starts its
@@ -268,7 +256,7 @@ def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int |
     stops (exit 1)."""
     from urllib.parse import urlparse
 
-    from vaemo.config import DEFAULT_MLFLOW_UI
+    from vaemo.config import DEFAULT_MLFLOW_UI, mlflow_ui_page
 
     check_host(host, allow_unauthenticated)
     if not is_loopback(host):
@@ -281,7 +269,8 @@ def run_local_servers(settings, host: str, prefect_port: int, mlflow_port: int |
     try:
         start_with_prefect(servers, Path(os.environ["PREFECT_HOME"]))
         prefect, mlflow = servers
-        print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow.url}", flush=True)
+        print(f"vaemo: Prefect UI {prefect.url}\nvaemo: MLflow UI  {mlflow_ui_page(mlflow.url, 'experiments')}",
+              flush=True)
         print(f"vaemo: export PREFECT_API_URL={prefect.url}/api for `vaemo run` and `vaemo serve` to use this server; "
               "Ctrl-C stops both", flush=True)
         while all(server.running() for server in servers):

@@ -153,8 +153,10 @@ def decode_video(data: bytes, pick=None) -> tuple[np.ndarray, float, int, Window
 def choose_window(n_frames: int, clip_fps: float, cfg: DataConfig, rng: np.random.Generator | None) -> Window:
     """A window of cfg.frames frames, cfg.frame_stride apart: random start with rng, centred without.
 
-    A clip shorter than the window loops; with rng its start is drawn anywhere in the clip, without
-    rng it starts at frame 0.
+    The centred window starts on a stride step (frames 0, step, 2 step, ...: the frames the training
+    view stores), the one nearest the centre, so evaluation's window is one the view trains on and
+    both paths cut the same frames. A clip shorter than the window loops; with rng its start is drawn anywhere
+    in the clip, without rng it starts at frame 0.
     """
     step = cfg.frame_stride * clip_fps / cfg.fps  # stored frames per sampled frame
     offsets = [round(i * step) for i in range(cfg.frames)]
@@ -163,7 +165,7 @@ def choose_window(n_frames: int, clip_fps: float, cfg: DataConfig, rng: np.rando
     if looped:
         start = int(rng.integers(0, n_frames)) if rng is not None else 0
     else:
-        start = int(rng.integers(0, n_frames - span + 1)) if rng is not None else (n_frames - span) // 2
+        start = int(rng.integers(0, n_frames - span + 1)) if rng is not None else _centred_start(n_frames, step, cfg)
     begin = start / clip_fps
     return Window(
         start_frame=start,
@@ -174,6 +176,13 @@ def choose_window(n_frames: int, clip_fps: float, cfg: DataConfig, rng: np.rando
         end=begin + cfg.window_seconds,
         looped=looped,
     )
+
+
+def _centred_start(n_frames: int, step: float, cfg: DataConfig) -> int:
+    """The stride step nearest the centre, counted in the clip's whole steps, as the view stores them."""
+    steps = int(n_frames / step)
+    k = max(0, math.floor((steps - cfg.frames) / 2 + 0.5))
+    return min(round(k * step), n_frames - round(cfg.frames * step))
 
 
 def conform_audio(audio: np.ndarray, n_frames: int, clip_fps: float, sample_rate: int) -> np.ndarray:

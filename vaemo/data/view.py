@@ -16,6 +16,7 @@ Layout (the ingest folder's shard/marker layout, so every shard reader's checks 
                                  covers and the view shards it wrote (name, samples, sha256)
         view.json                the digest of the last complete build (ingest digest + settings)
         .tmp/<group>/            work in progress; removed by every build
+        .lock                    held by the one process that builds the view (others wait, then find it current)
 
 A view sample holds ``json`` (clip id, the stored clip's frame count and rate, audio samples, the
 stored frame index of each view frame, the byte length of each JPEG), ``jpg`` (the JPEGs one after
@@ -41,6 +42,7 @@ import logging
 import shutil
 import tarfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ import webdataset as wds
 from torchvision.io import encode_jpeg
 from webdataset.tariterators import base_plus_ext
 
+from vaemo import locks
 from vaemo.artifacts import IngestFolder, file_sha256, shard_set_digest, write_json_atomic
 from vaemo.data.config import DataConfig, ViewConfig
 from vaemo.data.samples import (
@@ -106,6 +109,19 @@ class TrainingView(IngestFolder):
     def is_current(self) -> bool:
         """Built from the ingest folder's current shards with these settings, and no view shard missing."""
         return self.built_digest() == self.expected_digest() and all(map(self._complete, self.markers()))
+
+    @contextmanager
+    def building(self):
+        """Be the view's only builder (planning removes what it finds unfinished): wait for another one to end."""
+        try:
+            handle = locks.acquire(self.path / self.LOCK)
+        except locks.Busy as busy:
+            log.info("training view %s is being built by %s; waiting for it", self.path, busy.holder)
+            handle = locks.acquire(self.path / self.LOCK, wait=True)
+        try:
+            yield self
+        finally:
+            locks.release(handle)
 
     def sources(self) -> dict[str, str]:
         """The committed ingest shards, name -> sha256."""
@@ -226,11 +242,11 @@ def build_group(view: TrainingView, sources: list[str], data: DataConfig, cfg: V
 
 def build(ingest: IngestFolder, data: DataConfig, cfg: ViewConfig) -> dict:
     """Build (or complete) the view in this process; its summary. The pretrain flow runs the groups as tasks."""
-    view = TrainingView(ingest, data, cfg)
-    if not view.is_current():
-        for sources in view.plan(cfg.ingest_shards_per_task):
-            build_group(view, sources, data, cfg)
-    return view.finish()
+    with TrainingView(ingest, data, cfg).building() as view:
+        if not view.is_current():
+            for sources in view.plan(cfg.ingest_shards_per_task):
+                build_group(view, sources, data, cfg)
+        return view.finish()
 
 
 # Reading: the raw window of one view sample (bytes only, no decoding).

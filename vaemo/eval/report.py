@@ -6,6 +6,9 @@ are the authors' numbers, not ours, and are always labelled so.
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 PUBLISHED_SOURCE = "vaemo's docs/method.md, \"Published figures to compare against\" (UAR / WAR, %)"
 # (method, parameters, {benchmark: (UAR, WAR), None where not reported})
 PUBLISHED: list[tuple[str, str, dict[str, tuple[float | None, float | None]]]] = [
@@ -81,7 +84,9 @@ def _test_set(test_set: dict) -> list[str]:
     return lines
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, embed_figures_from: Path | None = None) -> str:
+    """The report; its figures are links to the PNGs beside it, or, read from ``embed_figures_from``, data URIs
+    (for a viewer that has the text alone: Prefect's UI)."""
     setup, model, data = results["setup"], results["model"], results["data"]
     rules = results["checkpoint_rules"]
     lines = [
@@ -144,7 +149,9 @@ def markdown(results: dict) -> str:
         lines.append(f"No published figures for {setup['protocol']} ({PUBLISHED_SOURCE} lists none).")
     lines += ["", "## Figures", ""]
     for name, caption in results["figures"].items():
-        lines.append(f"![{caption}]({name})")
+        source = name if embed_figures_from is None else \
+            "data:image/png;base64," + base64.b64encode((Path(embed_figures_from) / name).read_bytes()).decode()
+        lines.append(f"![{caption}]({source})")
         lines.append("")
     lines.append(f"Fold files (clip ids and source paths relative to the corpus root): `{results['fold_files_dir']}/`.")
     return "\n".join(lines) + "\n"

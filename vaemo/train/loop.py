@@ -303,6 +303,24 @@ def read_step_log(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
+def last_logged_step(out_dir: Path) -> int:
+    """The step of the step log's last whole line (0 before the first), read from the file's end: the log of a
+    long run is large, and a line being written is not whole yet."""
+    path = Path(out_dir) / ModelFolder.STEP_LOG
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            whole = handle.read().rsplit(b"\n", 1)[0].splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(whole):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # the first line of the tail may be cut
+    return 0
+
+
 def edge_mean(values: list[float], first: bool) -> float:
     """The mean of the first (or last) tenth of a curve, at least one value: a loss "before" and "after"."""
     count = max(1, len(values) // 10)

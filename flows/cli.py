@@ -1,14 +1,17 @@
 """The ``vaemo`` command: parse the arguments, run the matching flow (or library call), print its summary.
 
 Prefect and MLflow keep their state in the work directory (``./vaemo-work`` by default), so a
-fresh checkout runs without any server: Prefect starts a temporary one unless PREFECT_API_URL is
-set. Exit codes: 0 done; 1 did not complete (some work failed, or the storage refused a write: one
-line; or a bug, whose traceback is printed and logged); 2 refused, with one line that says what to fix.
+fresh checkout runs without any server to set up: unless PREFECT_API_URL is set, the commands on a
+work directory share a local Prefect server, which the first one starts (vaemo/prefect_server.py).
+Exit codes: 0 done; 1 did not complete (some work failed, or the storage refused a write: one line;
+or a bug, whose traceback is printed and logged); 2 refused, with one line that says what to fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import logging
 import os
 import signal
 import sys
@@ -219,10 +222,12 @@ def parser() -> argparse.ArgumentParser:
 
     command("ingest", cmd_ingest, "cut a video corpus into face + voice WebDataset shards",
             opt("source", help="corpus folder"), opt("--out", required=True, help="the ingest output folder to write"),
-            opt("--dataset", choices=list(DatasetName.__args__), default="auto", help="naming rule (default: guessed)"),
-            opt("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW)"),
+            opt("--dataset", choices=list(DatasetName.__args__), default="auto",
+                help="naming rule (default: %(default)s, guessed from the folder)"),
+            opt("--labels", help="labels CSV (generic) or split folder (MAFW, DFEW) (default: none, clips unlabelled)"),
             opt("--workers", type=int, help="local Dask worker processes (default: from --config, else 2)"),
-            opt("--dask-address", help="an existing Dask scheduler instead of a local cluster"),
+            opt("--dask-address", help="an existing Dask scheduler instead of a local cluster (default: from --config, "
+                                          "else a local cluster)"),
             setting(IngestConfig, "rehash"))
     command("pretrain", cmd_pretrain, "Stage 1: pre-train the unified AV encoder on ingest shards", shards,
             opt("--out", required=True, help="the model folder to write (with checkpoints)"),
@@ -256,9 +261,10 @@ def parser() -> argparse.ArgumentParser:
             opt("--db", required=True, help="the LanceDB folder given to `vaemo align`"),
             opt("--text", required=True, help='e.g. "a trembling voice and a tense face"'),
             opt("--k", type=int, default=5, help="clips to show (default: %(default)s)"), modality,
-            opt("--match", help='only clips whose caption description contains these words, e.g. "trembling tense"'),
+            opt("--match", help='only clips whose caption description contains these words, e.g. "trembling tense" '
+                '(default: no word filter)'),
             opt("--tag", help="an align run's tag (default: the newest)"),
-            opt("--table", default="clip_embeddings", help="default: %(default)s"))
+            opt("--table", default="clip_embeddings", help="the LanceDB table to search (default: %(default)s)"))
     tools = commands.add_parser("dev", help="tools for tests, demos and install checks").add_subparsers(
         dest="dev_command", required=True)
     command("tiny-mllm", cmd_dev_tiny_mllm, "build a tiny random-weight Qwen2.5-Omni thinker (meaningless output)",
@@ -315,5 +321,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The process's entry point (``vaemo``, ``python -m flows.cli``): main, then an exit that skips the interpreter's
+    teardown of the modules. Tearing down torch, Prefect and MLflow takes seconds after a command's work is done;
+    skipping it is safe once every exit handler has run: threads are joined before them, child processes are
+    stopped and logs flushed by them."""
+    code: list[int] = []
+
+    def exit_now() -> None:
+        if code:
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(code[0])
+
+    # Registered before the libraries are imported, so it runs after their exit handlers (they run last-in first).
+    # logging registered earlier (it is imported with this module): flushed here instead.
+    atexit.register(exit_now)
+    code.append(main())
+    sys.exit(code[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

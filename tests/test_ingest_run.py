@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
@@ -126,3 +127,16 @@ def test_changed_processing_settings_need_a_new_folder(source, tmp_path):
         IngestRun(source, out, "generic", IngestConfig(crop_size=128)).__enter__()
     with IngestRun(source, out, "generic", IngestConfig(videos_per_batch=5)):
         pass  # batching is not a processing setting
+
+
+def test_videos_in_flight_give_the_clips_of_one_video_at_a_time(corpus, shards, tmp_path):
+    """Threads that share one detector (as on a GPU) cut the same clips as one video after another."""
+    out = tmp_path / "out"
+    stats, batches = ingest(corpus, out, IngestConfig(videos_per_batch=3, videos_in_flight=3))
+    assert len(batches) == 1 and stats["status_counts"] == {"ok": 3}
+    one_at_a_time = pd.read_parquet(shards / "clips.parquet").set_index("clip_id").sort_index()
+    in_flight = pd.read_parquet(out / "clips.parquet").set_index("clip_id").sort_index()
+    assert list(in_flight.index) == list(one_at_a_time.index)  # same spans: the ids hold start and end
+    for column in ("frames", "faces_max", "processing"):
+        assert list(in_flight[column]) == list(one_at_a_time[column])
+    assert np.allclose(in_flight["face_prob_mean"], one_at_a_time["face_prob_mean"], atol=1e-3)

@@ -1,10 +1,14 @@
 """Speech windows and face tracks on known inputs."""
 
+import threading
+
 import numpy as np
 import pytest
+import torch
 
 from vaemo import synth
 from vaemo.config import IngestConfig
+from vaemo.errors import ConfigError
 from vaemo.ingest import face, media, voice
 
 
@@ -29,6 +33,26 @@ def test_vad_hears_speech_and_not_a_tone(tmp_path):
     assert spans and sum(e - s for s, e in spans) > 0.5 * len(speech) / 16000
     assert voice.speech_segments(tone, 16000, 0.5) == []
     assert voice.peak_dbfs(np.zeros(100, np.float32)) == -120.0
+
+
+def test_vad_in_threads_at_once_hears_what_it_hears_alone(tmp_path):
+    """Its recurrent state lives in the model: threads at once must not share one."""
+    recordings = [media.decode_audio(synth.speak(text, tmp_path / f"{i}.wav"), 16000, 30)
+                  for i, text in enumerate(["the weather is lovely today", "please call me back tomorrow morning"])]
+    recordings.append(np.concatenate([np.zeros(16000, np.float32), recordings[0]]))
+    alone = [voice.speech_segments(samples, 16000, 0.5) for samples in recordings]
+    start, together = threading.Barrier(len(recordings) * 2), {}
+
+    def hear(index: int) -> None:
+        start.wait()
+        together[index] = voice.speech_segments(recordings[index % len(recordings)], 16000, 0.5)
+
+    threads = [threading.Thread(target=hear, args=(i,)) for i in range(len(recordings) * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [together[i] for i in range(len(threads))] == alone * 2
 
 
 def box(x, y, side=40):
@@ -68,3 +92,49 @@ def test_crop_pads_outside_the_frame_with_black():
     out = face.crop(frames, np.array([[-50.0, -50.0, 50.0, 50.0]] * 2), 20)
     assert out.shape == (2, 20, 20, 3)
     assert out[:, :8, :8].max() == 0 and out[:, 12:, 12:].min() >= 190
+
+
+def test_a_shared_detector_runs_the_frames_of_several_threads_together_and_gives_each_its_own(corpus):
+    cfg = IngestConfig()
+    videos = []
+    for path in sorted(corpus.glob("*.mp4")):
+        info = media.probe(path, 30)
+        size = media.frame_size(info.width, info.height, info.rotation, cfg.decode_short_side)
+        videos.append(media.decode_frames(path, 0.0, 2.0, cfg.fps, size, 60)[:: cfg.detect_every * 2])
+    alone = [face.detect(frames, cfg) for frames in videos]
+    assert all(len(boxes) for found in alone for boxes, _ in found)  # a face in every frame of every video
+
+    shared = face.FaceDetector("cpu", max_frames=64)
+    start, results = threading.Barrier(len(videos)), {}
+
+    def detect(index: int) -> None:
+        start.wait()
+        results[index] = face.detect(videos[index], cfg, shared)
+
+    threads = [threading.Thread(target=detect, args=(i,)) for i in range(len(videos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == list(range(len(videos)))
+    # The threads that arrived while the first ran shared one call.
+    assert shared.calls < len(videos)
+    for index, found in enumerate(alone):
+        for (boxes, probs), (shared_boxes, shared_probs) in zip(found, results[index], strict=True):
+            assert np.allclose(boxes, shared_boxes, atol=0.5) and np.allclose(probs, shared_probs, atol=1e-3)
+
+
+def test_a_detector_error_reaches_every_thread_whose_frames_it_held():
+    shared = face.FaceDetector("cpu", max_frames=8)
+    with pytest.raises(RuntimeError):  # MTCNN refuses frames without 3 colour channels
+        shared.detect(torch.zeros((2, 64, 64, 5)), 12, 0.6)
+    # and the detector is free again afterwards
+    found = shared.detect(torch.zeros((1, 64, 64, 3)), 12, 0.6)
+    assert len(found) == 1 and found[0][0] is None
+
+
+def test_cuda_detection_without_a_gpu_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="detect_device"):
+        face.detector_device(IngestConfig(detect_device="cuda"))
+    assert face.detector_device(IngestConfig()) == "cpu"

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import reprlib
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import yaml
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from vaemo.data.config import DataConfig, ViewConfig
@@ -22,6 +24,14 @@ from vaemo.errors import ConfigError
 from vaemo.registry import DATASETS, ENGINES, MODEL_PRESETS, PROTOCOLS, Modality
 
 DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"  # where `vaemo ui` serves MLflow unless told otherwise
+# The MLflow UI opens its GenAI pages unless the address asks for the model-training ones (a choice made with
+# its toggle is kept by the browser), so every address vaemo gives asks.
+MLFLOW_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def mlflow_ui_page(base: str, route: str) -> str:
+    """The address of a page of the MLflow UI at ``base``, in its model-training view."""
+    return f"{base.rstrip('/')}/#/{route}?{MLFLOW_TRAINING_VIEW}"
 
 DatasetName = DATASETS.literal("auto")
 ModelPreset = MODEL_PRESETS.literal()
@@ -41,10 +51,27 @@ class IngestConfig(Strict):
     decode_short_side: int = Field(
         360, ge=64, description="frames are downscaled by ffmpeg to this short side before detection"
     )
-    detect_every: int = Field(10, ge=1, description="run MTCNN on every n-th decoded frame")
-    detect_batch: int = Field(16, ge=1, description="frames per batched MTCNN call")
+    detect_every: int = Field(
+        20, ge=1, description="run MTCNN on every n-th decoded frame (boxes are interpolated in between)"
+    )
+    detect_batch: int = Field(16, ge=1, description="frames per batched MTCNN call on the CPU")
+    detect_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where MTCNN runs: auto takes the GPU when torch sees one"
+    )
+    detect_batch_cuda: int = Field(
+        256, ge=1, description="frames per MTCNN call on the GPU, gathered from the videos in flight"
+    )
+    videos_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="videos of a batch processed at once by threads of one worker, their detection frames sharing "
+        "MTCNN's calls; None: 8 when MTCNN runs on the GPU, 1 on the CPU (each holds one window's frames)",
+    )
     detect_max_side: int = Field(
         256, ge=64, description="detection frames are downscaled further to this long side"
+    )
+    detect_pyramid_factor: float = Field(
+        0.6, gt=0, lt=1, description="MTCNN image-pyramid scale step (facenet-pytorch's own default is 0.709)"
     )
     min_face_prob: float = Field(0.9, ge=0, le=1)
     min_face_fraction: float = Field(
@@ -63,6 +90,12 @@ class IngestConfig(Strict):
     video_crf: int = Field(20, ge=0, le=51)
     video_preset: str = "veryfast"
     audio_format: Literal["flac", "wav"] = "flac"
+    media_io: Literal["pyav", "ffmpeg"] = Field(
+        "pyav",
+        description="probe the files, decode the audio track and encode the voice and the face crops in-process "
+        "with PyAV, or with an ffmpeg/ffprobe process each (the frames of a window are always decoded by an ffmpeg "
+        "process)",
+    )
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     silence_dbfs: float = Field(-60.0, description="audio peaking below this level counts as silent")
     max_cut_seconds: float = Field(
@@ -97,20 +130,33 @@ class IngestConfig(Strict):
     # Settings renamed since ingest folders were first written, under the names their digests hold:
     # a rename must not make existing folders look as if they were made with other settings.
     DIGEST_NAMES: ClassVar[dict[str, str]] = {"max_cut_seconds": "window_seconds"}
+    # Options added later, with the value that matches what was done before they existed: at that value they are
+    # left out of the digest, so a folder made before them, with settings saying so, keeps its digest.
+    ADDED_LATER: ClassVar[dict[str, object]] = {
+        "video_only_clips": False, "detect_pyramid_factor": 0.709, "media_io": "ffmpeg",
+        "detect_device": "auto", "detect_batch_cuda": 256, "videos_in_flight": None,
+    }
 
     def digest_view(self) -> dict:
         """The settings as digests and keys see them (JSON values, the names of DIGEST_NAMES).
 
-        Options added later are left out at their default, so folders made before them keep their digest.
+        Options added later are left out at their ADDED_LATER value, so folders made before them keep their digest.
         """
         view = {self.DIGEST_NAMES.get(k, k): v for k, v in self.model_dump(mode="json").items()}
-        if not self.video_only_clips:
-            del view["video_only_clips"]
+        for key, before in self.ADDED_LATER.items():
+            if view[key] == before:
+                del view[key]
         return view
+
+    def videos_at_once(self, detect_device: str) -> int:
+        """``videos_in_flight``, or its default for where MTCNN runs: on the GPU enough decoding threads to give each
+        of its calls the frames of several videos."""
+        return self.videos_in_flight or (8 if detect_device == "cuda" else 1)
 
     def processing_digest(self) -> str:
         """Digest of the settings that change the clips' content (batching, threads and timeouts do not)."""
-        skip = {"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds", "rehash"}
+        skip = {"videos_per_batch", "samples_per_shard", "torch_threads", "batch_timeout_seconds", "rehash",
+                "detect_device", "detect_batch_cuda", "videos_in_flight"}
         relevant = {k: v for k, v in self.digest_view().items() if k not in skip}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -147,7 +193,7 @@ class TrackingConfig(Strict):
             or os.environ.get("VAEMO_MLFLOW_UI_URL")
             or (uri if uri.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI)
         )
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return mlflow_ui_page(base, f"experiments/{experiment_id}/runs/{run_id}")
 
 
 class CorpusConfig(Strict):
@@ -171,6 +217,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
+    log_checkpoints: bool = Field(False, description="copy the kept checkpoints (with optimizer state) into the "
+                                  "MLflow run too; they stay in the model folder either way; the model is always "
+                                  "logged")
     processes: int = Field(1, ge=1, description="processes on this node; more than 1 launches torchrun (DDP)")
     num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
     threads: int = Field(0, ge=0, description="CPU threads per process; 0: the cores its DataLoader workers leave free")
@@ -467,9 +516,17 @@ class PipelineSpec(Strict):
 
     @field_validator("schedule")
     @classmethod
-    def _cron_has_five_fields(cls, value: str | None) -> str | None:
-        if value is not None and len(value.split()) != 5:
+    def _cron_parses(cls, value: str | None) -> str | None:
+        """A five-field cron line that a real parser reads (cronsim, which Prefect's stack installs): a minute 61
+        or a day 32 fails here, naming the pipeline (the error's location) and the value, not at `vaemo serve`."""
+        if value is None:
+            return value
+        if len(value.split()) != 5:
             raise ValueError(f"schedule {value!r}: expected a cron line of five fields (minute hour day month weekday)")
+        try:
+            CronSim(value, datetime.now(UTC))
+        except CronSimError as exc:
+            raise ValueError(f"schedule {value!r} is not a valid cron line: {exc}") from None
         return value
 
     @model_validator(mode="after")

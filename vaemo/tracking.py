@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import socket
 import tempfile
@@ -20,10 +21,11 @@ import mlflow
 import psutil
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelInput, Metric
 from mlflow.exceptions import MlflowException
 
-from vaemo import locks
+import vaemo
+from vaemo import locks, store_templates
 from vaemo.artifacts import IngestFolder, ModelFolder, TableVersion
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,7 @@ class Tag:
     # on dataset inputs
     DIGEST = "vaemo.digest"
     LANCEDB_TABLE, LANCEDB_TAG, LANCEDB_VERSION = "vaemo.lancedb.table", "vaemo.lancedb.tag", "vaemo.lancedb.version"
-    MODEL_ID = "vaemo.model_id"
-    STAGE1_MODEL_ID = "vaemo.stage1.model_id"  # also on Stage 2 logged models
+    STAGE1_MODEL_ID = "vaemo.stage1.model_id"  # on Stage 2 logged models
     # on logged models
     SHARDS_DIGEST = "vaemo.shards.digest"
     CAPTIONS_TAG = "vaemo.captions.tag"
@@ -92,7 +93,9 @@ def client(tracking_uri: str) -> mlflow.MlflowClient:
     two at once would both migrate it and one fail, so that first access holds a lock beside the file."""
     if not tracking_uri.startswith("sqlite:///"):
         return mlflow.MlflowClient(tracking_uri)
-    with locks.held(Path(tracking_uri.removeprefix("sqlite:///") + ".lock"), wait=True):
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    with locks.held(database.with_name(database.name + ".lock"), wait=True):
+        store_templates.seed(database, store_templates.MLFLOW)
         return mlflow.MlflowClient(tracking_uri)  # makes the store, and its tables when they are missing
 
 
@@ -132,6 +135,12 @@ def mark_killed_runs(tracking_uri: str) -> list[str]:
     return marked
 
 
+# The kind of experiment the MLflow UI's model-training view lists (runs, models) with its own items, not guessed
+# from the runs (a pipeline with an evaluation stage and logged models reads as GenAI). The addresses vaemo gives
+# open that view (vaemo.config.mlflow_ui_page).
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
     """Point MLflow at the store and make sure the experiment keeps its artifacts in the work dir."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -139,12 +148,15 @@ def configure(tracking_uri: str, experiment: str, work_dir: Path) -> str:
     store = client(tracking_uri)
     found = store.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND, "_inferred").endswith("_inferred"):  # made before the tag, or guessed
+            store.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return found.experiment_id
     # a tracking server decides where artifacts go
     remote = tracking_uri.startswith(("http://", "https://"))
     try:
         return store.create_experiment(
-            experiment, artifact_location=None if remote else (work_dir / "mlartifacts").resolve().as_uri())
+            experiment, artifact_location=None if remote else (work_dir / "mlartifacts").resolve().as_uri(),
+            tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except MlflowException:
         found = store.get_experiment_by_name(experiment)  # another process made it meanwhile
         if found is None:
@@ -206,18 +218,32 @@ def log_table_version(name: str, pinned: TableVersion, context: str) -> None:
     )
 
 
-def log_model_input(
-    folder: ModelFolder, name: str, context: str, part: str, id_tag: str, tracking_uri: str
-) -> str | None:
-    """A model folder as an input dataset: the digest of its files, and its logged model id (tag ``id_tag``) when
-    the folder names one in this store, so lineage can walk back to the run that made it (``part`` names the
-    ``vaemo.input.<part>.*`` run tags)."""
+def log_model_input(folder: ModelFolder, name: str, part: str, tracking_uri: str) -> str | None:
+    """A model folder the run reads: MLflow's model input when the folder was logged to this store (lineage
+    walks back to the run that made it), else a dataset ``name`` with the digest of its files (a model made
+    elsewhere). ``part`` names the ``vaemo.input.<part>.*`` run tags; returns the logged model id, if any."""
     digest = folder.digest()
     model_id = folder.logged_model_id(tracking_uri)
-    log_dataset(name, folder.path, digest, context=context, extra_tags={id_tag: model_id} if model_id else None)
+    if model_id:
+        log_used_model(model_id)
+    else:
+        log_dataset(name, folder.path, digest, context="input")
     mlflow.set_tags({Tag.input(part, "digest"): digest, Tag.input(part, "dir"): str(folder.path.resolve()),
                      **({Tag.input(part, "model_id"): model_id} if model_id else {})})
     return model_id
+
+
+def log_output(name: str, digest: str, details: dict | None = None) -> None:
+    """A dataset the run produced, as run tags ``vaemo.output.<name>.digest`` and ``.<detail>``: MLflow's run
+    outputs hold models only, and a dataset input would list it among what the run read."""
+    mlflow.set_tags({Tag.output_digest(name): digest,
+                     **{f"{Tag.OUTPUT}{name}.{key}": str(value) for key, value in (details or {}).items()}})
+
+
+def log_output_table(name: str, pinned: TableVersion) -> None:
+    """A LanceDB table version the run wrote (digest ``tag@vN``)."""
+    log_output(name, pinned.digest, {"db": Path(pinned.db).resolve(), "table": pinned.table, "tag": pinned.tag,
+                                     "version": pinned.version})
 
 
 def log_params(params: dict) -> None:
@@ -247,23 +273,49 @@ def log_metrics_flat(data: dict, prefix: str = "") -> None:
     )
 
 
-def log_model_files(name: str, files: list[Path], tags: dict | None = None) -> str:
-    """Log model files (safetensors + config) as an MLflow logged model of the active run."""
-    run = mlflow.active_run()
-    model = mlflow.initialize_logged_model(
-        name=name, source_run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=tags
-    )
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in files:
-                shutil.copy(path, Path(tmp) / path.name)
-            mlflow.MlflowClient().log_model_artifacts(model.model_id, tmp)
-    except BaseException:
-        mlflow.finalize_logged_model(model.model_id, "FAILED")
-        raise
-    mlflow.finalize_logged_model(model.model_id, "READY")
-    mlflow.set_tag(Tag.output_model(name), model.model_id)
-    return model.model_id
+def registered_name(experiment: str, stage: str) -> str:
+    """The Model Registry name of a stage's models (one registered model per stage, a version per run)."""
+    return f"{experiment}-{stage}"
+
+
+def pipeline_alias(parent_run_id: str | None) -> str | None:
+    """The alias a stage's model version gets: the name of the pipeline whose run is the stage run's parent,
+    in the registry's alphabet (``tiny@more`` -> ``tiny-more``; ``latest`` and ``v1`` are the registry's own)."""
+    pipeline = mlflow.MlflowClient().get_run(parent_run_id).data.tags.get(Tag.PIPELINE) if parent_run_id else None
+    if not pipeline:
+        return None
+    alias = re.sub(r"[^\w-]", "-", pipeline)
+    return f"pipeline-{alias}" if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) else alias
+
+
+def log_model(stage: str, folder: ModelFolder, registered: str, alias: str | None, tags: dict | None = None) -> str:
+    """Log a model folder as an MLflow pyfunc model (:mod:`vaemo.pyfunc_model`), an output of the active run,
+    registered as a new version of ``registered`` (and given ``alias``: later runs of the same pipeline move it);
+    returns the logged model id."""
+    import mlflow.pyfunc
+
+    from vaemo import pyfunc_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "model"  # MLflow keeps an artifact folder under its own name
+        files.mkdir()
+        for path in folder.model_files():
+            shutil.copy(path, files / path.name)
+        with warnings.catch_warnings():  # the inputs are paths to media: no example can travel with the model
+            warnings.filterwarnings("ignore", message=".*An input example was not provided")
+            info = mlflow.pyfunc.log_model(  # a model from code: MLflow runs that file to load it, nothing is pickled
+                name=stage, python_model=pyfunc_model.__file__, artifacts={"model": str(files)}, tags=tags,
+                pip_requirements=[f"vaemo=={vaemo.__version__}"],  # else MLflow would load the model to guess
+                signature=pyfunc_model.SIGNATURE, registered_model_name=registered)
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(registered, alias, info.registered_model_version)
+    mlflow.set_tag(Tag.output_model(stage), info.model_id)
+    return info.model_id
+
+
+def log_used_model(model_id: str) -> None:
+    """A logged model of this store as an input of the active run (MLflow's own model input)."""
+    mlflow.log_input(model=LoggedModelInput(model_id))
 
 
 def log_figure(figure, artifact_file: str) -> None:

@@ -1,11 +1,13 @@
 """The speaker's face: MTCNN on a subsample of frames, one track, smoothed square crops.
 
-Detection runs on every n-th frame, downscaled; the chosen track is interpolated to every frame,
-smoothed, widened to a square with margin, and cropped + resized frame by frame.
+Detection runs on every n-th frame, downscaled (on the GPU when there is one, the frames of the videos processed
+together in one call); the chosen track is interpolated to every frame, smoothed, widened to a square with margin,
+and cropped + resized frame by frame.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,6 +18,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from vaemo.config import IngestConfig
+from vaemo.errors import ConfigError
 
 LINK_IOU = 0.3  # boxes of consecutive detections overlapping this much belong to one face
 # A face that moved fast between two detections: centres within this many face sides, similar size.
@@ -23,17 +26,99 @@ LINK_SHIFT = 0.75
 LINK_SIZE_RATIO = 1.5
 
 
+def detector_device(cfg: IngestConfig) -> str:
+    """Where MTCNN runs: ``detect_device``, with ``auto`` the GPU when torch sees one."""
+    if cfg.detect_device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.detect_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("ingest.detect_device is 'cuda' but torch sees no GPU here: set it to 'auto' or 'cpu'")
+    return cfg.detect_device
+
+
 @lru_cache(maxsize=4)
-def _detector(min_face_size: int):
+def _mtcnn(min_face_size: int, factor: float, device: str):
     from facenet_pytorch import MTCNN
 
-    detector = MTCNN(keep_all=True, device="cpu", post_process=False, min_face_size=min_face_size)
+    detector = MTCNN(keep_all=True, device=device, post_process=False, min_face_size=min_face_size, factor=factor)
     # Its pooling layers run about 3x faster channels-last on CPU, with the same detections.
-    return detector.to(memory_format=torch.channels_last)
+    return detector.to(memory_format=torch.channels_last) if device == "cpu" else detector
 
 
-def detect(frames: np.ndarray, cfg: IngestConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(boxes (N,4) in frame pixels, probs (N,)) per frame, filtered by probability and size."""
+@dataclass
+class _Request:
+    frames: torch.Tensor  # (N, H, W, 3) float, already downscaled
+    key: tuple  # what must be equal to share an MTCNN call: frame size, min face size, pyramid factor
+    found: list | None = None
+    error: Exception | None = None
+
+
+class FaceDetector:
+    """MTCNN on one device, shared by the threads that process the videos of an ingest batch together.
+
+    A thread's detection frames wait in a queue; whichever thread finds the detector idle runs every waiting request
+    of the same frame size and settings through it at once, ``max_frames`` frames a call. So a GPU sees the frames
+    of many videos in each call while the threads decode and encode; one thread alone gets its own frames run at once.
+    """
+
+    def __init__(self, device: str, max_frames: int):
+        self.device, self.max_frames = device, max_frames
+        self.calls = 0  # MTCNN calls made
+        self._changed = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._busy = False
+
+    @classmethod
+    def for_config(cls, cfg: IngestConfig) -> FaceDetector:
+        device = detector_device(cfg)
+        return cls(device, cfg.detect_batch_cuda if device == "cuda" else cfg.detect_batch)
+
+    def detect(self, frames: torch.Tensor, min_face_size: int, factor: float) -> list[tuple]:
+        """MTCNN's (boxes, probs) for each of ``frames``, as ``MTCNN.detect`` gives them."""
+        request = _Request(frames, (tuple(frames.shape[1:]), min_face_size, factor))
+        with self._changed:
+            self._waiting.append(request)
+            while request.found is None and request.error is None:
+                if self._busy:
+                    self._changed.wait()
+                    continue
+                group = [r for r in self._waiting if r.key == self._waiting[0].key]
+                self._waiting = [r for r in self._waiting if r.key != group[0].key]
+                self._busy = True
+                self._changed.release()
+                try:
+                    self._run(group)
+                finally:
+                    self._changed.acquire()
+                    self._busy = False
+                    self._changed.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.found
+
+    def _run(self, group: list[_Request]) -> None:
+        try:
+            _, min_face_size, factor = group[0].key
+            detector = _mtcnn(min_face_size, factor, self.device)
+            frames = torch.cat([r.frames for r in group])
+            found = []
+            for begin in range(0, len(frames), self.max_frames):
+                boxes, probs = detector.detect(frames[begin : begin + self.max_frames])
+                self.calls += 1
+                found.extend(zip(boxes, probs, strict=True))
+        except Exception as exc:  # noqa: BLE001 - raised again in every thread whose frames it held
+            for r in group:
+                r.error = exc
+            return
+        at = 0
+        for r in group:
+            r.found, at = found[at : at + len(r.frames)], at + len(r.frames)
+
+
+def detect(
+    frames: np.ndarray, cfg: IngestConfig, detector: FaceDetector | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(boxes (N,4) in frame pixels, probs (N,)) per frame, filtered by probability and size; through ``detector``
+    (default: one of its own for ``cfg``)."""
     height, width = frames.shape[1:3]
     scale = min(1.0, cfg.detect_max_side / max(height, width))
     small = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
@@ -42,20 +127,18 @@ def detect(frames: np.ndarray, cfg: IngestConfig) -> list[tuple[np.ndarray, np.n
     small = small.permute(0, 2, 3, 1).contiguous()
     min_side = cfg.min_face_fraction * min(height, width)
     # Faces smaller than min_side are dropped anyway; telling MTCNN skips its largest pyramid levels.
-    detector = _detector(max(12, int(min_side * scale)))
+    detector = detector or FaceDetector.for_config(cfg)
     results = []
-    for begin in range(0, len(small), cfg.detect_batch):
-        boxes_batch, probs_batch = detector.detect(small[begin : begin + cfg.detect_batch])
-        for boxes, probs in zip(boxes_batch, probs_batch, strict=True):
-            if boxes is None:
-                results.append((np.zeros((0, 4)), np.zeros(0)))
-                continue
-            # numpy 2 hands back object arrays here; cast before any arithmetic.
-            boxes = np.asarray(boxes, dtype=float).reshape(-1, 4) / scale
-            probs = np.asarray(probs, dtype=float).reshape(-1)
-            sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-            keep = (probs >= cfg.min_face_prob) & (sides >= min_side)
-            results.append((boxes[keep], probs[keep]))
+    for boxes, probs in detector.detect(small, max(12, int(min_side * scale)), cfg.detect_pyramid_factor):
+        if boxes is None:
+            results.append((np.zeros((0, 4)), np.zeros(0)))
+            continue
+        # numpy 2 hands back object arrays here; cast before any arithmetic.
+        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4) / scale
+        probs = np.asarray(probs, dtype=float).reshape(-1)
+        sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        keep = (probs >= cfg.min_face_prob) & (sides >= min_side)
+        results.append((boxes[keep], probs[keep]))
     return results
 
 
@@ -112,14 +195,19 @@ def link_tracks(detections: list[tuple[np.ndarray, np.ndarray]], max_gap: int = 
 
 
 @dataclass
-class FaceCrop:
-    frames: np.ndarray  # uint8 (T, S, S, 3), the frames of ``span`` only
+class FaceSpan:
+    boxes: np.ndarray  # (T, 4) square crop boxes in frame pixels, the frames of ``span`` only
     span: tuple[int, int]  # [first, last) input frames where the speaker's face is visible
     coverage: float  # share of detection frames in the span where the face was found
     prob_mean: float
     prob_min: float
     faces_max: int  # most faces seen in one detection frame
     tracks: int
+
+
+@dataclass
+class FaceCrop(FaceSpan):
+    frames: np.ndarray  # uint8 (T, S, S, 3), cut from the frames of ``span`` along ``boxes``
 
 
 class NoFace(Exception):
@@ -165,14 +253,21 @@ def crop(frames: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCrop:
-    """Follow the speaker's face through ``frames`` (T, H, W, 3) and return square crops.
+def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int, detector: FaceDetector | None = None) -> FaceCrop:
+    """Follow the speaker's face through ``frames`` (T, H, W, 3) and return square crops (see ``face_span``)."""
+    found = face_span(frames, cfg, min_frames, detector)
+    first, last = found.span
+    return FaceCrop(**vars(found), frames=crop(frames[first:last], found.boxes, cfg.crop_size + cfg.crop_margin))
+
+
+def face_span(frames: np.ndarray, cfg: IngestConfig, min_frames: int, detector: FaceDetector | None = None) -> FaceSpan:
+    """Where the speaker's face is in ``frames`` (T, H, W, 3): the span and a square crop box per frame of it.
 
     The clip is trimmed to the span where the chosen face is visible (a shot change or the
     speaker leaving the frame ends it); a span under ``min_frames`` is refused.
     """
     detected_at = np.arange(0, len(frames), cfg.detect_every)
-    detections = detect(frames[detected_at], cfg)
+    detections = detect(frames[detected_at], cfg, detector)
     faces_max = max((len(b) for b, _ in detections), default=0)
     tracks = link_tracks(detections)
     if not tracks:
@@ -194,9 +289,8 @@ def face_crop(frames: np.ndarray, cfg: IngestConfig, min_frames: int) -> FaceCro
             "no_face",
             f"the speaker's face is found in {coverage:.0%} of sampled frames (needs {cfg.min_face_coverage:.0%})",
         )
-    boxes = crop_boxes(best, detected_at, len(frames), cfg)[first:last]
-    return FaceCrop(
-        frames=crop(frames[first:last], boxes, cfg.crop_size + cfg.crop_margin),
+    return FaceSpan(
+        boxes=crop_boxes(best, detected_at, len(frames), cfg)[first:last],
         span=(first, last),
         coverage=coverage,
         prob_mean=float(np.mean(best.probs)),

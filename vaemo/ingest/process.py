@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vaemo.config import IngestConfig
 from vaemo.ingest import media, voice
-from vaemo.ingest.face import NoFace, face_crop
+from vaemo.ingest.face import FaceDetector, NoFace, face_crop
 from vaemo.ingest.files import open_regular, regular_file
 from vaemo.ingest.records import SourceRecord
 
@@ -113,20 +113,25 @@ def plan_windows(
     return [(s, min(e, duration)) for s, e in windows if min(e, duration) - s >= shortest - 1e-3]
 
 
-def process_video(root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig) -> VideoOutcome:
-    """Probe, decode, find speech and the speaker's face, and cut clips. Never raises for bad media."""
+def process_video(
+    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, detector: FaceDetector | None = None
+) -> VideoOutcome:
+    """Probe, decode, find speech and the speaker's face (through ``detector``, default one of its own), and cut
+    clips. Never raises for bad media."""
     timings: dict[str, float] = defaultdict(float)
+    detector = detector or FaceDetector.for_config(cfg)
     try:
-        outcome = _process(root, record, video_id, cfg, timings)
+        outcome = _process(root, record, video_id, cfg, timings, detector)
         if cfg.video_only_clips and record.whole_file and outcome.status in NO_USABLE_AUDIO:
-            return _video_only(root, record, video_id, cfg, timings, outcome)
+            return _video_only(root, record, video_id, cfg, timings, outcome, detector)
         return outcome
     except media.MediaError as exc:
         return VideoOutcome(exc.status, exc.reason, timings=timings)
 
 
 def _video_only(
-    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float], audio: VideoOutcome
+    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float], audio: VideoOutcome,
+    detector: FaceDetector,
 ) -> VideoOutcome:
     """A labelled file without usable audio as face-only clips, each flagged ``video_only`` with why.
 
@@ -134,10 +139,10 @@ def _video_only(
     unlabelled recording serves only training, which needs the voice.
     """
     path = root / record.path
-    info = media.probe(path, cfg.probe_timeout)
+    info = media.probe(path, cfg.probe_timeout, backend=cfg.media_io)
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     windows = plan_windows(record, info.duration, [], cfg)
-    status, reason, clips = _face_clips(path, record, video_id, info, windows, None, cfg, timings, timeout)
+    status, reason, clips = _face_clips(path, record, video_id, info, windows, None, cfg, timings, timeout, detector)
     if status == "ok":
         why = f"{audio.status}: {audio.reason}"
         for clip in clips:
@@ -148,16 +153,19 @@ def _video_only(
 
 
 def _process(
-    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float]
+    root: Path, record: SourceRecord, video_id: str, cfg: IngestConfig, timings: dict[str, float],
+    detector: FaceDetector,
 ) -> VideoOutcome:
     path = root / record.path
     for rel in _files(record):  # still a regular file: a pipe swapped in after the scan must not reach ffmpeg
         with _source_file(record, rel):
             regular_file(root / rel)
     with _timed(timings, "probe"):
-        info = media.probe(path, cfg.probe_timeout)
+        info = media.probe(path, cfg.probe_timeout, backend=cfg.media_io)
         audio_info = (
-            media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False) if record.audio_path else info
+            media.probe(root / record.audio_path, cfg.probe_timeout, require_video=False, backend=cfg.media_io)
+            if record.audio_path
+            else info
         )
     if info.duration > cfg.max_duration_seconds:
         return VideoOutcome("too_long",
@@ -168,7 +176,9 @@ def _process(
 
     timeout = media.decode_timeout(info.duration, cfg.decode_timeout_per_second)
     with _timed(timings, "decode"):
-        samples = media.decode_audio(root / (record.audio_path or record.path), cfg.sample_rate, timeout)
+        samples = media.decode_audio(
+            root / (record.audio_path or record.path), cfg.sample_rate, timeout, backend=cfg.media_io
+        )
     # Work with what decodes, and say so: a reason about faces or speech would hide a truncated file.
     duration, truncated = info.duration, ""
     decoded = len(samples) / cfg.sample_rate
@@ -194,10 +204,13 @@ def _process(
     if not windows:
         return outcome("no_speech", f"no speech span of at least {min(cfg.min_clip_seconds, duration):.2f} s")
 
-    return outcome(*_face_clips(path, record, video_id, info, windows, (samples, segments), cfg, timings, timeout))
+    voice_track = (samples, segments)
+    return outcome(*_face_clips(path, record, video_id, info, windows, voice_track, cfg, timings, timeout, detector))
 
 
-def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings, timeout) -> tuple[str, str, list]:
+def _face_clips(
+    path, record, video_id, info, windows, voice_track, cfg, timings, timeout, detector
+) -> tuple[str, str, list]:
     """The speaker's face over each window, cut and encoded: (status, reason, clips).
 
     ``voice_track``: (samples, segments), or None for clips without audio."""
@@ -218,7 +231,7 @@ def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings
             continue
         with _timed(timings, "detect"):
             try:
-                face = face_crop(frames, cfg, min_frames)
+                face = face_crop(frames, cfg, min_frames, detector)
             except NoFace as exc:
                 skipped[exc.status].append(exc.reason)
                 continue
@@ -243,9 +256,13 @@ def _face_clips(path, record, video_id, info, windows, voice_track, cfg, timings
 def _encode_clip(record, video_id, info, start, end, face, samples, segments, cfg, timeout) -> Clip:
     with tempfile.TemporaryDirectory(prefix="vaemo-clip-") as tmp:
         out = Path(tmp) / "clip.mp4"
-        media.encode_video(face.frames, cfg.fps, cfg.video_crf, cfg.video_preset, out, timeout)
+        media.encode_video(face.frames, cfg.fps, cfg.video_crf, cfg.video_preset, out, timeout, backend=cfg.media_io)
         video_bytes = out.read_bytes()
-    audio_bytes = None if samples is None else media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout)
+    audio_bytes = (
+        None
+        if samples is None
+        else media.encode_audio(samples, cfg.sample_rate, cfg.audio_format, timeout, backend=cfg.media_io)
+    )
     clip_id = clip_id_of(video_id, start, end)
     meta = {
         "clip_id": clip_id,

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
+# silero-VAD keeps its recurrent state in the model between the chunks of one call, so a model serves one call at a
+# time: threads that find none idle load their own, kept here for later calls.
+_idle_models: list = []
+_idle_models_lock = threading.Lock()
 
-@lru_cache(maxsize=1)
-def _vad_model():
-    from silero_vad import load_silero_vad
 
-    return load_silero_vad()
+@contextmanager
+def _vad_model() -> Iterator:
+    with _idle_models_lock:
+        model = _idle_models.pop() if _idle_models else None
+    if model is None:
+        from silero_vad import load_silero_vad
+
+        model = load_silero_vad()
+    try:
+        yield model
+    finally:
+        with _idle_models_lock:
+            _idle_models.append(model)
 
 
 def peak_dbfs(samples: np.ndarray) -> float:
@@ -24,13 +39,14 @@ def speech_segments(samples: np.ndarray, sample_rate: int, threshold: float) -> 
     """Speech spans in seconds. The tensor is passed directly: silero's own file reader is not used."""
     from silero_vad import get_speech_timestamps
 
-    spans = get_speech_timestamps(
-        torch.from_numpy(np.ascontiguousarray(samples)),
-        _vad_model(),
-        sampling_rate=sample_rate,
-        threshold=threshold,
-        return_seconds=True,
-    )
+    with _vad_model() as model:
+        spans = get_speech_timestamps(
+            torch.from_numpy(np.ascontiguousarray(samples)),
+            model,
+            sampling_rate=sample_rate,
+            threshold=threshold,
+            return_seconds=True,
+        )
     return [(float(s["start"]), float(s["end"])) for s in spans]
 
 

@@ -97,6 +97,12 @@ def _check_deadline(deadline: float, timeout: float, what: str) -> None:
         raise MediaError("timeout", f"{what} did not finish within {timeout:.0f} s")
 
 
+def _frame_rates(r_rate: float, avg_rate: float) -> dict:
+    """``fps`` and ``variable_fps`` from a stream's base and average frame rates (both probes)."""
+    variable = bool(r_rate and avg_rate and abs(r_rate - avg_rate) > 0.01 * r_rate)
+    return {"fps": avg_rate or r_rate, "variable_fps": variable}
+
+
 def _probe_pyav(path: Path, timeout: float, require_video: bool) -> ProbeInfo:
     """What ffprobe reports, read in-process; the rotation is the first video frame's (FFmpeg hands the display
     matrix to decoded frames), so a video costs one decoded frame more than its header."""
@@ -125,10 +131,9 @@ def _probe_pyav(path: Path, timeout: float, require_video: bool) -> ProbeInfo:
         duration=duration,
         width=video.codec_context.width if video else 0,
         height=video.codec_context.height if video else 0,
-        fps=avg_rate or r_rate,
+        **_frame_rates(r_rate, avg_rate),
         vcodec=video.codec_context.name if video else "unknown",
         rotation=rotation,
-        variable_fps=bool(r_rate and avg_rate and abs(r_rate - avg_rate) > 0.01 * r_rate),
         acodec=audio.codec_context.name if audio is not None else None,
         audio_channels=audio.codec_context.channels if audio is not None else 0,
     )
@@ -167,10 +172,9 @@ def probe(path: Path, timeout: float, require_video: bool = True, backend: str =
         duration=duration,
         width=int(video.get("width") or 0),
         height=int(video.get("height") or 0),
-        fps=avg_rate or r_rate,
+        **_frame_rates(r_rate, avg_rate),
         vcodec=video.get("codec_name", "unknown"),
         rotation=_rotation(video),
-        variable_fps=bool(r_rate and avg_rate and abs(r_rate - avg_rate) > 0.01 * r_rate),
         acodec=audio.get("codec_name", "unknown") if audio else None,
         audio_channels=int(audio.get("channels") or 0) if audio else 0,
     )
